@@ -1,0 +1,57 @@
+"""The on-disk activation cache (format version 1): `pipeline` writes it, `side_train` reads it.
+
+One zarr v3 group per (backbone, task), readable with plain `zarr`:
+
+    <cache>/                          attrs["read_cache"]: the manifest (below)
+      label_head                      float32 [C, d]  T5 LM-head rows of the label words (scaled as T5
+                                                      scales its decoder output), so that
+                                                      logits = decoder/hidden/N_dec @ label_head.T
+      <split>/                        train | validation | test
+                                      attrs: complete, n_examples, committed, source, checksums
+        offsets                       int64 [n + 1]   example j owns tokens offsets[j]:offsets[j+1]
+        attention_offsets             int64 [n + 1]   ... and attention pairs attention_offsets[j]:[j+1]
+        input_ids                     int32 [T]       T = real tokens of the split; no padding anywhere
+        labels                        int64 [n]       class index (float32 for regression)
+        example_index                 int64 [n]       row in the source split (provenance)
+        encoder/hidden/{k}            [T, d]          k in the stored layers of 0..N; 0 = embeddings,
+                                                      N = final layer-normed output
+        encoder/attention/{k}         [A, S] | [S]    k >= 1; S = sum of m_j^2: example j's [A, m, m]
+                                                      block, row-major (heads mode; [S] = head mean)
+        decoder/hidden/{k}            [n, d]          T5 only: the single start position, k in 0..N_dec
+        decoder/cross_attention/{k}   [A, T] | [T]    T5 only: start position over the encoder tokens
+
+Examples are stored longest first (ties in source order): consecutive examples make length-bucketed
+batches; `example_index` maps each back to its source row.
+
+Storage. Float arrays are stored in the manifest's `storage_dtype`: bfloat16 (default; its bits as
+uint16, array attr `logical_dtype: bfloat16`), float16 or float32. Each array grows along one ragged
+axis (attr `grows_along`: tokens | pairs | examples, at attr `axis`) and is sharded along it
+(`storage.shard_bytes`, about 64 MiB) into inner chunks of about 1 MiB, each compressed (blosc zstd,
+byte shuffle) and carrying a crc32c that zarr checks on every read. The split's attrs hold a blake2b
+digest of every shard's content; the manifest holds one digest per split over those.
+
+Manifest (attrs["read_cache"]): format_version, package_version, created_at, complete, backbone
+(name, family, revision, config_hash, init, init_seed, sizes), tokenizer (name, vocab_size, hash),
+task (name, version, template, label_words, metric), split_protocol (name, seed, sources), max_length,
+storage_dtype, attention (heads | mean | none), layers (encoder, decoder), splits (per-split counts),
+storage (compressor, shard and chunk sizes), checksums.
+
+Crash safety. Tokens, labels and offsets are written when a split is created; backbone arrays are
+written one whole shard at a time, and after each shard the split's `committed` moves to the number of
+examples every array holds. A split is read only once `complete`. A resumed writer continues from
+the batch holding example `committed` and writes the same bytes as an uninterrupted run.
+"""
+from .errors import CacheError
+from .format import (
+    ATTENTION_MODES, FORMAT_VERSION, SPLITS, STORAGE_DTYPES, ArraySpec, attention_path,
+    cross_attention_path, hidden_path,
+)
+from .reader import Batch, CacheReader, SplitReader
+from .verify import verify_cache
+from .writer import BackgroundWriter, CacheWriter, SplitPlan, SplitWriter
+
+__all__ = [
+    "ATTENTION_MODES", "FORMAT_VERSION", "SPLITS", "STORAGE_DTYPES", "ArraySpec", "BackgroundWriter", "Batch",
+    "CacheError", "CacheReader", "CacheWriter", "SplitPlan", "SplitReader", "SplitWriter", "attention_path",
+    "cross_attention_path", "hidden_path", "verify_cache",
+]

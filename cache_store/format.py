@@ -1,0 +1,149 @@
+"""Constants and helpers of cache format v1: names, storage dtypes, chunk grids, checksums, manifests."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from .errors import CacheError
+
+FORMAT_VERSION = 1
+MANIFEST_KEY = "read_cache"
+SPLITS = ("train", "validation", "test")
+ATTENTION_MODES = ("heads", "mean", "none")
+
+# logical dtype -> (numpy storage dtype, torch logical dtype). bfloat16 has no numpy dtype: its bits
+# are stored as uint16 and reinterpreted on read.
+STORAGE_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
+    "bfloat16": (np.dtype(np.uint16), torch.bfloat16),
+    "float16": (np.dtype(np.float16), torch.float16),
+    "float32": (np.dtype(np.float32), torch.float32),
+}
+
+# Chosen by scripts/bench_compression.py on real-row T5 activations: byte shuffle puts the sign and
+# exponent bytes of every value together, which is what compresses in bfloat16 activations.
+COMPRESSOR = {"codec": "blosc", "cname": "zstd", "clevel": 1, "shuffle": "shuffle"}
+DEFAULT_SHARD_BYTES = 64 * 2**20  # whole shards are buffered in memory per array while writing
+DEFAULT_CHUNK_BYTES = 2**20
+
+# The ragged axis an array grows along, by what it is indexed with.
+TOKENS, PAIRS, EXAMPLES = "tokens", "pairs", "examples"
+
+
+def hidden_path(stack: str, layer: int) -> str:
+    return f"{stack}/hidden/{layer}"
+
+
+def attention_path(layer: int) -> str:
+    return f"encoder/attention/{layer}"
+
+
+def cross_attention_path(layer: int) -> str:
+    return f"decoder/cross_attention/{layer}"
+
+
+def compressors() -> list:
+    c = COMPRESSOR
+    # Crc32c last: every inner chunk carries its own checksum, verified by zarr on every read.
+    return [BloscCodec(cname=c["cname"], clevel=c["clevel"], shuffle=c["shuffle"]), Crc32cCodec()]
+
+
+def to_storage(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    """A float tensor (any device) -> numpy array in the storage dtype, rounding to nearest even."""
+    logical = STORAGE_DTYPES[dtype][1]
+    tensor = tensor.detach().to(logical)
+    if dtype == "bfloat16":
+        tensor = tensor.view(torch.int16)
+    return tensor.cpu().numpy().view(STORAGE_DTYPES[dtype][0])
+
+
+def from_storage(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """numpy storage array -> torch tensor in the logical dtype (no copy for bfloat16 bits)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One backbone array of a split: `row` is its shape without the ragged axis."""
+
+    path: str
+    grows_along: str  # TOKENS | PAIRS | EXAMPLES
+    row: tuple[int, ...]  # e.g. (d,) for [T, d]; (A,) for [A, S]; () for [S]
+    axis: int  # where the ragged axis sits: 0, or 1 for [A, S] / [A, T]
+
+    def shape(self, length: int) -> tuple[int, ...]:
+        return (*self.row[: self.axis], length, *self.row[self.axis:])
+
+
+def chunk_grid(length: int, row_bytes: int, chunk_bytes: int, shard_bytes: int) -> tuple[int, int]:
+    """(inner chunk, shard) lengths along the ragged axis; a shard is a whole number of chunks."""
+    chunk = max(1, min(length, chunk_bytes // max(row_bytes, 1)))
+    per_shard = max(1, shard_bytes // (chunk * row_bytes))
+    shard = min(chunk * per_shard, -(-length // chunk) * chunk)
+    return chunk, shard
+
+
+def block_digest(block: np.ndarray) -> str:
+    """Checksum of one shard's logical content (C-order bytes)."""
+    return hashlib.blake2b(np.ascontiguousarray(block).tobytes(), digest_size=16).hexdigest()
+
+
+def combined_digest(shard_digests: Mapping[str, list[str]]) -> str:
+    """One digest for a split, over every array's shard digests."""
+    text = json.dumps({k: shard_digests[k] for k in sorted(shard_digests)})
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+# Manifest fields that describe when and how fast, not what: they may differ between a run and its resume.
+_VOLATILE = ("created_at", "checksums", "complete")
+
+
+def manifest_identity(manifest: Mapping[str, Any]) -> dict:
+    return {k: v for k, v in manifest.items() if k not in _VOLATILE}
+
+
+def lookup(manifest: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = manifest
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def differences(actual: Mapping[str, Any], expected: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths where `actual` differs from `expected`, recursing into dicts, as 'path: a != b'."""
+    out = []
+    for key in sorted(set(actual) | set(expected)):
+        path = f"{prefix}{key}"
+        a, e = actual.get(key), expected.get(key)
+        if isinstance(a, Mapping) and isinstance(e, Mapping):
+            out += differences(a, e, path + ".")
+        elif a != e:
+            out.append(f"{path}: cache has {a!r}, asked for {e!r}")
+    return out
+
+
+def check_format_version(manifest: Mapping[str, Any], where: str) -> None:
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CacheError(
+            f"{where} is cache format version {version}, this reader knows version {FORMAT_VERSION}; "
+            "re-create it with this version's cache-activations (--overwrite)"
+        )
+
+
+def shard_files(array: zarr.Array, root: Path) -> list[Path]:
+    """The file of every shard of a data array (they grow along one axis), in order."""
+    axis = array.attrs["axis"]
+    n = -(-array.shape[axis] // array.shards[axis])
+    coords = [tuple(i if a == axis else 0 for a in range(array.ndim)) for i in range(n)]
+    return [root / array.path / array.metadata.encode_chunk_key(c) for c in coords]

@@ -1,0 +1,160 @@
+"""The one reader of the cache format: checks a cache against what the caller expects, then serves
+splits by example, by length-bucketed batch, or whole layers as torch tensors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import zarr
+
+from .errors import CacheError
+from .format import (
+    EXAMPLES, MANIFEST_KEY, PAIRS, TOKENS, check_format_version, from_storage, lookup, shard_files,
+)
+
+METADATA_ARRAYS = ("offsets", "attention_offsets", "input_ids", "labels", "example_index")
+
+
+class CacheReader:
+    """A cache opened for reading. `expect` maps dotted manifest paths to the values the caller needs
+    (e.g. {"task.name": "rte", "backbone.name": "t5-small"}); any difference is refused."""
+
+    def __init__(self, path: str | Path, expect: Mapping[str, Any] | None = None):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise CacheError(f"no cache at {self.path}; create one with `cache-activations --task TASK`")
+        self.root = zarr.open_group(str(self.path), mode="r")
+        if MANIFEST_KEY not in self.root.attrs:
+            raise CacheError(f"{self.path} is a zarr group but not a READ cache (no manifest)")
+        self.manifest: dict = dict(self.root.attrs[MANIFEST_KEY])
+        check_format_version(self.manifest, str(self.path))
+        diffs = [f"{key}: cache has {lookup(self.manifest, key)!r}, asked for {value!r}"
+                 for key, value in (expect or {}).items() if lookup(self.manifest, key) != value]
+        if diffs:
+            raise CacheError(f"{self.path} does not match what was asked for (" + "; ".join(diffs)
+                             + "); point at the matching cache or re-create this one")
+        self.dtype: str = self.manifest["storage_dtype"]
+
+    @property
+    def split_names(self) -> list[str]:
+        return [name for name in self.manifest["splits"] if name in self.root]
+
+    def split(self, name: str) -> "SplitReader":
+        if name not in self.root:
+            raise CacheError(f"{self.path} has no {name} split (it has {', '.join(self.split_names)})")
+        return SplitReader(self, name)
+
+    def label_head(self) -> torch.Tensor | None:
+        """[C, d] float32, or None for backbones without an LM head (encoder-only)."""
+        return torch.from_numpy(self.root["label_head"][:]) if "label_head" in self.root else None
+
+
+@dataclass
+class Batch:
+    """Consecutive examples [start, stop) of a split, each array concatenated along its ragged axis."""
+
+    start: int
+    stop: int
+    lengths: torch.Tensor  # int64 [b]
+    labels: torch.Tensor  # [b]
+    arrays: dict[str, torch.Tensor]
+
+
+class SplitReader:
+    """One complete split. Examples are stored longest first, so consecutive examples make
+    length-bucketed batches; `example_index` maps them back to rows of the source split."""
+
+    def __init__(self, cache: CacheReader, name: str):
+        self.cache, self.name = cache, name
+        self.group = cache.root[name]
+        attrs = self.group.attrs
+        if not attrs.get("complete"):
+            raise CacheError(
+                f"split {name} of {cache.path} is incomplete ({attrs.get('committed', 0)} of "
+                f"{attrs.get('n_examples', '?')} examples committed); finish it with "
+                "`cache-activations ... --resume`")
+        meta = {key: self.group[key][:] for key in METADATA_ARRAYS}
+        self.offsets: np.ndarray = meta["offsets"]  # int64 [n + 1]
+        self.attention_offsets: np.ndarray = meta["attention_offsets"]  # int64 [n + 1]
+        self.input_ids: np.ndarray = meta["input_ids"]  # int32 [T]
+        self.labels: np.ndarray = meta["labels"]  # int64 or float32 [n]
+        self.example_index: np.ndarray = meta["example_index"]  # int64 [n]
+        self.lengths: np.ndarray = np.diff(self.offsets)
+        self.n_examples = len(self.lengths)
+        # A deleted shard would read back as zeros: refuse it here, cheaply (crc32c catches altered bytes).
+        missing = [str(f) for p in self.array_paths() for f in shard_files(self.group[p], cache.path)
+                   if not f.is_file()]
+        if missing:
+            raise CacheError(f"split {name} of {cache.path} is damaged: {len(missing)} shard file(s) missing "
+                             f"(first: {missing[0]}); run `cache-inspect --verify` and re-create the cache")
+
+    def array_paths(self) -> list[str]:
+        """Every backbone array of the split, e.g. encoder/hidden/0 ... decoder/cross_attention/N."""
+        return sorted(path for path, node in self.group.members(max_depth=None)
+                      if isinstance(node, zarr.Array) and "grows_along" in node.attrs)
+
+    def _extent(self, array: zarr.Array) -> np.ndarray:
+        grows = array.attrs["grows_along"]
+        if grows == TOKENS:
+            return self.offsets
+        if grows == PAIRS:
+            return self.attention_offsets
+        assert grows == EXAMPLES
+        return np.arange(self.n_examples + 1)
+
+    def load(self, path: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Examples [start, stop) of one array, concatenated along its ragged axis, in the logical dtype."""
+        stop = self.n_examples if stop is None else stop
+        if path not in self.group:
+            raise CacheError(f"split {self.name} of {self.cache.path} has no array {path} "
+                             f"(stored: {', '.join(self.array_paths())})")
+        array = self.group[path]
+        extent = self._extent(array)
+        region = (slice(None),) * array.attrs["axis"] + (slice(int(extent[start]), int(extent[stop])),)
+        try:
+            values = array[region]
+        except Exception as exc:  # a checksum or decode failure: never hand garbage to training
+            raise CacheError(f"{self.cache.path}/{array.path} is corrupted ({type(exc).__name__}: {exc}); "
+                             "run `cache-inspect --verify` and re-create the cache") from None
+        return from_storage(values, self.cache.dtype)
+
+    def load_layers(self, paths: list[str]) -> dict[str, torch.Tensor]:
+        """Whole arrays in memory: what stage two holds when they fit."""
+        return {path: self.load(path) for path in paths}
+
+    def example(self, j: int, paths: list[str]) -> dict[str, torch.Tensor]:
+        """Example j's values: hidden [m, d], attention [A, m, m] or [m, m], decoder [d], cross [A, m] or [m]."""
+        m = int(self.lengths[j])
+        out = {}
+        for path in paths:
+            value = self.load(path, j, j + 1)
+            if self.group[path].attrs["grows_along"] == PAIRS:
+                value = value.reshape(*value.shape[:-1], m, m)
+            elif self.group[path].attrs["grows_along"] == EXAMPLES:
+                value = value[0]
+            out[path] = value
+        return out
+
+    def iter_examples(self, paths: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+        for j in range(self.n_examples):
+            yield self.example(j, paths)
+
+    def iter_batches(self, batch_size: int, paths: list[str], shuffle: bool = False,
+                     seed: int = 0) -> Iterator[Batch]:
+        """Length-bucketed batches of consecutive examples; `shuffle` permutes the batch order."""
+        if batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        starts = np.arange(0, self.n_examples, batch_size)
+        if shuffle:
+            starts = np.random.default_rng(seed).permutation(starts)
+        for start in starts:
+            start, stop = int(start), int(min(start + batch_size, self.n_examples))
+            yield Batch(
+                start, stop,
+                lengths=torch.from_numpy(self.lengths[start:stop].copy()),
+                labels=torch.from_numpy(self.labels[start:stop].copy()),
+                arrays={path: self.load(path, start, stop) for path in paths},
+            )

@@ -1,0 +1,58 @@
+"""Full verification of a cache: every shard present, readable (inner-chunk crc32c) and equal to the
+checksum recorded when it was written."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import zarr
+
+from .format import MANIFEST_KEY, block_digest, combined_digest, shard_files
+from .reader import METADATA_ARRAYS
+
+
+def verify_cache(path: str | Path, progress=None) -> list[str]:
+    """Problems found, one line each; [] when the cache is intact. `progress(n)` is called per shard."""
+    root_path = Path(path)
+    root = zarr.open_group(str(root_path), mode="r")
+    manifest = root.attrs[MANIFEST_KEY]
+    problems = []
+    for split in manifest["splits"]:
+        if split not in root:
+            problems.append(f"{split}: split is missing")
+            continue
+        group = root[split]
+        if not group.attrs.get("complete"):
+            problems.append(f"{split}: incomplete ({group.attrs.get('committed')} of "
+                            f"{group.attrs.get('n_examples')} examples committed)")
+            continue
+        for key in METADATA_ARRAYS:
+            try:
+                group[key][:]
+            except Exception as exc:
+                problems.append(f"{split}/{key}: unreadable ({type(exc).__name__}: {exc})")
+        recorded = group.attrs["checksums"]
+        for array_path, digests in recorded.items():
+            array = group[array_path]
+            axis = array.attrs["axis"]
+            files = shard_files(array, root_path)
+            if len(digests) != len(files):
+                problems.append(f"{array.path}: {len(digests)} checksums for {len(files)} shards")
+            for i, file in enumerate(files):
+                if progress:
+                    progress(1)
+                where = f"{array.path}: shard {i} ({file.relative_to(root_path)})"
+                if not file.is_file():
+                    problems.append(f"{where} is missing")
+                    continue
+                start = i * array.shards[axis]
+                region = (slice(None),) * axis + (slice(start, min(start + array.shards[axis], array.shape[axis])),)
+                try:
+                    block = array[region]
+                except Exception as exc:
+                    problems.append(f"{where} is unreadable ({type(exc).__name__}: {exc})")
+                    continue
+                if i < len(digests) and block_digest(block) != digests[i]:
+                    problems.append(f"{where} differs from its recorded checksum")
+        if manifest["checksums"].get(split) != combined_digest(recorded):
+            problems.append(f"{split}: shard checksums differ from the manifest's")
+    return problems

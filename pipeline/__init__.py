@@ -1,0 +1,1 @@
+"""Stage one: run the frozen backbone once over every split of a GLUE task and write the cache."""

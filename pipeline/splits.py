@@ -1,0 +1,60 @@
+"""The paper's split protocol (DESIGN §3), seeded, with every row's source index kept for provenance.
+
+- MNLI: validation_mismatched is validation, validation_matched is test.
+- train < 10k rows: GLUE's validation set is shuffled and halved into validation and test.
+- otherwise: 1,000 seeded train rows become validation, GLUE's validation set is test.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .glue_data import Rows
+
+SMALL_TRAIN = 10_000
+HOLDOUT = 1_000
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str
+    source: str  # the GLUE split the rows come from
+    rows: Rows
+    example_index: np.ndarray  # int64 [n]: row of each example in `source`
+
+
+def make_splits(task_name: str, source: dict[str, Rows], seed: int) -> tuple[str, dict[str, Split]]:
+    """Return (protocol name, splits by name)."""
+    rng = np.random.default_rng(seed)
+    train = source["train"]
+    if task_name == "mnli":
+        protocol = "mnli-mismatched-validation"
+        parts = {
+            "train": ("train", np.arange(len(train))),
+            "validation": ("validation_mismatched", np.arange(len(source["validation_mismatched"]))),
+            "test": ("validation_matched", np.arange(len(source["validation_matched"]))),
+        }
+    elif len(train) < SMALL_TRAIN:
+        protocol = "halve-validation"
+        order = rng.permutation(len(source["validation"]))
+        half = (len(order) + 1) // 2
+        parts = {
+            "train": ("train", np.arange(len(train))),
+            "validation": ("validation", np.sort(order[:half])),
+            "test": ("validation", np.sort(order[half:])),
+        }
+    else:
+        protocol = "train-holdout-1000"
+        order = rng.permutation(len(train))
+        parts = {
+            "train": ("train", np.sort(order[HOLDOUT:])),
+            "validation": ("train", np.sort(order[:HOLDOUT])),
+            "test": ("validation", np.arange(len(source["validation"]))),
+        }
+    splits = {
+        name: Split(name, src, [source[src][i] for i in index], index.astype(np.int64))
+        for name, (src, index) in parts.items()
+    }
+    return protocol, splits
