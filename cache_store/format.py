@@ -83,12 +83,21 @@ class ArraySpec:
         return (*self.row[: self.axis], length, *self.row[self.axis:])
 
 
-def chunk_grid(length: int, row_bytes: int, chunk_bytes: int, shard_bytes: int) -> tuple[int, int]:
+def chunk_grid(length: int, row_bytes: int, chunk_bytes: int, shard_elements: int) -> tuple[int, int]:
     """(inner chunk, shard) lengths along the ragged axis; a shard is a whole number of chunks."""
-    chunk = max(1, min(length, chunk_bytes // max(row_bytes, 1)))
-    per_shard = max(1, shard_bytes // (chunk * row_bytes))
-    shard = min(chunk * per_shard, -(-length // chunk) * chunk)
+    chunk = max(1, min(length, shard_elements, chunk_bytes // max(row_bytes, 1)))
+    shard = min(-(-shard_elements // chunk) * chunk, -(-length // chunk) * chunk)
     return chunk, shard
+
+
+def shard_elements(lengths: dict[str, int], row_bytes: dict[str, int], n_examples: int,
+                   shard_bytes: int) -> dict[str, int]:
+    """Shard length of each array of a split, so that every array's shards span about the same number
+    of examples: the largest array's shards hold about `shard_bytes`, and `committed` (bounded by the
+    array that lags most) advances about once per shard instead of once per split."""
+    per_example = {p: row_bytes[p] * lengths[p] / n_examples for p in lengths}
+    examples = max(1.0, shard_bytes / max(max(per_example.values()), 1e-9))
+    return {p: max(1, int(np.ceil(examples * lengths[p] / n_examples))) for p in lengths}
 
 
 def block_digest(block: np.ndarray) -> str:

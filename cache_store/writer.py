@@ -22,7 +22,7 @@ from .errors import CacheError
 from .format import (
     DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, COMPRESSOR, EXAMPLES, FORMAT_VERSION, MANIFEST_KEY, PAIRS,
     STORAGE_DTYPES, TOKENS, ArraySpec, block_digest, check_format_version, chunk_grid, combined_digest,
-    compressors, differences, manifest_identity,
+    compressors, differences, manifest_identity, shard_elements,
 )
 
 # Fault injection for the crash tests: SIGKILL this process after that many commits.
@@ -170,14 +170,14 @@ class SplitWriter:
                             ("example_index", plan.example_index.astype(np.int64))):
             group.create_array(key, data=values, compressors=compressors())
         storage = STORAGE_DTYPES[cache.dtype][0]
-        for spec in self.specs.values():
-            length = int(plan.extent(spec.grows_along)[-1])
-            row_bytes = int(np.prod(spec.row, dtype=np.int64)) * storage.itemsize
-            chunk, shard = chunk_grid(length, row_bytes, cache.chunk_bytes, cache.shard_bytes)
-            shape = spec.shape(length)
-            chunks = spec.shape(chunk)
+        lengths = {p: int(plan.extent(s.grows_along)[-1]) for p, s in self.specs.items()}
+        row_bytes = {p: int(np.prod(s.row, dtype=np.int64)) * storage.itemsize for p, s in self.specs.items()}
+        shard_lengths = shard_elements(lengths, row_bytes, plan.n_examples, cache.shard_bytes)
+        for path, spec in self.specs.items():
+            chunk, shard = chunk_grid(lengths[path], row_bytes[path], cache.chunk_bytes, shard_lengths[path])
             group.create_array(
-                spec.path, shape=shape, dtype=storage, chunks=chunks, shards=spec.shape(shard),
+                path, shape=spec.shape(lengths[path]), dtype=storage, chunks=spec.shape(chunk),
+                shards=spec.shape(shard),
                 compressors=compressors(), fill_value=0, config={"write_empty_chunks": True},
                 attributes={"logical_dtype": cache.dtype, "grows_along": spec.grows_along, "axis": spec.axis},
             )

@@ -1,0 +1,84 @@
+"""`cache-inspect`: what a cache holds, how big it is, and (`--verify`) whether every shard is intact."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .errors import CacheError
+from .format import MANIFEST_KEY, STORAGE_DTYPES, shard_files
+from .reader import CacheReader
+
+
+def _split_sizes(reader: CacheReader, name: str) -> tuple[int, int]:
+    """(logical bytes, bytes on disk) of a split's backbone arrays."""
+    group = reader.root[name]
+    item = STORAGE_DTYPES[reader.dtype][0].itemsize
+    logical = disk = 0
+    for path, node in group.members(max_depth=None):
+        if "grows_along" in getattr(node, "attrs", {}):
+            logical += int(np.prod(node.shape, dtype=np.int64)) * item
+            disk += sum(f.stat().st_size for f in shard_files(node, reader.path) if f.is_file())
+    return logical, disk
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--verify", is_flag=True, help="Read every shard and check it against its recorded checksum.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON and nothing else.")
+def main(cache: Path, verify: bool, as_json: bool):
+    """Print a cache's manifest, splits, counts, sizes and compression ratio."""
+    try:
+        reader = CacheReader(cache)
+    except CacheError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    m = reader.manifest
+    if as_json:
+        click.echo(json.dumps(reader.root.attrs[MANIFEST_KEY], indent=2))
+        return
+    b, t = m["backbone"], m["task"]
+    click.echo(f"cache        {cache}  (format v{m['format_version']}, read-side {m['package_version']}, "
+               f"{'complete' if m.get('complete') else 'INCOMPLETE'}, created {m['created_at']})")
+    click.echo(f"backbone     {b['name']} ({b['family']}, {b['init']} weights"
+               + (f", seed {b['init_seed']}" if b["init"] == "random" else "")
+               + f"): {b['n_layers']}+{b['n_decoder_layers']} layers, d={b['d_model']}, {b['n_heads']} heads")
+    click.echo(f"task         {t['name']} v{t['version']} ({t['metric']}), labels {t['label_words'] or 'regression'}")
+    click.echo(f"protocol     {m['split_protocol']['name']}, seed {m['split_protocol']['seed']}, "
+               f"max_length {m['max_length']}")
+    click.echo(f"storage      {m['storage_dtype']}, attention {m['attention']}, layers enc {m['layers']['encoder']} "
+               f"dec {m['layers']['decoder']}, {m['storage']['compressor']['cname']} shards "
+               f"{m['storage']['shard_bytes'] / 2**20:g} MiB")
+    total_logical = total_disk = 0
+    for name, counts in m["splits"].items():
+        if name not in reader.root:
+            click.echo(f"  {name:<10} not written")
+            continue
+        attrs = reader.root[name].attrs
+        logical, disk = _split_sizes(reader, name)
+        total_logical, total_disk = total_logical + logical, total_disk + disk
+        state = "complete" if attrs["complete"] else f"{attrs['committed']}/{attrs['n_examples']} committed"
+        click.echo(f"  {name:<10} {counts['n_examples']:>7} examples {counts['n_tokens']:>9} tokens  "
+                   f"{disk / 2**20:9.1f} MiB  {disk / max(counts['n_tokens'], 1):8.0f} B/token  "
+                   f"compression {logical / max(disk, 1):.2f}x  {state}")
+    click.echo(f"  {'total':<10} {total_disk / 2**20:44.1f} MiB  compression {total_logical / max(total_disk, 1):.2f}x")
+    if verify:
+        from tqdm.auto import tqdm
+
+        from .verify import verify_cache
+
+        with tqdm(unit="shard", desc="verify") as bar:
+            problems = verify_cache(cache, progress=bar.update)
+        for problem in problems:
+            click.echo(f"CORRUPT {problem}")
+        if problems:
+            click.echo(f"verify: {len(problems)} problem(s); re-create the cache (cache-activations --overwrite)", err=True)
+            sys.exit(1)
+        click.echo("verify: every shard matches its checksum")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The command lines, driven as a user would: exit codes, files, refusals, a SIGKILL and a resume."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from cache_store import CacheReader
+from cache_store.cli import main as inspect_main
+from cache_store.writer import CRASH_AFTER_COMMITS_ENV
+from pipeline.cli import main as cache_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cache_args(model, glue_dir, out, *extra):
+    return ["--task", "rte", "--model", str(model), "--data-dir", str(glue_dir), "--out", str(out),
+            "--limit", "24", "--batch-size", "5", "--quiet", *extra]
+
+
+def arrays_of(path: Path) -> dict[str, np.ndarray]:
+    root = zarr.open_group(str(path), mode="r")
+    return {p: node[...] for p, node in root.members(max_depth=None) if isinstance(node, zarr.Array)}
+
+
+def test_cache_then_inspect_and_verify(tiny_t5, glue_dir, tmp_path):
+    result = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path))
+    assert result.exit_code == 0, result.output
+    cache = tmp_path / tiny_t5.name / "rte"
+    assert "compression" in result.output and str(cache) in result.output
+    reader = CacheReader(cache, expect={"task.name": "rte", "backbone.init": "pretrained", "attention": "heads"})
+    assert reader.manifest["complete"] and set(reader.split_names) == {"train", "validation", "test"}
+    assert reader.split("train").n_examples == 24
+    inspected = CliRunner().invoke(inspect_main, [str(cache), "--verify"])
+    assert inspected.exit_code == 0, inspected.output
+    assert "every shard matches" in inspected.output and "validation" in inspected.output
+
+
+def test_bytes_on_disk_are_at_most_the_stored_dtype(tiny_t5, glue_dir, tmp_path):
+    assert CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path)).exit_code == 0
+    reader = CacheReader(tmp_path / tiny_t5.name / "rte")
+    for name in reader.split_names:
+        split = reader.split(name)
+        values = sum(int(np.prod(split.group[p].shape)) for p in split.array_paths())
+        disk = sum(f.stat().st_size for f in (reader.path / name).rglob("*") if f.is_file())
+        assert disk <= 2 * values, f"{name}: {disk} bytes on disk for {values} bfloat16 values"
+
+
+def test_existing_cache_is_refused_untouched(tiny_t5, glue_dir, tmp_path):
+    args = cache_args(tiny_t5, glue_dir, tmp_path, "--splits", "test")
+    assert CliRunner().invoke(cache_main, args).exit_code == 0
+    manifest = tmp_path / tiny_t5.name / "rte" / "zarr.json"
+    before = manifest.read_bytes()
+    again = CliRunner().invoke(cache_main, args)
+    assert again.exit_code == 2 and "--resume" in again.output and "Traceback" not in again.output
+    assert manifest.read_bytes() == before
+    assert CliRunner().invoke(cache_main, [*args, "--overwrite"]).exit_code == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-length", "0"], "--max-length must be positive"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--layers", "1,x"], "--layers must be"),
+    (["--layers", "9"], "past the backbone"),
+])
+def test_bad_arguments_are_one_line_errors(tiny_t5, glue_dir, tmp_path, extra, message):
+    result = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path, *extra))
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / tiny_t5.name / "rte" / "train").exists()
+
+
+def test_missing_model_folder_is_named(glue_dir, tmp_path):
+    (tmp_path / "empty-model").mkdir()
+    result = CliRunner().invoke(cache_main, cache_args(tmp_path / "empty-model", glue_dir, tmp_path / "out"))
+    assert result.exit_code == 2 and "no config.json" in result.output
+
+
+def test_sigkill_mid_split_then_resume_equals_uninterrupted(tiny_t5, glue_dir, tmp_path):
+    args = cache_args(tiny_t5, glue_dir, "OUT", "--shard-mb", "0.02", "--splits", "train,validation")
+    command = [sys.executable, "-m", "pipeline.cli", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def cache(out, extra=(), crash=None):
+        run_env = {**env, CRASH_AFTER_COMMITS_ENV: str(crash)} if crash else env
+        argv = [a if a != "OUT" else str(out) for a in command] + list(extra)
+        return subprocess.run(argv, env=run_env, capture_output=True, text=True, timeout=300)
+
+    whole = cache(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    killed = cache(tmp_path / "killed", crash=3)
+    assert killed.returncode == -9, killed.stderr
+    path = tmp_path / "killed" / tiny_t5.name / "rte"
+    train = zarr.open_group(str(path), mode="r")["train"].attrs
+    assert 0 < train["committed"] < train["n_examples"] and not train["complete"]
+    resumed = cache(tmp_path / "killed", extra=["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = arrays_of(tmp_path / "whole" / tiny_t5.name / "rte"), arrays_of(path)
+    assert expected.keys() == got.keys() and len(got) > 10
+    for key in expected:
+        assert np.array_equal(expected[key], got[key]), key
+    assert CacheReader(path).manifest["checksums"] == CacheReader(tmp_path / "whole" / tiny_t5.name / "rte").manifest["checksums"]
