@@ -26,9 +26,10 @@ batches; `example_index` maps each back to its source row.
 Storage. Float arrays are stored in the manifest's `storage_dtype`: bfloat16 (default; its bits as
 uint16, array attr `logical_dtype: bfloat16`), float16 or float32. Each array grows along one ragged
 axis (attr `grows_along`: tokens | pairs | examples, at attr `axis`) and is sharded along it
-(`storage.shard_bytes`, about 64 MiB) into inner chunks of about 1 MiB, each compressed (blosc zstd,
-byte shuffle) and carrying a crc32c that zarr checks on every read. The split's attrs hold a blake2b
-digest of every shard's content; the manifest holds one digest per split over those.
+into inner chunks of about 1 MiB, each compressed (blosc lz4 with bit shuffle) and carrying a crc32c
+that zarr checks on every read. Shards of the largest array hold about `storage.shard_bytes` (64 MiB);
+every array's shards span about as many examples, so `committed` advances once per shard. The split's
+attrs hold an xxh3-128 digest of every shard's content; the manifest one digest per split over those.
 
 Manifest (attrs["read_cache"]): format_version, package_version, created_at, complete, backbone
 (name, family, revision, config_hash, init, init_seed, sizes), tokenizer (name, vocab_size, hash),

@@ -1,0 +1,28 @@
+"""Process-wide tuning for long batch jobs."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory(threshold: int = 1 << 30) -> bool:
+    """Make glibc keep freed blocks (up to 1 GiB each) for reuse instead of returning them to the OS.
+
+    Every batch allocates and frees the same large buffers (activations, unpadded copies, compressed
+    shards). By default glibc serves blocks over 32 MiB with mmap and unmaps them on free, so each
+    batch pays first-touch page faults again; on some VMs that costs more than the compression itself
+    (measured with scripts/bench_cache_throughput.py). Returns False where it does not apply.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, threshold))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
