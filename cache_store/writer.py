@@ -9,8 +9,10 @@ each shard buffer with what is on disk up to the point it restarts from and writ
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,6 +26,7 @@ from .format import (
     STORAGE_DTYPES, TOKENS, ArraySpec, block_digest, check_format_version, chunk_grid, combined_digest,
     compressors, differences, manifest_identity, shard_elements,
 )
+from .shards import ShardEncoder
 
 # Fault injection for the crash tests: SIGKILL this process after that many commits.
 CRASH_AFTER_COMMITS_ENV = "READ_CACHE_CRASH_AFTER_COMMITS"
@@ -193,7 +196,8 @@ class SplitWriter:
             raise ValueError("cannot begin past the committed examples")
         for path, spec in self.specs.items():
             position = int(self.plan.extent(spec.grows_along)[example])
-            self.buffers[path] = _ShardBuffer(self.group[path], spec.axis, position, self.digests[path])
+            encoder = ShardEncoder(self.group[path], self.cache.path, spec.axis)
+            self.buffers[path] = _ShardBuffer(self.group[path], encoder, position, self.digests[path])
 
     def append(self, arrays: Mapping[str, np.ndarray]) -> None:
         """The next examples' values for every array, concatenated along the ragged axis."""
@@ -222,10 +226,10 @@ class SplitWriter:
 class _ShardBuffer:
     """The shard of one array being filled; writes it whole when full (or when it reaches the array's end)."""
 
-    def __init__(self, array: zarr.Array, axis: int, position: int, digests: list[str]):
-        self.array, self.axis = array, axis
-        self.total = array.shape[axis]
-        self.shard_len = array.shards[axis]
+    def __init__(self, array: zarr.Array, encoder: ShardEncoder, position: int, digests: list[str]):
+        self.array, self.encoder, self.axis = array, encoder, encoder.axis
+        self.total = array.shape[self.axis]
+        self.shard_len = array.shards[self.axis]
         self.digests = digests
         shard = position // self.shard_len
         del digests[shard:]  # shards from here on are (re)written by this run
@@ -234,7 +238,7 @@ class _ShardBuffer:
         self.block = np.empty(array.shards, dtype=array.dtype)
         self.fill = position - self.start
         if self.fill:  # resume mid-shard: the part of the shard already on disk
-            self._rows()[: self.fill] = np.moveaxis(self.array[self._region(self.start, position)], axis, 0)
+            self._rows()[: self.fill] = np.moveaxis(self.array[self._region(self.start, position)], self.axis, 0)
 
     def _size(self) -> int:
         return min(self.shard_len, self.total - self.start)
@@ -262,7 +266,7 @@ class _ShardBuffer:
     def _flush(self, rows: np.ndarray) -> None:
         stop = self.start + len(rows)
         block = np.moveaxis(rows, 0, self.axis)
-        self.array[self._region(self.start, stop)] = block
+        self.encoder.write(self.start // self.shard_len, block)
         self.digests.append(block_digest(block))
         self.flushed = stop
         self.start, self.fill = stop, 0
@@ -277,12 +281,9 @@ class BackgroundWriter:
     """
 
     def __init__(self, split: SplitWriter, depth: int = 4):
-        import queue
-        import threading
-
         self.split = split
         self.error: BaseException | None = None
-        self.queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.thread = threading.Thread(target=self._work, name=f"cache-writer-{split.name}", daemon=True)
         self.thread.start()
 

@@ -156,3 +156,34 @@ def test_verify_and_reader_catch_flipped_and_deleted_shards(tmp_path):
     assert any("shard 2" in p and "missing" in p for p in problems), problems
     with pytest.raises(CacheError, match="missing"):
         CacheReader(tmp_path / "c").split("train")
+
+
+@pytest.mark.parametrize("shape, axis, chunk, shard, dtype", [
+    ((70, 5), 0, 8, 24, "uint16"),   # [T, d]: a partial last shard and a partial last chunk
+    ((3, 100), 1, 10, 40, "uint16"),  # [A, S]
+    ((33,), 0, 4, 16, "float32"),     # [S]
+    ((16, 4), 0, 4, 16, "float16"),   # one shard exactly
+])
+def test_shard_encoder_writes_exactly_zarrs_bytes(tmp_path, shape, axis, chunk, shard, dtype):
+    from cache_store.format import compressors
+    from cache_store.shards import ShardEncoder
+
+    data = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    data = data.view(np.uint32).astype(np.uint16) if dtype == "uint16" else data.astype(dtype)
+    chunks = tuple(chunk if a == axis else n for a, n in enumerate(shape))
+    shards = tuple(shard if a == axis else n for a, n in enumerate(shape))
+    root = zarr.open_group(str(tmp_path), mode="w")
+    made = {name: root.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
+                                    compressors=compressors(), fill_value=0, config={"write_empty_chunks": True})
+            for name in ("ours", "zarrs")}
+    encoder = ShardEncoder(made["ours"], tmp_path, axis)
+    for i, start in enumerate(range(0, shape[axis], shard)):
+        region = (slice(None),) * axis + (slice(start, start + shard),)
+        encoder.write(i, data[region])
+        made["zarrs"][region] = data[region]
+    ours = sorted(p.relative_to(tmp_path / "ours") for p in (tmp_path / "ours").rglob("*") if p.is_file())
+    theirs = sorted(p.relative_to(tmp_path / "zarrs") for p in (tmp_path / "zarrs").rglob("*") if p.is_file())
+    assert ours == theirs
+    for name in ours:
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "zarrs" / name).read_bytes(), name
+    assert np.array_equal(zarr.open_group(str(tmp_path), mode="r")["ours"][...], data)
