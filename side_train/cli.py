@@ -1,0 +1,61 @@
+"""`train-side`: parse, build the run configurations, train. Nothing else lives here."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from cache_store import CacheError
+
+from .read_model import CELLS
+
+
+def _list(value: str, kind, name: str) -> list:
+    try:
+        return [kind(v) for v in value.split(",") if v]
+    except ValueError:
+        raise click.BadParameter(f"{name} takes comma-separated values, got {value!r}") from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--from-cache", "cache", required=True, type=click.Path(path_type=Path),
+              help="A cache written by cache-activations.")
+@click.option("--rnn", default="gru", show_default=True, help=f"Cells, comma-separated: {', '.join(CELLS)}.")
+@click.option("--hidden", default="128", show_default=True, help="Side widths r, comma-separated.")
+@click.option("--lr", default="3e-4", show_default=True, help="Learning rates, comma-separated.")
+@click.option("--seeds", default="0", show_default=True, help="Seeds, comma-separated.")
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--patience", type=int, default=5, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--no-recurrence", is_flag=True, help="One set of parameters per layer (the paper's ablation).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", is_flag=True)
+def main(cache, rnn, hidden, lr, seeds, epochs, patience, batch_size, no_recurrence, out, device, quiet):
+    """Train READ side networks straight from cached activations (never loading the backbone)."""
+    from .config import grid
+    from .report import write_summary
+    from .train import train
+
+    try:
+        configs = grid(_list(rnn, str, "--rnn"), _list(hidden, int, "--hidden"), _list(lr, float, "--lr"),
+                       _list(seeds, int, "--seeds"), recurrence=not no_recurrence, epochs=epochs,
+                       patience=patience, batch_size=batch_size)
+        if not configs:
+            raise ValueError("the grid is empty")
+        folder = out / f"{cache.parent.name}-{cache.name}"
+        results = train(cache, configs, folder, device=device, progress=not quiet,
+                        log=lambda line: click.echo(line, err=True))
+    except (ValueError, CacheError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    files = write_summary(results, folder)
+    best = max(results, key=lambda m: m["best_validation"])
+    click.echo(f"{len(results)} run(s) in {folder}; best {best['name']}: validation {best['best_validation']:.2f}, "
+               f"test {best['test']:.2f} ({best['metric']})")
+    click.echo("wrote " + ", ".join(str(f.name) for f in files))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""What a sweep leaves for a person: summary.csv, summary.md ranked by validation metric, and plots."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLUMNS = ("name", "cell", "width", "lr", "seed", "recurrence", "best_validation", "test", "best_epoch",
+           "epochs_run", "parameters", "seconds")
+
+
+def _row(m: dict) -> dict:
+    c = m["config"]
+    return {"name": m["name"], "cell": c["cell"], "width": c["width"], "lr": c["lr"], "seed": c["seed"],
+            "recurrence": c["recurrence"], "best_validation": round(m["best_validation"], 3),
+            "test": round(m["test"], 3), "best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"],
+            "parameters": m["parameters"], "seconds": m["seconds"]}
+
+
+def write_summary(results: list[dict], out: Path) -> list[Path]:
+    rows = sorted((_row(m) for m in results), key=lambda r: -r["best_validation"])
+    metric = results[0]["metric"]
+    with open(out / "summary.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"# {results[0]['task']}: {len(rows)} run(s), ranked by validation {metric}", "",
+             "| rank | " + " | ".join(COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]
+    lines += [f"| {i} | " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for i, r in enumerate(rows, 1)]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return [out / "summary.csv", out / "summary.md", *_plots(results, out)]
+
+
+def _plots(results: list[dict], out: Path) -> list[Path]:
+    metric = results[0]["metric"]
+    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for m in results:
+        epochs = range(1, len(m["train_loss"]) + 1)
+        loss_ax.plot(epochs, m["train_loss"], label=m["name"])
+        val_ax.plot(epochs, m["validation"], label=m["name"])
+    loss_ax.set(xlabel="epoch", ylabel="training loss", title="training loss")
+    val_ax.set(xlabel="epoch", ylabel=f"validation {metric}", title=f"validation {metric}")
+    if len(results) <= 12:
+        val_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for cell in sorted({m["config"]["cell"] for m in results}):
+        points = sorted((m["config"]["lr"], m["best_validation"]) for m in results if m["config"]["cell"] == cell)
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=cell)
+    ax.set(xscale="log", xlabel="learning rate", ylabel=f"best validation {metric}", title="sweep")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png", dpi=110)
+    plt.close(fig)
+    return [out / "learning_curves.png", out / "sweep.png"]
