@@ -51,7 +51,7 @@ def main(task, model, init, seed, data_dir, out, splits, batch_size, max_length,
          limit, device, shard_mb, resume, overwrite, quiet):
     """Run a frozen backbone once over every split of a GLUE task and cache its activations."""
     from .job import run  # heavy imports (torch, transformers) only once the arguments are fine
-    from .runtime import keep_freed_memory
+    from cache_store.runtime import keep_freed_memory
 
     keep_freed_memory()
 

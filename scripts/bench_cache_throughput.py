@@ -23,7 +23,7 @@ from cache_store import CacheWriter, SplitPlan
 from pipeline.backbones import load_backbone
 from pipeline.config import CacheConfig
 from pipeline.glue_data import load_source_splits
-from pipeline.runtime import keep_freed_memory
+from cache_store.runtime import keep_freed_memory
 from pipeline.job import _cache_split, array_specs, build_manifest, pad_batch, plan_split, stored_layers
 from pipeline.splits import Split, make_splits
 from pipeline.tasks import get_task

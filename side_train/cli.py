@@ -34,9 +34,13 @@ def _list(value: str, kind, name: str) -> list:
 @click.option("--quiet", is_flag=True)
 def main(cache, rnn, hidden, lr, seeds, epochs, patience, batch_size, no_recurrence, out, device, quiet):
     """Train READ side networks straight from cached activations (never loading the backbone)."""
+    from cache_store.runtime import keep_freed_memory
+
     from .config import grid
     from .report import write_summary
     from .train import train
+
+    keep_freed_memory()
 
     try:
         configs = grid(_list(rnn, str, "--rnn"), _list(hidden, int, "--hidden"), _list(lr, float, "--lr"),

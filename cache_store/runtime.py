@@ -1,4 +1,4 @@
-"""Process-wide tuning for long batch jobs."""
+"""Process-wide tuning shared by both stages (cache_store is the one package both import)."""
 from __future__ import annotations
 
 import ctypes
