@@ -53,3 +53,17 @@ def tiny_bert(tmp_path_factory) -> Path:
     BertModel(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(source).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_t5(tmp_path_factory) -> Path:
+    """A 4+2-layer T5 (d=128, 4 heads) with seeded random weights: big enough for READ to learn from."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    config = T5Config.from_pretrained(T5_SMALL)
+    config.update(dict(d_model=128, d_kv=32, num_heads=4, d_ff=256, num_layers=4, num_decoder_layers=2))
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("small-t5")
+    T5ForConditionalGeneration(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(T5_SMALL).save_pretrained(out)
+    return out
