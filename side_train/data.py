@@ -36,7 +36,7 @@ def array_paths(spec: ReadSpec, attention: bool) -> list[str]:
 
 
 @dataclass
-class Batch:
+class TrainBatch:
     index: torch.Tensor  # int64 [B]: positions in the split (cache order)
     labels: torch.Tensor  # [B]
     inputs: ReadInputs
@@ -62,7 +62,7 @@ class InMemorySplit:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.arrays.values())
 
-    def batch(self, index: torch.Tensor) -> Batch:
+    def batch(self, index: torch.Tensor) -> TrainBatch:
         """Padded float32 inputs for examples `index` (any order; padding only up to this batch's longest)."""
         lengths = self.lengths[index]
         width = int(lengths.max())
@@ -100,7 +100,7 @@ class InMemorySplit:
             cross_attention=([cross_of(cross_attention_path(k)) for k in range(1, n_dec + 1)]
                              if self.attention and n_dec else None),
         )
-        return Batch(index, self.labels[index], inputs)
+        return TrainBatch(index, self.labels[index], inputs)
 
     def batch_order(self, batch_size: int, shuffle: bool, seed: int = 0) -> list[torch.Tensor]:
         """Length-bucketed batches. Examples are stored longest first; shuffling permutes examples within

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from cache_store import CacheReader
 
 from .config import RunConfig
-from .data import Batch, InMemorySplit, read_spec
+from .data import TrainBatch, InMemorySplit, read_spec
 from .metrics import score
 from .read_model import ReadModel, build_read
 
@@ -56,12 +56,12 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def to_device(batch: Batch, device: torch.device) -> Batch:
+def to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
     if device.type == "cpu":
         return batch
     inputs = batch.inputs
     move = lambda xs: None if xs is None else [x.to(device, non_blocking=True) for x in xs]  # noqa: E731
-    return Batch(batch.index, batch.labels.to(device), type(inputs)(
+    return TrainBatch(batch.index, batch.labels.to(device), type(inputs)(
         inputs.mask.to(device), move(inputs.encoder_hidden), move(inputs.encoder_attention),
         move(inputs.decoder_hidden), move(inputs.cross_attention)))
 

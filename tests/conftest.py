@@ -24,19 +24,31 @@ def glue_dir() -> Path:
     return GLUE
 
 
-@pytest.fixture(scope="session")
-def tiny_t5(tmp_path_factory) -> Path:
-    """A 2+2-layer T5 (d=32, 4 heads) with seeded random weights and the real t5-small tokenizer."""
+def _random_t5(tmp_path_factory, name: str, **sizes) -> Path:
+    """A T5 with t5-small's config resized by `sizes`, seeded random weights and the real tokenizer."""
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
     config = T5Config.from_pretrained(T5_SMALL)
-    config.update(dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2, num_decoder_layers=2))
+    config.update(sizes)
     torch.manual_seed(0)
-    model = T5ForConditionalGeneration(config)
-    out = tmp_path_factory.mktemp("tiny-t5")
-    model.save_pretrained(out)
+    out = tmp_path_factory.mktemp(name)
+    T5ForConditionalGeneration(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(T5_SMALL).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    """A 2+2-layer T5 (d=32, 4 heads): fast enough for every unit test."""
+    return _random_t5(tmp_path_factory, "tiny-t5", d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+                      num_decoder_layers=2)
+
+
+@pytest.fixture(scope="session")
+def small_t5(tmp_path_factory) -> Path:
+    """A 4+2-layer T5 (d=128, 4 heads): big enough for READ to learn from."""
+    return _random_t5(tmp_path_factory, "small-t5", d_model=128, d_kv=32, num_heads=4, d_ff=256, num_layers=4,
+                      num_decoder_layers=2)
 
 
 @pytest.fixture(scope="session")
@@ -54,16 +66,3 @@ def tiny_bert(tmp_path_factory) -> Path:
     AutoTokenizer.from_pretrained(source).save_pretrained(out)
     return out
 
-
-@pytest.fixture(scope="session")
-def small_t5(tmp_path_factory) -> Path:
-    """A 4+2-layer T5 (d=128, 4 heads) with seeded random weights: big enough for READ to learn from."""
-    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
-
-    config = T5Config.from_pretrained(T5_SMALL)
-    config.update(dict(d_model=128, d_kv=32, num_heads=4, d_ff=256, num_layers=4, num_decoder_layers=2))
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("small-t5")
-    T5ForConditionalGeneration(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(T5_SMALL).save_pretrained(out)
-    return out

@@ -39,8 +39,12 @@ def test_t5_cache_equals_unpadded_forward(tiny_t5, glue_dir, tmp_path, dtype):
     assert len(paths) == 3 + 2 + 3 + 2  # hidden 0..2, attention 1..2, decoder hidden 0..2, cross 1..2
     assert len(set(split.lengths)) > 1, "the batch must mix lengths for padding to matter"
     head = cache.label_head()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_t5)
+    rows = load_source_splits(get_task("rte"), glue_dir)[split.group.attrs["source"]]
     for j in range(split.n_examples):
         ids = torch.from_numpy(split.input_ids[split.offsets[j]:split.offsets[j + 1]]).long()[None]
+        text = get_task("rte").format(rows[split.example_index[j]])  # provenance: the cached tokens are this row's
+        assert tokenizer(text, truncation=True, max_length=128)["input_ids"] == ids[0].tolist()
         with torch.no_grad():
             ref = model(input_ids=ids, decoder_input_ids=torch.zeros(1, 1, dtype=torch.long),
                         output_hidden_states=True, output_attentions=True)
