@@ -31,8 +31,10 @@ def _list(value: str, kind, name: str) -> list:
 @click.option("--no-recurrence", is_flag=True, help="One set of parameters per layer (the paper's ablation).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--memory-gb", type=float, default=None,
+              help="Hold splits in memory up to this size, else stream the train split (default: half the RAM).")
 @click.option("--quiet", is_flag=True)
-def main(cache, rnn, hidden, lr, seeds, epochs, patience, batch_size, no_recurrence, out, device, quiet):
+def main(cache, rnn, hidden, lr, seeds, epochs, patience, batch_size, no_recurrence, out, device, memory_gb, quiet):
     """Train READ side networks straight from cached activations (never loading the backbone)."""
     from cache_store.runtime import keep_freed_memory
 
@@ -49,8 +51,11 @@ def main(cache, rnn, hidden, lr, seeds, epochs, patience, batch_size, no_recurre
         if not configs:
             raise ValueError("the grid is empty")
         folder = out / f"{cache.parent.name}-{cache.name}"
+        if memory_gb is not None and memory_gb <= 0:
+            raise ValueError(f"--memory-gb must be positive, got {memory_gb}")
         results = train(cache, configs, folder, device=device, progress=not quiet,
-                        log=lambda line: click.echo(line, err=True))
+                        log=lambda line: click.echo(line, err=True),
+                        memory_bytes=int(memory_gb * 2**30) if memory_gb else None)
     except (ValueError, CacheError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

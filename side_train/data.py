@@ -6,7 +6,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cache_store import CacheError, CacheReader, attention_path, cross_attention_path, hidden_path
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+from cache_store import (
+    STORAGE_DTYPES, CacheError, CacheReader, SplitReader, attention_path, cross_attention_path, hidden_path,
+)
 
 from .read_model import ReadInputs, ReadSpec
 
@@ -42,21 +47,30 @@ class TrainBatch:
     inputs: ReadInputs
 
 
-class InMemorySplit:
-    """Every array READ needs from one split, in memory in the stored dtype (bfloat16 by default)."""
+def split_bytes(reader: SplitReader, spec: ReadSpec) -> int:
+    """Bytes the arrays READ needs from a split take in memory (in the stored dtype)."""
+    item = STORAGE_DTYPES[reader.cache.dtype][0].itemsize
+    attention = reader.cache.manifest["attention"] != "none"
+    return sum(int(np.prod(reader.group[p].shape, dtype=np.int64)) * item for p in array_paths(spec, attention))
 
-    def __init__(self, cache: CacheReader, name: str, spec: ReadSpec):
-        split = cache.split(name)
-        self.name, self.spec = name, spec
-        self.attention = cache.manifest["attention"] != "none"
-        self.per_head = cache.manifest["attention"] == "heads"
-        self.arrays = split.load_layers(array_paths(spec, self.attention))
-        self.lengths = torch.from_numpy(split.lengths.copy())
-        self.offsets = torch.from_numpy(split.offsets[:-1].copy())
-        self.attention_offsets = torch.from_numpy(split.attention_offsets[:-1].copy())
-        self.labels = torch.from_numpy(split.labels.copy())
-        self.example_index = split.example_index.copy()
-        self.n_examples = split.n_examples
+
+class InMemorySplit:
+    """Every array READ needs from examples [start, stop) of a split, in memory in the stored dtype."""
+
+    def __init__(self, reader: SplitReader, spec: ReadSpec, start: int = 0, stop: int | None = None):
+        stop = reader.n_examples if stop is None else stop
+        manifest = reader.cache.manifest
+        self.name, self.spec, self.start = reader.name, spec, start
+        self.attention = manifest["attention"] != "none"
+        self.per_head = manifest["attention"] == "heads"
+        self.arrays = {path: reader.load(path, start, stop) for path in array_paths(spec, self.attention)}
+        self.lengths = torch.from_numpy(reader.lengths[start:stop].copy())
+        self.offsets = torch.from_numpy(reader.offsets[start:stop] - reader.offsets[start])
+        self.attention_offsets = torch.from_numpy(reader.attention_offsets[start:stop]
+                                                  - reader.attention_offsets[start])
+        self.labels = torch.from_numpy(reader.labels[start:stop].copy())
+        self.example_index = reader.example_index[start:stop].copy()
+        self.n_examples = stop - start
 
     @property
     def nbytes(self) -> int:
@@ -102,6 +116,13 @@ class InMemorySplit:
         )
         return TrainBatch(index, self.labels[index], inputs)
 
+    def batches(self, batch_size: int, shuffle: bool, seed: int = 0) -> Iterator[TrainBatch]:
+        for index in self.batch_order(batch_size, shuffle, seed):
+            yield self.batch(index)
+
+    def n_batches(self, batch_size: int) -> int:
+        return -(-self.n_examples // batch_size)
+
     def batch_order(self, batch_size: int, shuffle: bool, seed: int = 0) -> list[torch.Tensor]:
         """Length-bucketed batches. Examples are stored longest first; shuffling permutes examples within
         windows of 20 batches of similar length, then the order of the batches, so every epoch sees new
@@ -115,3 +136,54 @@ class InMemorySplit:
         if shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
+
+
+class StreamingSplit:
+    """A split too large to hold: windows of consecutive (similar-length) examples are read in turn, the
+    next one on a background thread while the current one trains. Shuffling permutes the windows and the
+    examples inside each window, which acts as a shuffle buffer of one window."""
+
+    def __init__(self, reader: SplitReader, spec: ReadSpec, window: int):
+        self.reader, self.spec, self.window = reader, spec, max(1, window)
+        self.name, self.n_examples = reader.name, reader.n_examples
+        self.labels = torch.from_numpy(reader.labels.copy())
+        self.example_index = reader.example_index.copy()
+
+    def _starts(self) -> list[int]:
+        return list(range(0, self.n_examples, self.window))
+
+    def n_batches(self, batch_size: int) -> int:
+        return sum(-(-(min(s + self.window, self.n_examples) - s) // batch_size) for s in self._starts())
+
+    def batches(self, batch_size: int, shuffle: bool, seed: int = 0) -> Iterator[TrainBatch]:
+        starts = self._starts()
+        if shuffle:
+            starts = [starts[i] for i in np.random.default_rng(seed).permutation(len(starts))]
+        load = lambda s: InMemorySplit(self.reader, self.spec, s, min(s + self.window, self.n_examples))  # noqa: E731
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            upcoming = pool.submit(load, starts[0])
+            for i in range(len(starts)):
+                part = upcoming.result()
+                if i + 1 < len(starts):
+                    upcoming = pool.submit(load, starts[i + 1])
+                for batch in part.batches(batch_size, shuffle, seed + part.start):
+                    yield TrainBatch(batch.index + part.start, batch.labels, batch.inputs)
+
+
+def open_splits(cache: CacheReader, spec: ReadSpec, memory_bytes: int,
+                names=("train", "validation", "test")) -> tuple[dict, str]:
+    """Hold every split in memory when they fit in `memory_bytes` together; otherwise stream the train
+    split in windows of about a quarter of the budget. Returns (splits, a line saying which)."""
+    readers = {name: cache.split(name) for name in names}
+    sizes = {name: split_bytes(r, spec) for name, r in readers.items()}
+    if sum(sizes.values()) <= memory_bytes:
+        return ({n: InMemorySplit(r, spec) for n, r in readers.items()},
+                f"holding {sum(sizes.values()) / 2**20:.0f} MiB of activations in memory "
+                f"(budget {memory_bytes / 2**20:.0f} MiB)")
+    held = {n: InMemorySplit(r, spec) for n, r in readers.items() if n != "train"}
+    train = readers["train"]
+    per_example = sizes["train"] / max(train.n_examples, 1)
+    window = int(max(1, (memory_bytes - sum(sizes[n] for n in held)) / 4 / per_example))
+    return ({**held, "train": StreamingSplit(train, spec, window)},
+            f"streaming the train split ({sizes['train'] / 2**20:.0f} MiB) in windows of {window} examples "
+            f"(about {window * per_example / 2**20:.0f} MiB); budget {memory_bytes / 2**20:.0f} MiB")

@@ -3,6 +3,7 @@ of one seed (the cache is read once, into memory; batches are assembled once per
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 from cache_store import CacheReader
 
 from .config import RunConfig
-from .data import TrainBatch, InMemorySplit, read_spec
+from .data import InMemorySplit, StreamingSplit, TrainBatch, open_splits, read_spec
 from .metrics import score
 from .read_model import ReadModel, build_read
 
@@ -101,12 +102,12 @@ def make_run(config: RunConfig, cache: CacheReader, task: TaskInfo, steps: int, 
 
 
 @torch.no_grad()
-def evaluate(model: ReadModel, task: TaskInfo, split: InMemorySplit, batch_size: int,
+def evaluate(model: ReadModel, task: TaskInfo, split: InMemorySplit | StreamingSplit, batch_size: int,
              device: torch.device) -> tuple[float, np.ndarray, np.ndarray]:
     """(metric in points, predictions and raw outputs in cache order)."""
     model.eval()
-    outputs = torch.cat([model(to_device(split.batch(index), device).inputs)[task.name].float().cpu()
-                         for index in split.batch_order(batch_size, shuffle=False)])
+    outputs = torch.cat([model(to_device(batch, device).inputs)[task.name].float().cpu()
+                         for batch in split.batches(batch_size, shuffle=False)])
     model.train()
     predictions = predictions_of(task, outputs).numpy()
     return score(task.metric, split.labels.numpy(), predictions), predictions, outputs.numpy()
@@ -118,9 +119,16 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def default_memory_bytes() -> int:
+    """Half the machine's memory: room for the activations, the models and everything else."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
 def train(cache_path: str | Path, configs: list[RunConfig], out: Path, device: str = "auto",
-          progress: bool = True, log=print) -> list[dict]:
-    """Train every configuration on one cache; write each run's outputs under `out`; return their metrics."""
+          progress: bool = True, log=print, memory_bytes: int | None = None) -> list[dict]:
+    """Train every configuration on one cache; write each run's outputs under `out`; return their metrics.
+    Splits are held in memory when they fit in `memory_bytes` (default: half the machine's), otherwise
+    the train split is streamed."""
     if len({c.batch_size for c in configs}) != 1 or len({(c.epochs, c.patience) for c in configs}) != 1:
         raise ValueError("runs of one sweep share batch size, epochs and patience")
     target = resolve_device(device)
@@ -131,13 +139,11 @@ def train(cache_path: str | Path, configs: list[RunConfig], out: Path, device: s
     task = TaskInfo.from_cache(cache)
     spec = read_spec(cache, configs[0].width, configs[0].cell)
     began = time.perf_counter()
-    splits = {name: InMemorySplit(cache, name, spec) for name in ("train", "validation", "test")}
-    held = sum(s.nbytes for s in splits.values())
-    log(f"loaded {cache.path} into memory: {held / 2**20:.0f} MiB of activations "
-        f"({', '.join(f'{n} {s.n_examples}' for n, s in splits.items())} examples) "
-        f"in {time.perf_counter() - began:.1f} s")
+    splits, how = open_splits(cache, spec, memory_bytes or default_memory_bytes())
+    log(f"{cache.path}: {how}; {', '.join(f'{n} {s.n_examples}' for n, s in splits.items())} examples; "
+        f"opened in {time.perf_counter() - began:.1f} s")
     batch_size, epochs, patience = configs[0].batch_size, configs[0].epochs, configs[0].patience
-    steps = epochs * len(splits["train"].batch_order(batch_size, shuffle=False))
+    steps = epochs * splits["train"].n_batches(batch_size)
     runs = [make_run(c, cache, task, steps, target) for c in configs]
     seeds = sorted({c.seed for c in configs})
     bar = tqdm(total=epochs, unit="epoch", desc=f"{task.name}: {len(runs)} run(s)", disable=not progress)
@@ -146,8 +152,8 @@ def train(cache_path: str | Path, configs: list[RunConfig], out: Path, device: s
             group = [r for r in runs if r.config.seed == seed and not r.stopped]
             if not group:
                 continue
-            for index in splits["train"].batch_order(batch_size, shuffle=True, seed=seed * 100_003 + epoch):
-                batch = to_device(splits["train"].batch(index), target)  # assembled once for the group
+            for batch in splits["train"].batches(batch_size, shuffle=True, seed=seed * 100_003 + epoch):
+                batch = to_device(batch, target)  # assembled once for the whole group
                 for run in group:
                     started = time.perf_counter()
                     loss = loss_of(task, run.model(batch.inputs)[task.name], batch.labels)
@@ -180,7 +186,7 @@ def train(cache_path: str | Path, configs: list[RunConfig], out: Path, device: s
     return [_finish(run, task, cache, splits["test"], out / run.config.name, batch_size, target) for run in runs]
 
 
-def _finish(run: Run, task: TaskInfo, cache: CacheReader, test: InMemorySplit, folder: Path,
+def _finish(run: Run, task: TaskInfo, cache: CacheReader, test: InMemorySplit | StreamingSplit, folder: Path,
             batch_size: int, device: torch.device) -> dict:
     """Test the best-validation checkpoint and write what a person looks at."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ def test_fresh_read_reproduces_the_t5_label_word_logits(t5_cache, tiny_t5):
     cache = CacheReader(t5_cache)
     task = TaskInfo.from_cache(cache)
     model = build_read(read_spec(cache, 16, "gru"), {task.name: (task.num_labels, task.label_head)}).eval()
-    split = InMemorySplit(cache, "validation", model.spec)
+    split = InMemorySplit(cache.split("validation"), model.spec)
     reference = T5ForConditionalGeneration.from_pretrained(tiny_t5).eval()
     token_ids = cache.manifest["task"]["label_token_ids"]
     with torch.no_grad():
@@ -51,7 +51,7 @@ def test_fresh_read_on_bert_reads_the_first_token(tiny_bert, glue_dir, tmp_path)
     cache_run(config, progress=False)
     cache = CacheReader(config.cache_dir)
     model = build_read(read_spec(cache, 16, "lstm"), {"rte": (2, None)}).eval()
-    split = InMemorySplit(cache, "test", model.spec)
+    split = InMemorySplit(cache.split("test"), model.spec)
     with torch.no_grad():
         features = model.features(split.batch(torch.arange(4)).inputs)
     last = cache.split("test").load("encoder/hidden/2")
@@ -61,7 +61,7 @@ def test_fresh_read_on_bert_reads_the_first_token(tiny_bert, glue_dir, tmp_path)
 def test_batches_match_the_reader_and_padding_does_not_leak(t5_cache):
     cache = CacheReader(t5_cache)
     spec = read_spec(cache, 16, "lstm")
-    split = InMemorySplit(cache, "train", spec)
+    split = InMemorySplit(cache.split("train"), spec)
     index = torch.tensor([7, 0, 4])  # mixed lengths, any order
     inputs = split.batch(index).inputs
     reader = cache.split("train")
@@ -91,7 +91,7 @@ def test_every_variant_trains_on_head_mean_attention(t5_mean_cache, cell, recurr
     model = build_read(spec, {"stsb": (1, None)})
     shared = sum(p.numel() for p in model.encoder.layers.parameters())
     assert len(model.encoder.layers) == (1 if recurrence else spec.n_layers)
-    split = InMemorySplit(cache, "train", spec)
+    split = InMemorySplit(cache.split("train"), spec)
     batch = split.batch(torch.arange(split.n_examples))
     loss = torch.nn.functional.mse_loss(model(batch.inputs)["stsb"].squeeze(-1), batch.labels)
     loss.backward()
@@ -99,3 +99,30 @@ def test_every_variant_trains_on_head_mean_attention(t5_mean_cache, cell, recurr
     assert model.decoder.up.weight.grad.abs().sum() > 0
     assert all(p.grad is not None for p in model.encoder.layers.parameters())
     assert shared == (1 if recurrence else spec.n_layers) * sum(p.numel() for p in model.encoder.layers[0].parameters())
+
+
+def test_streaming_serves_every_example_once_with_the_same_values(t5_cache):
+    from side_train.data import StreamingSplit, open_splits
+    from side_train.train import evaluate
+
+    cache = CacheReader(t5_cache)
+    spec = read_spec(cache, 8, "gru")
+    held = InMemorySplit(cache.split("train"), spec)
+    streamed = StreamingSplit(cache.split("train"), spec, window=3)
+    seen = []
+    for batch in streamed.batches(2, shuffle=True, seed=4):
+        seen += batch.index.tolist()
+        reference = held.batch(batch.index)
+        assert all(torch.equal(a, b) for a, b in zip(batch.inputs.encoder_attention, reference.inputs.encoder_attention))
+        assert torch.equal(batch.labels, reference.labels)
+    assert sorted(seen) == list(range(held.n_examples)) and seen != sorted(seen)
+    assert streamed.n_batches(2) == len(list(streamed.batches(2, shuffle=False)))
+    task = TaskInfo.from_cache(cache)
+    model = build_read(spec, {"rte": (2, cache.label_head())})
+    torch.nn.init.normal_(model.decoder.up.weight, std=0.1)
+    a, b = (evaluate(model, task, s, 4, torch.device("cpu"))[2] for s in (held, streamed))
+    torch.testing.assert_close(torch.from_numpy(a), torch.from_numpy(b), rtol=1e-5, atol=1e-6)
+    splits, how = open_splits(cache, spec, memory_bytes=1)
+    assert isinstance(splits["train"], StreamingSplit) and "streaming" in how
+    splits, how = open_splits(cache, spec, memory_bytes=2**30)
+    assert isinstance(splits["train"], InMemorySplit) and "holding" in how

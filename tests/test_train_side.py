@@ -73,3 +73,10 @@ def test_metrics_are_scikit_learn_and_scipy_in_points():
     assert score("f1_accuracy", labels, predictions) == pytest.approx(50 * (f1_score(labels, predictions) + 0.8))
     y, p = np.array([0.0, 1.5, 3.0, 4.5]), np.array([0.2, 1.0, 3.5, 4.0])
     assert score("pearson_spearman", y, p) == pytest.approx(50 * (pearsonr(y, p)[0] + spearmanr(y, p)[0]))
+
+
+def test_a_small_memory_budget_streams_the_train_split(rte_cache, tmp_path):
+    result = CliRunner().invoke(train_main, ["--from-cache", str(rte_cache), "--hidden", "8", "--epochs", "1",
+                                             "--memory-gb", "0.000001", "--out", str(tmp_path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "streaming the train split" in result.output
