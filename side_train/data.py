@@ -170,20 +170,29 @@ class StreamingSplit:
                     yield TrainBatch(batch.index + part.start, batch.labels, batch.inputs)
 
 
+MIN_WINDOW = 512  # examples: below this, shuffling and length bucketing stop working
+
+
 def open_splits(cache: CacheReader, spec: ReadSpec, memory_bytes: int,
                 names=("train", "validation", "test")) -> tuple[dict, str]:
-    """Hold every split in memory when they fit in `memory_bytes` together; otherwise stream the train
-    split in windows of about a quarter of the budget. Returns (splits, a line saying which)."""
+    """Hold every split in memory when they fit in `memory_bytes` together; otherwise stream each split
+    larger than a quarter of the budget in windows of that size (two windows, the one in use and the
+    one being read, are in memory at once). Returns (splits, a line saying which)."""
     readers = {name: cache.split(name) for name in names}
     sizes = {name: split_bytes(r, spec) for name, r in readers.items()}
     if sum(sizes.values()) <= memory_bytes:
         return ({n: InMemorySplit(r, spec) for n, r in readers.items()},
                 f"holding {sum(sizes.values()) / 2**20:.0f} MiB of activations in memory "
                 f"(budget {memory_bytes / 2**20:.0f} MiB)")
-    held = {n: InMemorySplit(r, spec) for n, r in readers.items() if n != "train"}
-    train = readers["train"]
-    per_example = sizes["train"] / max(train.n_examples, 1)
-    window = int(max(1, (memory_bytes - sum(sizes[n] for n in held)) / 4 / per_example))
-    return ({**held, "train": StreamingSplit(train, spec, window)},
-            f"streaming the train split ({sizes['train'] / 2**20:.0f} MiB) in windows of {window} examples "
-            f"(about {window * per_example / 2**20:.0f} MiB); budget {memory_bytes / 2**20:.0f} MiB")
+    share = memory_bytes / 4
+    splits, streamed = {}, []
+    for name, reader in readers.items():
+        if sizes[name] <= share:
+            splits[name] = InMemorySplit(reader, spec)
+            continue
+        per_example = sizes[name] / max(reader.n_examples, 1)
+        window = max(MIN_WINDOW, int(share / per_example))
+        splits[name] = StreamingSplit(reader, spec, window)
+        streamed.append(f"{name} ({sizes[name] / 2**20:.0f} MiB) in windows of {window} examples "
+                        f"(about {window * per_example / 2**20:.0f} MiB)")
+    return splits, f"streaming {', '.join(streamed)}; budget {memory_bytes / 2**20:.0f} MiB"

@@ -79,4 +79,4 @@ def test_a_small_memory_budget_streams_the_train_split(rte_cache, tmp_path):
     result = CliRunner().invoke(train_main, ["--from-cache", str(rte_cache), "--hidden", "8", "--epochs", "1",
                                              "--memory-gb", "0.000001", "--out", str(tmp_path), "--quiet"])
     assert result.exit_code == 0, result.output
-    assert "streaming the train split" in result.output
+    assert "streaming train" in result.output
