@@ -163,6 +163,7 @@ def train(cache_path: str | Path, configs: list[RunConfig], out: Path, device: s
                     run.schedule.step()
                     run._losses.append(loss.item())
                     run.seconds += time.perf_counter() - started
+                del batch, loss  # free this batch before the generator assembles the next one
         for run in runs:
             if run.stopped:
                 continue
