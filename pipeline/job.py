@@ -84,14 +84,19 @@ def build_manifest(config: CacheConfig, backbone: Backbone, task: TaskSpec, prot
     }
 
 
-def pad_batch(plan: SplitPlan, start: int, stop: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input_ids and attention mask for examples [start, stop): [B, L] each."""
-    lengths = torch.from_numpy(plan.lengths[start:stop])
+def pad_examples(plan: SplitPlan, index: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids and attention mask for examples `index` of a plan, in that order: [B, L] each."""
+    lengths = torch.from_numpy(plan.lengths[index])
     mask = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
     ids = torch.full(mask.shape, pad_id, dtype=torch.long)
     offsets = plan.offsets
-    ids[mask] = torch.from_numpy(plan.input_ids[offsets[start]:offsets[stop]]).long()
+    ids[mask] = torch.from_numpy(np.concatenate([plan.input_ids[offsets[j]:offsets[j + 1]] for j in index])).long()
     return ids, mask.long()
+
+
+def pad_batch(plan: SplitPlan, start: int, stop: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids and attention mask for examples [start, stop): [B, L] each."""
+    return pad_examples(plan, np.arange(start, stop), pad_id)
 
 
 def _unpad(value: torch.Tensor, lengths: list[int], kind: str, dtype: torch.dtype) -> torch.Tensor:
@@ -160,13 +165,24 @@ def logical_bytes(specs: list[ArraySpec], plan: SplitPlan, dtype: str) -> int:
     return sum(int(np.prod(s.row, dtype=np.int64)) * int(plan.extent(s.grows_along)[-1]) * item for s in specs)
 
 
-def run(config: CacheConfig, progress: bool = True) -> list[SplitReport]:
+@dataclass
+class Prepared:
+    """Everything a run needs before the backbone's first batch: shared by caching and the live source."""
+
+    task: TaskSpec
+    backbone: Backbone
+    plans: dict[str, SplitPlan]
+    specs: list[ArraySpec]
+    manifest: dict
+    label_head: np.ndarray | None  # [C, d]
+
+
+def prepare(config: CacheConfig) -> Prepared:
     task = get_task(config.task)
     protocol, splits = make_splits(task.name, load_source_splits(task, config.data_dir), config.seed)
     backbone = load_backbone(config.model, config.init, config.seed, config.device,
                              attentions=config.attention != "none")
     layers = stored_layers(backbone, config.layers)
-    specs = array_specs(backbone, config.attention, layers)
     plans = {}
     for name in config.splits:
         split = splits[name]
@@ -175,12 +191,17 @@ def run(config: CacheConfig, progress: bool = True) -> list[SplitReport]:
         plans[name] = plan_split(backbone, task, split, config.max_length)
     head = backbone.label_head(task)
     manifest = build_manifest(config, backbone, task, protocol, plans, layers, head[0] if head else None)
-    writer = CacheWriter(config.cache_dir, manifest, config.mode, shard_bytes=config.shard_bytes)
-    if head is not None:
-        writer.write_label_head(head[1])
-    reports = []
-    for name, plan in plans.items():
-        reports.append(_cache_split(writer, backbone, name, plan, specs, config, progress))
+    return Prepared(task, backbone, plans, array_specs(backbone, config.attention, layers), manifest,
+                    head[1] if head else None)
+
+
+def run(config: CacheConfig, progress: bool = True) -> list[SplitReport]:
+    ready = prepare(config)
+    writer = CacheWriter(config.cache_dir, ready.manifest, config.mode, shard_bytes=config.shard_bytes)
+    if ready.label_head is not None:
+        writer.write_label_head(ready.label_head)
+    reports = [_cache_split(writer, ready.backbone, name, plan, ready.specs, config, progress)
+               for name, plan in ready.plans.items()]
     writer.finish()
     return reports
 

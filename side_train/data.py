@@ -54,7 +54,79 @@ def split_bytes(reader: SplitReader, spec: ReadSpec) -> int:
     return sum(int(np.prod(reader.group[p].shape, dtype=np.int64)) * item for p in array_paths(spec, attention))
 
 
-class InMemorySplit:
+def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: torch.Tensor,
+             attention_offsets: torch.Tensor, index: torch.Tensor, spec: ReadSpec, attention: bool,
+             per_head: bool) -> ReadInputs:
+    """Padded float32 READ inputs for examples `index` of ragged arrays laid out as in the cache
+    (offsets and attention_offsets: int64 [n], where each example starts)."""
+    lengths = lengths[index]
+    width = int(lengths.max())
+    pos = torch.arange(width)
+    mask = pos[None, :] < lengths[:, None]  # [B, L]
+    tokens = torch.where(mask, offsets[index][:, None] + pos[None, :], 0)  # [B, L] into T
+    rows, cols = pos[:, None], pos[None, :]
+    pair_mask = mask[:, :, None] & mask[:, None, :]  # [B, L, L]
+    pairs = torch.where(pair_mask, attention_offsets[index][:, None, None]
+                        + rows * lengths[:, None, None] + cols, 0)  # [B, L, L] into S
+
+    def tokens_of(path):  # [T, d] -> [B, L, d]
+        return arrays[path].index_select(0, tokens.reshape(-1)).view(*tokens.shape, -1).float() * mask[..., None]
+
+    def attention_of(path):  # [A, S] -> [B, A, L, L], or [S] -> [B, L, L]
+        flat = arrays[path].index_select(-1, pairs.reshape(-1)).float()
+        if per_head:
+            return flat.view(-1, *pairs.shape).transpose(0, 1) * pair_mask[:, None]
+        return flat.view(pairs.shape) * pair_mask
+
+    def cross_of(path):  # [A, T] -> [B, A, 1, L], or [T] -> [B, 1, L]
+        flat = arrays[path].index_select(-1, tokens.reshape(-1)).float()
+        if per_head:
+            return (flat.view(-1, *tokens.shape).transpose(0, 1) * mask[:, None]).unsqueeze(2)
+        return (flat.view(tokens.shape) * mask).unsqueeze(1)
+
+    n, n_dec = spec.n_layers, spec.n_decoder_layers
+    return ReadInputs(
+        mask=mask,
+        encoder_hidden=[tokens_of(hidden_path("encoder", k)) for k in range(1, n + 1)],
+        encoder_attention=[attention_of(attention_path(k)) for k in range(1, n + 1)] if attention else None,
+        decoder_hidden=[arrays[hidden_path("decoder", k)].index_select(0, index).float()[:, None]
+                        for k in range(1, n_dec + 1)],
+        cross_attention=([cross_of(cross_attention_path(k)) for k in range(1, n_dec + 1)]
+                         if attention and n_dec else None),
+    )
+
+
+class BatchOrder:
+    """Length-bucketed batch order over `n_examples` stored longest first; shared by every split kind so
+    that the cache and the live backbone feed a run the same batches."""
+
+    n_examples: int
+
+    def batch(self, index: torch.Tensor) -> "TrainBatch":
+        raise NotImplementedError
+
+    def batches(self, batch_size: int, shuffle: bool, seed: int = 0) -> Iterator["TrainBatch"]:
+        for index in self.batch_order(batch_size, shuffle, seed):
+            yield self.batch(index)
+
+    def n_batches(self, batch_size: int) -> int:
+        return -(-self.n_examples // batch_size)
+
+    def batch_order(self, batch_size: int, shuffle: bool, seed: int = 0) -> list[torch.Tensor]:
+        """Shuffling permutes examples within windows of 20 batches of similar length, then the order of
+        the batches, so every epoch sees new batches while padding stays small."""
+        order = np.arange(self.n_examples)
+        if shuffle:
+            rng = np.random.default_rng(seed)
+            window = 20 * batch_size
+            order = np.concatenate([rng.permutation(order[i:i + window]) for i in range(0, len(order), window)])
+        batches = [torch.from_numpy(order[i:i + batch_size].copy()) for i in range(0, len(order), batch_size)]
+        if shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+
+class InMemorySplit(BatchOrder):
     """Every array READ needs from examples [start, stop) of a split, in memory in the stored dtype."""
 
     def __init__(self, reader: SplitReader, spec: ReadSpec, start: int = 0, stop: int | None = None):
@@ -78,64 +150,9 @@ class InMemorySplit:
 
     def batch(self, index: torch.Tensor) -> TrainBatch:
         """Padded float32 inputs for examples `index` (any order; padding only up to this batch's longest)."""
-        lengths = self.lengths[index]
-        width = int(lengths.max())
-        pos = torch.arange(width)
-        mask = pos[None, :] < lengths[:, None]  # [B, L]
-        tokens = torch.where(mask, self.offsets[index][:, None] + pos[None, :], 0)  # [B, L] into T
-        rows, cols = pos[:, None], pos[None, :]
-        pair_mask = mask[:, :, None] & mask[:, None, :]  # [B, L, L]
-        pairs = torch.where(pair_mask, self.attention_offsets[index][:, None, None]
-                            + rows * lengths[:, None, None] + cols, 0)  # [B, L, L] into S
-        spec, arrays = self.spec, self.arrays
-
-        def tokens_of(path):  # [T, d] -> [B, L, d]
-            return arrays[path].index_select(0, tokens.reshape(-1)).view(*tokens.shape, -1).float() * mask[..., None]
-
-        def attention_of(path):  # [A, S] -> [B, A, L, L], or [S] -> [B, L, L]
-            flat = arrays[path].index_select(-1, pairs.reshape(-1)).float()
-            if self.per_head:
-                return flat.view(-1, *pairs.shape).transpose(0, 1) * pair_mask[:, None]
-            return flat.view(pairs.shape) * pair_mask
-
-        def cross_of(path):  # [A, T] -> [B, A, 1, L], or [T] -> [B, 1, L]
-            flat = arrays[path].index_select(-1, tokens.reshape(-1)).float()
-            if self.per_head:
-                return (flat.view(-1, *tokens.shape).transpose(0, 1) * mask[:, None]).unsqueeze(2)
-            return (flat.view(tokens.shape) * mask).unsqueeze(1)
-
-        n, n_dec = spec.n_layers, spec.n_decoder_layers
-        inputs = ReadInputs(
-            mask=mask,
-            encoder_hidden=[tokens_of(hidden_path("encoder", k)) for k in range(1, n + 1)],
-            encoder_attention=[attention_of(attention_path(k)) for k in range(1, n + 1)] if self.attention else None,
-            decoder_hidden=[arrays[hidden_path("decoder", k)].index_select(0, index).float()[:, None]
-                            for k in range(1, n_dec + 1)],
-            cross_attention=([cross_of(cross_attention_path(k)) for k in range(1, n_dec + 1)]
-                             if self.attention and n_dec else None),
-        )
+        inputs = assemble(self.arrays, self.lengths, self.offsets, self.attention_offsets, index, self.spec,
+                          self.attention, self.per_head)
         return TrainBatch(index, self.labels[index], inputs)
-
-    def batches(self, batch_size: int, shuffle: bool, seed: int = 0) -> Iterator[TrainBatch]:
-        for index in self.batch_order(batch_size, shuffle, seed):
-            yield self.batch(index)
-
-    def n_batches(self, batch_size: int) -> int:
-        return -(-self.n_examples // batch_size)
-
-    def batch_order(self, batch_size: int, shuffle: bool, seed: int = 0) -> list[torch.Tensor]:
-        """Length-bucketed batches. Examples are stored longest first; shuffling permutes examples within
-        windows of 20 batches of similar length, then the order of the batches, so every epoch sees new
-        batches while padding stays small."""
-        order = np.arange(self.n_examples)
-        if shuffle:
-            rng = np.random.default_rng(seed)
-            window = 20 * batch_size
-            order = np.concatenate([rng.permutation(order[i:i + window]) for i in range(0, len(order), window)])
-        batches = [torch.from_numpy(order[i:i + batch_size].copy()) for i in range(0, len(order), batch_size)]
-        if shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        return batches
 
 
 class StreamingSplit:
@@ -196,3 +213,28 @@ def open_splits(cache: CacheReader, spec: ReadSpec, memory_bytes: int,
         streamed.append(f"{name} ({sizes[name] / 2**20:.0f} MiB) in windows of {window} examples "
                         f"(about {window * per_example / 2**20:.0f} MiB)")
     return splits, f"streaming {', '.join(streamed)}; budget {memory_bytes / 2**20:.0f} MiB"
+
+
+class OnlineSplit(BatchOrder):
+    """A split whose activations a live backbone computes for each batch (`train-side --online`): the
+    same batch order and assembly as from the cache, nothing read from disk. `source` (see
+    pipeline/live.py) has lengths, labels, example_index, n_examples and compute(index), which returns
+    every array for those examples in the cache's ragged layout, in `index` order."""
+
+    def __init__(self, source, spec: ReadSpec, manifest: dict):
+        self.source, self.spec, self.name = source, spec, source.name
+        self.attention = manifest["attention"] != "none"
+        self.per_head = manifest["attention"] == "heads"
+        self.lengths = torch.as_tensor(source.lengths)
+        self.labels = torch.as_tensor(source.labels)
+        self.example_index = source.example_index
+        self.n_examples = source.n_examples
+
+    def batch(self, index: torch.Tensor) -> TrainBatch:
+        arrays = self.source.compute(index.numpy())
+        lengths = self.lengths[index]
+        offsets = torch.cumsum(lengths, 0) - lengths
+        attention_offsets = torch.cumsum(lengths**2, 0) - lengths**2
+        inputs = assemble(arrays, lengths, offsets, attention_offsets, torch.arange(len(index)), self.spec,
+                          self.attention, self.per_head)
+        return TrainBatch(index, self.labels[index], inputs)

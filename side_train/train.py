@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from cache_store import CacheReader
 
 from .config import RunConfig
-from .data import InMemorySplit, StreamingSplit, TrainBatch, open_splits, read_spec
+from .data import InMemorySplit, OnlineSplit, StreamingSplit, TrainBatch, open_splits, read_spec
 from .metrics import score
 from .read_model import ReadModel, build_read
 
@@ -102,7 +102,7 @@ def make_run(config: RunConfig, cache: CacheReader, task: TaskInfo, steps: int, 
 
 
 @torch.no_grad()
-def evaluate(model: ReadModel, task: TaskInfo, split: InMemorySplit | StreamingSplit, batch_size: int,
+def evaluate(model: ReadModel, task: TaskInfo, split: InMemorySplit | StreamingSplit | OnlineSplit, batch_size: int,
              device: torch.device) -> tuple[float, np.ndarray, np.ndarray]:
     """(metric in points, predictions and raw outputs in cache order)."""
     model.eval()
@@ -124,22 +124,26 @@ def default_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
-def train(cache_path: str | Path, configs: list[RunConfig], out: Path, device: str = "auto",
+def train(source, configs: list[RunConfig], out: Path, device: str = "auto",
           progress: bool = True, log=print, memory_bytes: int | None = None) -> list[dict]:
-    """Train every configuration on one cache; write each run's outputs under `out`; return their metrics.
-    Splits are held in memory when they fit in `memory_bytes` (default: half the machine's), otherwise
-    the train split is streamed."""
+    """Train every configuration on one cache (a path) or live activation source (`train-side --online`);
+    write each run's outputs under `out`; return their metrics. A cache's splits are held in memory when
+    they fit in `memory_bytes` (default: half the machine's), otherwise streamed."""
     if len({c.batch_size for c in configs}) != 1 or len({(c.epochs, c.patience) for c in configs}) != 1:
         raise ValueError("runs of one sweep share batch size, epochs and patience")
     target = resolve_device(device)
-    cache = CacheReader(cache_path)
+    cache = source if getattr(source, "online", False) else CacheReader(source)
     if cache.manifest["backbone"]["init"] == "random":
         log(f"warning: {cache.path} was cached from a randomly initialised backbone (--init random): "
             "its metrics say nothing about the pretrained model")
     task = TaskInfo.from_cache(cache)
     spec = read_spec(cache, configs[0].width, configs[0].cell)
     began = time.perf_counter()
-    splits, how = open_splits(cache, spec, memory_bytes or default_memory_bytes())
+    if getattr(cache, "online", False):
+        splits = {n: OnlineSplit(cache.split(n), spec, cache.manifest) for n in ("train", "validation", "test")}
+        how = "the backbone runs live for every batch"
+    else:
+        splits, how = open_splits(cache, spec, memory_bytes or default_memory_bytes())
     log(f"{cache.path}: {how}; {', '.join(f'{n} {s.n_examples}' for n, s in splits.items())} examples; "
         f"opened in {time.perf_counter() - began:.1f} s")
     batch_size, epochs, patience = configs[0].batch_size, configs[0].epochs, configs[0].patience
@@ -187,7 +191,7 @@ def train(cache_path: str | Path, configs: list[RunConfig], out: Path, device: s
     return [_finish(run, task, cache, splits["test"], out / run.config.name, batch_size, target) for run in runs]
 
 
-def _finish(run: Run, task: TaskInfo, cache: CacheReader, test: InMemorySplit | StreamingSplit, folder: Path,
+def _finish(run: Run, task: TaskInfo, cache, test: InMemorySplit | StreamingSplit | OnlineSplit, folder: Path,
             batch_size: int, device: torch.device) -> dict:
     """Test the best-validation checkpoint and write what a person looks at."""
     folder.mkdir(parents=True, exist_ok=True)
