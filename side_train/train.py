@@ -151,7 +151,9 @@ def train(source, configs: list[RunConfig], out: Path, device: str = "auto",
     runs = [make_run(c, cache, task, steps, target) for c in configs]
     seeds = sorted({c.seed for c in configs})
     bar = tqdm(total=epochs, unit="epoch", desc=f"{task.name}: {len(runs)} run(s)", disable=not progress)
+    epoch_seconds = []  # wall time of each epoch for the whole sweep: batches (assembly included) and validation
     for epoch in range(epochs):
+        epoch_began = time.perf_counter()
         for seed in seeds:
             group = [r for r in runs if r.config.seed == seed and not r.stopped]
             if not group:
@@ -182,13 +184,15 @@ def train(source, configs: list[RunConfig], out: Path, device: str = "auto",
             elif epoch - run.best_epoch >= patience:
                 run.stopped = True
             run.seconds += time.perf_counter() - started
+        epoch_seconds.append(round(time.perf_counter() - epoch_began, 3))
         best = max(runs, key=lambda r: r.best)
         bar.set_postfix_str(f"best {best.config.name} {best.best:.2f}")
         bar.update(1)
         if all(r.stopped for r in runs):
             break
     bar.close()
-    return [_finish(run, task, cache, splits["test"], out / run.config.name, batch_size, target) for run in runs]
+    return [{**_finish(run, task, cache, splits["test"], out / run.config.name, batch_size, target),
+             "sweep_epoch_seconds": epoch_seconds} for run in runs]
 
 
 def _finish(run: Run, task: TaskInfo, cache, test: InMemorySplit | StreamingSplit | OnlineSplit, folder: Path,
