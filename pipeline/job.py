@@ -209,7 +209,10 @@ def run(config: CacheConfig, progress: bool = True) -> list[SplitReport]:
 def _cache_split(writer: CacheWriter, backbone: Backbone, name: str, plan: SplitPlan, specs: list[ArraySpec],
                  config: CacheConfig, progress: bool) -> SplitReport:
     split_writer = writer.split(name, plan, specs)
-    first = split_writer.start_example() // config.batch_size * config.batch_size
+    # A resumed run restarts at the batch holding the first uncommitted example, so that every batch,
+    # and so every value, is the one an uninterrupted run computes.
+    first = plan.n_examples if split_writer.complete else \
+        split_writer.start_example() // config.batch_size * config.batch_size
     starts = range(first, plan.n_examples, config.batch_size)
     pad_id = backbone.tokenizer.pad_token_id or 0
     attentions = config.attention != "none"

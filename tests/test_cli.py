@@ -105,3 +105,14 @@ def test_sigkill_mid_split_then_resume_equals_uninterrupted(tiny_t5, glue_dir, t
     for key in expected:
         assert np.array_equal(expected[key], got[key]), key
     assert CacheReader(path).manifest["checksums"] == CacheReader(tmp_path / "whole" / tiny_t5.name / "rte").manifest["checksums"]
+
+
+def test_resuming_a_complete_cache_computes_nothing(tiny_t5, glue_dir, tmp_path):
+    args = cache_args(tiny_t5, glue_dir, tmp_path, "--splits", "test")  # 24 examples, batches of 5
+    assert CliRunner().invoke(cache_main, args).exit_code == 0
+    path = tmp_path / tiny_t5.name / "rte"
+    before = arrays_of(path)
+    again = CliRunner().invoke(cache_main, [*args, "--resume"])
+    assert again.exit_code == 0 and "already complete" in again.output
+    after = arrays_of(path)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
