@@ -5,6 +5,8 @@ import ctypes
 import ctypes.util
 import sys
 
+import torch
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
@@ -26,3 +28,12 @@ def keep_freed_memory(threshold: int = 1 << 30) -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, threshold))
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto | cpu | cuda[:i] -> a device; ValueError (one line) for a GPU that is not there."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but no CUDA device is visible; use --device cpu or auto")
+    return torch.device(device)

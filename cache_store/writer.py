@@ -22,7 +22,7 @@ import zarr
 
 from .errors import CacheError
 from .format import (
-    DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, COMPRESSOR, EXAMPLES, FORMAT_VERSION, MANIFEST_KEY, PAIRS,
+    DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, COMPRESSOR, FORMAT_VERSION, MANIFEST_KEY, PAIRS,
     STORAGE_DTYPES, TOKENS, ArraySpec, block_digest, check_format_version, chunk_grid, combined_digest,
     compressors, differences, manifest_identity, shard_elements,
 )

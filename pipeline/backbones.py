@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cache_store import runtime
+
 from .errors import InputError
 from .tasks import TaskSpec
 
@@ -177,11 +179,10 @@ def backbone_name(model: str) -> str:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda asked for, but no CUDA device is visible; use --device cpu or auto")
-    return torch.device(device)
+    try:
+        return runtime.resolve_device(device)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def load_backbone(model: str, init: str = "pretrained", seed: int = 0, device: str = "auto",

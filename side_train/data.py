@@ -144,10 +144,6 @@ class InMemorySplit(BatchOrder):
         self.example_index = reader.example_index[start:stop].copy()
         self.n_examples = stop - start
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.arrays.values())
-
     def batch(self, index: torch.Tensor) -> TrainBatch:
         """Padded float32 inputs for examples `index` (any order; padding only up to this batch's longest)."""
         inputs = assemble(self.arrays, self.lengths, self.offsets, self.attention_offsets, index, self.spec,

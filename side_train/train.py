@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cache_store import CacheReader
+from cache_store.runtime import resolve_device
 
 from .config import RunConfig
 from .data import InMemorySplit, OnlineSplit, StreamingSplit, TrainBatch, open_splits, read_spec
@@ -49,12 +50,6 @@ def loss_of(task: TaskInfo, output: torch.Tensor, labels: torch.Tensor) -> torch
 
 def predictions_of(task: TaskInfo, output: torch.Tensor) -> torch.Tensor:
     return output.squeeze(-1) if task.regression else output.argmax(-1)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModel, T5ForConditionalGeneration
+from transformers import T5ForConditionalGeneration
 
 from cache_store import CacheReader
 from pipeline.config import CacheConfig
@@ -13,20 +13,21 @@ from side_train.read_model import build_read
 from side_train.train import TaskInfo
 
 
-@pytest.fixture(scope="module")
-def t5_cache(tiny_t5, glue_dir, tmp_path_factory):
-    config = CacheConfig(task="rte", model=str(tiny_t5), data_dir=glue_dir, out=tmp_path_factory.mktemp("c"),
-                         limit=10, dtype="float32", splits=("train", "validation", "test"))
+def _cache(model, glue_dir, factory, **options):
+    config = CacheConfig(model=str(model), data_dir=glue_dir, out=factory.mktemp("c"),
+                         splits=("train", "validation", "test"), **options)
     cache_run(config, progress=False)
     return config.cache_dir
+
+
+@pytest.fixture(scope="module")
+def t5_cache(tiny_t5, glue_dir, tmp_path_factory):
+    return _cache(tiny_t5, glue_dir, tmp_path_factory, task="rte", limit=10, dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def t5_mean_cache(tiny_t5, glue_dir, tmp_path_factory):
-    config = CacheConfig(task="stsb", model=str(tiny_t5), data_dir=glue_dir, out=tmp_path_factory.mktemp("c"),
-                         limit=8, attention="mean", splits=("train", "validation", "test"))
-    cache_run(config, progress=False)
-    return config.cache_dir
+    return _cache(tiny_t5, glue_dir, tmp_path_factory, task="stsb", limit=8, attention="mean")
 
 
 def test_fresh_read_reproduces_the_t5_label_word_logits(t5_cache, tiny_t5):
