@@ -87,7 +87,7 @@ def _finetune(model: str, init: str, data_dir: str, task_name: str, batch_size: 
 @click.option("--data-dir", required=True)
 @click.option("--batch-size", type=int, default=32)
 @click.option("--steps", type=int, default=8)
-@click.option("--window", type=int, default=128, help="Examples of activations READ holds at a time (x2).")
+@click.option("--window", type=int, default=32, help="Examples of activations READ holds at a time (x2); default one batch.")
 @click.option("--mode", type=click.Choice(["read", "finetune"]), default=None, hidden=True)
 def main(cache, model, init, data_dir, batch_size, steps, window, mode):
     if mode == "read":

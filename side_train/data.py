@@ -57,8 +57,9 @@ def split_bytes(reader: SplitReader, spec: ReadSpec) -> int:
 def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: torch.Tensor,
              attention_offsets: torch.Tensor, index: torch.Tensor, spec: ReadSpec, attention: bool,
              per_head: bool) -> ReadInputs:
-    """Padded float32 READ inputs for examples `index` of ragged arrays laid out as in the cache
-    (offsets and attention_offsets: int64 [n], where each example starts)."""
+    """Padded READ inputs for examples `index` of ragged arrays laid out as in the cache
+    (offsets and attention_offsets: int64 [n], where each example starts). Hidden states are float32;
+    self-attention maps, the largest inputs by far, stay in the stored dtype and are widened layer by layer."""
     lengths = lengths[index]
     width = int(lengths.max())
     pos = torch.arange(width)
@@ -72,8 +73,8 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
     def tokens_of(path):  # [T, d] -> [B, L, d]
         return arrays[path].index_select(0, tokens.reshape(-1)).view(*tokens.shape, -1).float() * mask[..., None]
 
-    def attention_of(path):  # [A, S] -> [B, A, L, L], or [S] -> [B, L, L]
-        flat = arrays[path].index_select(-1, pairs.reshape(-1)).float()
+    def attention_of(path):  # [A, S] -> [B, A, L, L], or [S] -> [B, L, L]; kept in the stored dtype (see mix_states)
+        flat = arrays[path].index_select(-1, pairs.reshape(-1))
         if per_head:
             return flat.view(-1, *pairs.shape).transpose(0, 1) * pair_mask[:, None]
         return flat.view(pairs.shape) * pair_mask

@@ -20,16 +20,33 @@ from torch import nn
 CELLS: dict[str, type[nn.Module]] = {"rnn": nn.RNNCell, "gru": nn.GRUCell, "lstm": nn.LSTMCell}
 
 
+class _Mix(torch.autograd.Function):
+    """attention.float() @ values, keeping for backward the attention maps as given (bfloat16 from a
+    bfloat16 cache) rather than a float32 copy: the maps are most of a batch's memory. Exact, because
+    widening bfloat16 to float32 loses nothing."""
+
+    @staticmethod
+    def forward(ctx, attention, values):
+        ctx.save_for_backward(attention, values)
+        return attention.to(values.dtype) @ values
+
+    @staticmethod
+    def backward(ctx, grad):
+        attention, values = ctx.saved_tensors
+        grad_values = attention.to(grad.dtype).transpose(-1, -2) @ grad if ctx.needs_input_grad[1] else None
+        return None, grad_values  # the cached maps are data: they get no gradient
+
+
 def mix_states(attention: torch.Tensor | None, values: torch.Tensor, heads: int) -> torch.Tensor | None:
-    """Attention-weighted side states. attention: [B, A, Lq, Lk] per head or [B, Lq, Lk] head mean;
-    values: [B, Lk, r]; returns [B, Lq, r] (per head, each head mixes its own r/A slice)."""
+    """Attention-weighted side states. attention: [B, A, Lq, Lk] per head or [B, Lq, Lk] head mean, in
+    any float dtype; values: [B, Lk, r]; returns [B, Lq, r] (per head, each head mixes its own r/A slice)."""
     if attention is None:
         return None
     if attention.dim() == 3:
-        return attention @ values
+        return _Mix.apply(attention, values)
     batch, keys, width = values.shape
     per_head = values.view(batch, keys, heads, width // heads).transpose(1, 2)  # [B, A, Lk, r/A]
-    return (attention @ per_head).transpose(1, 2).reshape(batch, -1, width)
+    return _Mix.apply(attention, per_head).transpose(1, 2).reshape(batch, -1, width)
 
 
 class Joiner(nn.Module):
@@ -56,6 +73,7 @@ class ReadLayer(nn.Module):
     def __init__(self, d_model: int, width: int, heads: int, cell: str):
         super().__init__()
         self.joiner = Joiner(width, heads)
+        self.d_model = d_model
         self.down = nn.Linear(d_model + width, width)
         self.cell = CELLS[cell](width, width)
         self.is_lstm = cell == "lstm"
@@ -63,7 +81,10 @@ class ReadLayer(nn.Module):
     def forward(self, phi: torch.Tensor, attention: torch.Tensor | None, state, values=None):
         h_prev = state[0] if self.is_lstm else state  # [B, L, r]
         psi = self.joiner(h_prev, attention, values)
-        x = self.down(torch.cat([phi, psi], dim=-1))  # [B, L, r]
+        # Down(concat(phi, psi)) as two products: no concatenated copy of phi is made and kept for backward.
+        weight = self.down.weight  # [r, d + r]
+        x = nn.functional.linear(phi, weight[:, :self.d_model]) + nn.functional.linear(
+            psi, weight[:, self.d_model:], self.down.bias)  # [B, L, r]
         shape = x.shape
         flat_state = tuple(s.reshape(-1, shape[-1]) for s in state) if self.is_lstm else state.reshape(-1, shape[-1])
         new = self.cell(x.reshape(-1, shape[-1]), flat_state)
