@@ -35,6 +35,9 @@ class Backbone:
         self.name, self.model, self.tokenizer, self.device = name, model, tokenizer, device
         self.init, self.init_seed = init, init_seed
         self.config = model.config
+        # Described now: a fast tokenizer's serialised state records the truncation and padding of its
+        # last call, so a later description would depend on what was tokenized.
+        self._tokenizer_description = self._describe_tokenizer()
 
     n_layers: int
     n_decoder_layers: int
@@ -69,6 +72,9 @@ class Backbone:
         }
 
     def describe_tokenizer(self) -> dict:
+        return self._tokenizer_description
+
+    def _describe_tokenizer(self) -> dict:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         text = backend.to_str() if backend is not None else json.dumps(sorted(self.tokenizer.get_vocab().items()))
         return {"name": type(self.tokenizer).__name__, "vocab_size": len(self.tokenizer), "hash": _sha256(text)}

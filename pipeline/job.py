@@ -76,6 +76,9 @@ def build_manifest(config: CacheConfig, backbone: Backbone, task: TaskSpec, prot
         "split_protocol": {"name": protocol, "seed": config.seed, "limit": config.limit,
                            "sources": {name: plan.source for name, plan in plans.items()}},
         "max_length": config.max_length,
+        # The backbone's batches (longest first, this many) fix the values' last bits: a resume and
+        # predict-side batch the same way.
+        "batch_size": config.batch_size,
         "storage_dtype": config.dtype,
         "attention": config.attention,
         "layers": layers,

@@ -1,6 +1,11 @@
-"""The live activation source: the frozen backbone computes, for any examples, exactly the arrays a cache
-would hold (same names and ragged layout, float32, nothing rounded or written). `train-side --online`
-finds it through the `read_side.sources` entry point, so neither stage imports the other."""
+"""Live activation sources: the frozen backbone computes, for any examples, the arrays a cache would hold
+(same names and ragged layout, nothing written). Stage two finds them through the `read_side.sources`
+entry points, so neither stage imports the other:
+
+- `online` (`train-side --online`): a task's splits, in float32, nothing rounded;
+- `predictor` (`predict-side`): new rows of text, rounded to the storage dtype of the cache a READ
+  model was trained from, so that it sees what it saw in training.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +13,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cache_store.format import differences, from_storage
+from cache_store.writer import SplitPlan
+
+from .backbones import Backbone, load_backbone
 from .config import CacheConfig
-from .job import Prepared, extract, pad_examples, prepare
+from .errors import InputError
+from .job import Prepared, array_specs, extract, pad_examples, plan_split, prepare
+from .splits import Split
+from .tasks import get_task
+
+
+@torch.inference_mode()
+def compute(backbone: Backbone, plan: SplitPlan, index, specs, attentions: bool, dtype: str) -> dict[str, torch.Tensor]:
+    """Every array for examples `index` of a plan, from one backbone pass, concatenated in that order
+    along the ragged axis, rounded to `dtype` as a cache stores it."""
+    index = np.asarray(index)
+    ids, mask = pad_examples(plan, index, backbone.tokenizer.pad_token_id or 0)
+    out = backbone.forward(ids.to(backbone.device), mask.to(backbone.device), attentions)
+    arrays = extract(out, plan.lengths[index].tolist(), specs, dtype)
+    return {path: from_storage(value, dtype) for path, value in arrays.items()}
 
 
 class LiveSplit:
@@ -23,16 +46,10 @@ class LiveSplit:
         self.n_examples = plan.n_examples
         self.forward_passes = 0
 
-    @torch.inference_mode()
     def compute(self, index) -> dict[str, torch.Tensor]:
         """Every array for examples `index`, concatenated in that order along the ragged axis."""
-        index = np.asarray(index)
-        backbone = self.ready.backbone
-        ids, mask = pad_examples(self.plan, index, backbone.tokenizer.pad_token_id or 0)
-        out = backbone.forward(ids.to(backbone.device), mask.to(backbone.device), self.attentions)
         self.forward_passes += 1
-        arrays = extract(out, self.plan.lengths[index].tolist(), self.ready.specs, "float32")
-        return {path: torch.from_numpy(value) for path, value in arrays.items()}
+        return compute(self.ready.backbone, self.plan, index, self.ready.specs, self.attentions, "float32")
 
 
 class LiveSource:
@@ -58,3 +75,46 @@ def open_online(model: str, task: str, data_dir=None, limit=None, init: str = "p
                 device: str = "auto", max_length: int = 128, attention: str = "heads") -> LiveSource:
     return LiveSource(CacheConfig(task=task, model=model, init=init, seed=seed, data_dir=data_dir, limit=limit,
                                   device=device, max_length=max_length, attention=attention, dtype="float32"))
+
+
+class Predictor:
+    """The backbone a READ checkpoint was trained on, computing activations for new rows of text as its
+    cache stored them. `forward_passes` and `examples_forwarded` count the backbone's work."""
+
+    online = True
+
+    def __init__(self, model: str, manifest: dict, device: str = "auto"):
+        self.manifest = manifest
+        self.attentions = manifest["attention"] != "none"
+        backbone = manifest["backbone"]
+        self.backbone = load_backbone(model, backbone["init"], backbone["init_seed"] or 0, device, self.attentions)
+        found = differences({"backbone": self.backbone.describe(), "tokenizer": self.backbone.describe_tokenizer()},
+                            {"backbone": backbone, "tokenizer": manifest["tokenizer"]})
+        found = [d for d in found if not d.startswith(("backbone.name", "backbone.revision"))]
+        if found:
+            raise InputError(f"--model {model} is not the backbone this READ model was trained on ("
+                             + "; ".join(d.replace("cache has", "--model has").replace("asked for", "training had")
+                                         for d in found[:3]) + "); give the model folder that made its cache")
+        self.specs = array_specs(self.backbone, manifest["attention"], manifest["layers"])
+        self.forward_passes = 0
+        self.examples_forwarded = 0
+
+    def plan(self, task_manifest: dict, rows: list[dict]) -> SplitPlan:
+        """Tokenize rows as the cache of `task_manifest` did, longest first (ties in input order), as
+        caching orders a split; the plan's example_index gives each example's position in `rows`."""
+        task = get_task(task_manifest["name"])
+        if task.version != task_manifest["version"] or task.template != task_manifest["template"]:
+            raise InputError(f"task {task.name} has changed since this READ model's cache was made (version "
+                             f"{task_manifest['version']} then, {task.version} now); re-create the cache and retrain")
+        rows = [{**row, "label": 0} for row in rows]  # new text has no labels; the plan wants some
+        split = Split("input", "input", rows, np.arange(len(rows), dtype=np.int64))
+        return plan_split(self.backbone, task, split, self.manifest["max_length"])
+
+    def compute(self, plan: SplitPlan, index) -> dict[str, torch.Tensor]:
+        self.forward_passes += 1
+        self.examples_forwarded += len(index)
+        return compute(self.backbone, plan, index, self.specs, self.attentions, self.manifest["storage_dtype"])
+
+
+def open_predictor(model: str, manifest: dict, device: str = "auto") -> Predictor:
+    return Predictor(model, manifest, device)

@@ -30,7 +30,8 @@ def _read(cache: str, batch_size: int, steps: int, window: int) -> dict:
     from cache_store import CacheReader
     from side_train.config import RunConfig
     from side_train.data import StreamingSplit, read_spec
-    from side_train.train import TaskInfo, loss_of, make_run
+    from side_train.tasks import TaskInfo, loss_of
+    from side_train.train import make_run
 
     baseline = _rss()
     reader = CacheReader(cache)

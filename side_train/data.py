@@ -228,10 +228,15 @@ class OnlineSplit(BatchOrder):
         self.n_examples = source.n_examples
 
     def batch(self, index: torch.Tensor) -> TrainBatch:
-        arrays = self.source.compute(index.numpy())
-        lengths = self.lengths[index]
-        offsets = torch.cumsum(lengths, 0) - lengths
-        attention_offsets = torch.cumsum(lengths**2, 0) - lengths**2
-        inputs = assemble(arrays, lengths, offsets, attention_offsets, torch.arange(len(index)), self.spec,
-                          self.attention, self.per_head)
+        inputs = assemble_computed(self.source.compute(index.numpy()), self.lengths[index], self.spec,
+                                   self.attention, self.per_head)
         return TrainBatch(index, self.labels[index], inputs)
+
+
+def assemble_computed(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, spec: ReadSpec, attention: bool,
+                      per_head: bool) -> ReadInputs:
+    """READ inputs from arrays a live backbone computed for examples of `lengths` (int64 [B]), in order."""
+    offsets = torch.cumsum(lengths, 0) - lengths
+    attention_offsets = torch.cumsum(lengths**2, 0) - lengths**2
+    return assemble(arrays, lengths, offsets, attention_offsets, torch.arange(len(lengths)), spec, attention,
+                    per_head)

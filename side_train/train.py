@@ -1,5 +1,6 @@
-"""Training READ from a cache: single runs and sweeps, every assembled batch shared by all the runs
-of one seed (the cache is read once, into memory; batches are assembled once per seed)."""
+"""Training READ from caches: single runs, sweeps and multi-task runs, every assembled batch shared by all
+the runs of one seed (the caches are read once, into memory when they fit; batches are assembled once per
+seed). A multi-task run is one READ network with one head per task, its batches drawn across tasks."""
 from __future__ import annotations
 
 import json
@@ -22,34 +23,7 @@ from .config import RunConfig
 from .data import InMemorySplit, OnlineSplit, StreamingSplit, TrainBatch, open_splits, read_spec
 from .metrics import score
 from .read_model import ReadModel, build_read
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    name: str
-    metric: str
-    num_labels: int  # 1 for regression
-    label_head: torch.Tensor | None  # [C, d] or None
-
-    @property
-    def regression(self) -> bool:
-        return self.num_labels == 1
-
-    @classmethod
-    def from_cache(cls, cache: CacheReader) -> "TaskInfo":
-        task = cache.manifest["task"]
-        words = task["label_words"]
-        return cls(task["name"], task["metric"], len(words) or 1, cache.label_head() if words else None)
-
-
-def loss_of(task: TaskInfo, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    if task.regression:
-        return nn.functional.mse_loss(output.squeeze(-1), labels.float())
-    return nn.functional.cross_entropy(output, labels.long())
-
-
-def predictions_of(task: TaskInfo, output: torch.Tensor) -> torch.Tensor:
-    return output.squeeze(-1) if task.regression else output.argmax(-1)
+from .tasks import TaskInfo, check_compatible, endless_batches, epoch_schedule, loss_of, predictions_of, task_weights
 
 
 def to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
@@ -63,6 +37,15 @@ def to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
 
 
 @dataclass
+class TaskData:
+    """One task of a run: what it is, where its activations come from, and its opened splits."""
+
+    info: TaskInfo
+    cache: object  # CacheReader, or a live source (`train-side --online`)
+    splits: dict  # train | validation | test -> InMemorySplit | StreamingSplit | OnlineSplit
+
+
+@dataclass
 class Run:
     """One configuration being trained, with its optimiser, schedule and early-stopping state."""
 
@@ -71,7 +54,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
     train_loss: list[float] = field(default_factory=list)
-    validation: list[float] = field(default_factory=list)
+    validation: list[float] = field(default_factory=list)  # per epoch: the task's metric, or the tasks' mean
+    task_validation: dict[str, list[float]] = field(default_factory=dict)
     best: float = -float("inf")
     best_epoch: int = -1
     best_state: dict | None = None
@@ -84,10 +68,11 @@ class Run:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
 
-def make_run(config: RunConfig, cache: CacheReader, task: TaskInfo, steps: int, device: torch.device) -> Run:
+def make_run(config: RunConfig, cache, tasks: list[TaskInfo] | TaskInfo, steps: int, device: torch.device) -> Run:
+    tasks = tasks if isinstance(tasks, list) else [tasks]
     torch.manual_seed(config.seed)
     spec = read_spec(cache, config.width, config.cell, config.recurrence)
-    model = build_read(spec, {task.name: (task.num_labels, task.label_head)}).to(device)
+    model = build_read(spec, {t.name: (t.num_labels, t.label_head) for t in tasks}).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     warm = max(1, int(config.warmup * steps))
     # Linear warm-up, then linear decay to zero at the last step.
@@ -101,7 +86,7 @@ def evaluate(model: ReadModel, task: TaskInfo, split: InMemorySplit | StreamingS
              device: torch.device) -> tuple[float, np.ndarray, np.ndarray]:
     """(metric in points, predictions and raw outputs in cache order)."""
     model.eval()
-    outputs = torch.cat([model(to_device(batch, device).inputs)[task.name].float().cpu()
+    outputs = torch.cat([model.heads[task.name](model.features(to_device(batch, device).inputs)).float().cpu()
                          for batch in split.batches(batch_size, shuffle=False)])
     model.train()
     predictions = predictions_of(task, outputs).numpy()
@@ -119,33 +104,53 @@ def default_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
-def train(source, configs: list[RunConfig], out: Path, device: str = "auto",
-          progress: bool = True, log=print, memory_bytes: int | None = None) -> list[dict]:
-    """Train every configuration on one cache (a path) or live activation source (`train-side --online`);
-    write each run's outputs under `out`; return their metrics. A cache's splits are held in memory when
-    they fit in `memory_bytes` (default: half the machine's), otherwise streamed."""
+def open_tasks(sources: list, config: RunConfig, memory_bytes: int, log) -> list[TaskData]:
+    """Open every task's cache (or live source), check they can share one network, open their splits
+    (the memory budget divided between the tasks)."""
+    caches = [s if getattr(s, "online", False) else CacheReader(s) for s in sources]
+    check_compatible(caches)
+    spec = read_spec(caches[0], config.width, config.cell)
+    tasks = []
+    for cache in caches:
+        if cache.manifest["backbone"]["init"] == "random":
+            log(f"warning: {cache.path} was cached from a randomly initialised backbone (--init random): "
+                "its metrics say nothing about the pretrained model")
+        began = time.perf_counter()
+        if getattr(cache, "online", False):
+            splits = {n: OnlineSplit(cache.split(n), spec, cache.manifest) for n in ("train", "validation", "test")}
+            how = "the backbone runs live for every batch"
+        else:
+            splits, how = open_splits(cache, spec, memory_bytes // len(caches))
+        log(f"{cache.path}: {how}; {', '.join(f'{n} {s.n_examples}' for n, s in splits.items())} examples; "
+            f"opened in {time.perf_counter() - began:.1f} s")
+        tasks.append(TaskData(TaskInfo.from_cache(cache), cache, splits))
+    return tasks
+
+
+def train(sources, configs: list[RunConfig], out: Path, device: str = "auto", progress: bool = True, log=print,
+          memory_bytes: int | None = None, sampling: str = "proportional", temperature: float = 2.0) -> list[dict]:
+    """Train every configuration on one cache (a path) or live activation source (`train-side --online`),
+    or with a list of several, one READ network for all those tasks (one head each); write each run's
+    outputs under `out`; return their metrics. Caches' splits are held in memory when they fit in
+    `memory_bytes` (default: half the machine's), otherwise streamed. Multi-task batches are drawn by
+    `sampling` (proportional | temperature, see tasks.task_weights); an epoch has as many batches as
+    the tasks' training splits together; early stopping follows the mean of the tasks' metrics."""
+    sources = list(sources) if isinstance(sources, (list, tuple)) else [sources]
     if len({c.batch_size for c in configs}) != 1 or len({(c.epochs, c.patience) for c in configs}) != 1:
         raise ValueError("runs of one sweep share batch size, epochs and patience")
     target = resolve_device(device)
-    cache = source if getattr(source, "online", False) else CacheReader(source)
-    if cache.manifest["backbone"]["init"] == "random":
-        log(f"warning: {cache.path} was cached from a randomly initialised backbone (--init random): "
-            "its metrics say nothing about the pretrained model")
-    task = TaskInfo.from_cache(cache)
-    spec = read_spec(cache, configs[0].width, configs[0].cell)
-    began = time.perf_counter()
-    if getattr(cache, "online", False):
-        splits = {n: OnlineSplit(cache.split(n), spec, cache.manifest) for n in ("train", "validation", "test")}
-        how = "the backbone runs live for every batch"
-    else:
-        splits, how = open_splits(cache, spec, memory_bytes or default_memory_bytes())
-    log(f"{cache.path}: {how}; {', '.join(f'{n} {s.n_examples}' for n, s in splits.items())} examples; "
-        f"opened in {time.perf_counter() - began:.1f} s")
+    tasks = open_tasks(sources, configs[0], memory_bytes or default_memory_bytes(), log)
     batch_size, epochs, patience = configs[0].batch_size, configs[0].epochs, configs[0].patience
-    steps = epochs * splits["train"].n_batches(batch_size)
-    runs = [make_run(c, cache, task, steps, target) for c in configs]
+    counts = {t.info.name: t.splits["train"].n_batches(batch_size) for t in tasks}
+    weights = task_weights(counts, sampling, temperature)
+    if len(tasks) > 1:
+        log("tasks drawn " + ", ".join(f"{n} {w:.1%}" for n, w in weights.items()) + f" ({sampling})")
+    by_name = {t.info.name: t for t in tasks}
+    per_epoch = sum(counts.values())
+    runs = [make_run(c, tasks[0].cache, [t.info for t in tasks], epochs * per_epoch, target) for c in configs]
     seeds = sorted({c.seed for c in configs})
-    bar = tqdm(total=epochs, unit="epoch", desc=f"{task.name}: {len(runs)} run(s)", disable=not progress)
+    label = "+".join(by_name)
+    bar = tqdm(total=epochs, unit="epoch", desc=f"{label}: {len(runs)} run(s)", disable=not progress)
     epoch_seconds = []  # wall time of each epoch for the whole sweep: batches (assembly included) and validation
     for epoch in range(epochs):
         epoch_began = time.perf_counter()
@@ -153,11 +158,14 @@ def train(source, configs: list[RunConfig], out: Path, device: str = "auto",
             group = [r for r in runs if r.config.seed == seed and not r.stopped]
             if not group:
                 continue
-            for batch in splits["train"].batches(batch_size, shuffle=True, seed=seed * 100_003 + epoch):
-                batch = to_device(batch, target)  # assembled once for the whole group
+            order = seed * 100_003 + epoch
+            streams = {t.info.name: endless_batches(t.splits["train"], batch_size, order) for t in tasks}
+            for name in epoch_schedule(weights, per_epoch, order):
+                batch = to_device(next(streams[name]), target)  # assembled once for the whole group
+                info = by_name[name].info
                 for run in group:
                     started = time.perf_counter()
-                    loss = loss_of(task, run.model(batch.inputs)[task.name], batch.labels)
+                    loss = loss_of(info, run.model.heads[name](run.model.features(batch.inputs)), batch.labels)
                     run.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     run.optimizer.step()
@@ -165,13 +173,18 @@ def train(source, configs: list[RunConfig], out: Path, device: str = "auto",
                     run._losses.append(loss.item())
                     run.seconds += time.perf_counter() - started
                 del batch, loss  # free this batch before the generator assembles the next one
+            for stream in streams.values():
+                stream.close()
         for run in runs:
             if run.stopped:
                 continue
             started = time.perf_counter()
             run.train_loss.append(float(np.mean(run._losses)))
             run._losses.clear()
-            metric, _, _ = evaluate(run.model, task, splits["validation"], batch_size * 2, target)
+            for t in tasks:
+                metric, _, _ = evaluate(run.model, t.info, t.splits["validation"], batch_size * 2, target)
+                run.task_validation.setdefault(t.info.name, []).append(metric)
+            metric = float(np.mean([v[-1] for v in run.task_validation.values()]))
             run.validation.append(metric)
             if metric > run.best:
                 run.best, run.best_epoch = metric, epoch
@@ -186,33 +199,41 @@ def train(source, configs: list[RunConfig], out: Path, device: str = "auto",
         if all(r.stopped for r in runs):
             break
     bar.close()
-    return [{**_finish(run, task, cache, splits["test"], out / run.config.name, batch_size, target),
-             "sweep_epoch_seconds": epoch_seconds} for run in runs]
+    return [{**_finish(run, tasks, out / run.config.name, batch_size, target), "sweep_epoch_seconds": epoch_seconds}
+            for run in runs]
 
 
-def _finish(run: Run, task: TaskInfo, cache, test: InMemorySplit | StreamingSplit | OnlineSplit, folder: Path,
-            batch_size: int, device: torch.device) -> dict:
-    """Test the best-validation checkpoint and write what a person looks at."""
+def _finish(run: Run, tasks: list[TaskData], folder: Path, batch_size: int, device: torch.device) -> dict:
+    """Test the best-validation checkpoint on every task and write what a person (and predict-side) reads."""
     folder.mkdir(parents=True, exist_ok=True)
     run.model.load_state_dict(run.best_state)
-    metric, predictions, outputs = evaluate(run.model, task, test, batch_size * 2, device)
     save_file({k: v.contiguous().cpu() for k, v in run.best_state.items()}, folder / "model.safetensors")
-    spec = run.model.spec
     (folder / "config.json").write_text(json.dumps({
-        "run": run.config.as_dict(), "read": spec.__dict__, "cache": str(cache.path),
-        "task": task.name, "metric": task.metric, "num_labels": task.num_labels,
+        "run": run.config.as_dict(), "read": run.model.spec.__dict__,
+        "tasks": [{"name": t.info.name, "metric": t.info.metric, "num_labels": t.info.num_labels,
+                   "cache": str(t.cache.path), "manifest": t.info.manifest} for t in tasks],
     }, indent=2))
+    per_task = {}
     with open(folder / "test_predictions.jsonl", "w") as handle:
-        for j in range(test.n_examples):
-            row = {"example_index": int(test.example_index[j]), "label": test.labels[j].item(),
-                   "prediction": predictions[j].item()}
-            if not task.regression:
-                row["probabilities"] = torch.softmax(torch.from_numpy(outputs[j]), -1).tolist()
-            handle.write(json.dumps(row) + "\n")
+        for t in tasks:
+            test = t.splits["test"]
+            metric, predictions, outputs = evaluate(run.model, t.info, test, batch_size * 2, device)
+            for j in range(test.n_examples):
+                row = {"task": t.info.name, "example_index": int(test.example_index[j]),
+                       "label": test.labels[j].item(), "prediction": predictions[j].item()}
+                if not t.info.regression:
+                    row["probabilities"] = torch.softmax(torch.from_numpy(outputs[j]), -1).tolist()
+                handle.write(json.dumps(row) + "\n")
+            name = t.info.name
+            per_task[name] = {"metric": t.info.metric, "validation": run.task_validation[name],
+                              "best_validation": run.task_validation[name][run.best_epoch], "test": metric}
+    single = len(tasks) == 1
     metrics = {
-        "task": task.name, "metric": task.metric, "config": run.config.as_dict(), "name": run.config.name,
+        "task": "+".join(per_task), "metric": tasks[0].info.metric if single else "mean",
+        "config": run.config.as_dict(), "name": run.config.name,
         "validation": run.validation, "best_validation": run.best, "best_epoch": run.best_epoch,
-        "test": metric, "train_loss": run.train_loss, "epochs_run": len(run.train_loss),
+        "test": float(np.mean([p["test"] for p in per_task.values()])), "tasks": per_task,
+        "train_loss": run.train_loss, "epochs_run": len(run.train_loss),
         "parameters": run.parameters, "seconds": round(run.seconds, 3),
         "peak_memory_bytes": peak_memory_bytes(device),
     }

@@ -10,7 +10,7 @@ from pipeline.config import CacheConfig
 from pipeline.job import run as cache_run
 from side_train.data import InMemorySplit, read_spec
 from side_train.read_model import build_read
-from side_train.train import TaskInfo
+from side_train.tasks import TaskInfo
 
 
 def _cache(model, glue_dir, factory, **options):

@@ -1,0 +1,141 @@
+"""`predict-side`: a trained READ checkpoint (single- or multi-task) applied to new rows of text.
+
+Each input is one JSON object (or TSV row, with a header) carrying a task's field names, and optionally
+`task` to say which task's input format to use (by default the first of the checkpoint's tasks whose
+fields it has). The backbone runs once per input; every head of the checkpoint reads that one pass.
+The backbone comes from the `predictor` entry point of `read_side.sources` (pipeline/live.py), so
+stage two still never imports stage one.
+
+Batches follow training exactly: inputs ordered longest first, the backbone run in the cache's batch
+size, activations rounded to the cache's dtype, READ run in training's evaluation batch size. So on a
+cache's test examples (given in the split's order) the outputs equal the test predictions training
+recorded, bit for bit.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from .data import assemble_computed
+from .read_model import ReadModel, ReadSpec, build_read
+
+
+@dataclass
+class Checkpoint:
+    model: ReadModel
+    tasks: list[dict]  # per task: name, metric, num_labels, manifest (of the cache it was trained from)
+    batch_size: int  # training's evaluation batch size
+
+    @property
+    def manifest(self) -> dict:
+        return self.tasks[0]["manifest"]
+
+
+def load_checkpoint(run_dir: Path) -> Checkpoint:
+    config_file, weights = Path(run_dir) / "config.json", Path(run_dir) / "model.safetensors"
+    if not (config_file.is_file() and weights.is_file()):
+        raise ValueError(f"--checkpoint {run_dir}: no READ checkpoint there (config.json and model.safetensors, "
+                         "written by train-side in runs/<model>-<task>/<run>)")
+    config = json.loads(config_file.read_text())
+    if "tasks" not in config:
+        raise ValueError(f"--checkpoint {run_dir} was written by an older train-side; retrain it")
+    model = build_read(ReadSpec(**config["read"]), {t["name"]: (t["num_labels"], None) for t in config["tasks"]})
+    model.load_state_dict(load_file(weights))
+    return Checkpoint(model.eval(), config["tasks"], config["run"]["batch_size"] * 2)
+
+
+def read_rows(text: str, where: str) -> list[dict]:
+    """JSON lines (one object per line), or TSV whose first row names the fields."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{where} has no inputs")
+    if not lines[0].lstrip().startswith("{"):
+        rows = list(csv.DictReader(io.StringIO("\n".join(lines)), delimiter="\t", quoting=csv.QUOTE_NONE))
+        if not rows:
+            raise ValueError(f"{where}: a TSV input needs a header row naming the fields, then one row per input")
+        return rows
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where} line {number} is not JSON ({exc.msg}); give one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where} line {number} is not a JSON object; give one object per line")
+        rows.append(row)
+    return rows
+
+
+def task_of(row: dict, tasks: list[dict], number: int) -> dict:
+    """The task whose input format a row is written in."""
+    if "task" in row:
+        found = [t for t in tasks if t["name"] == row["task"]]
+        if not found:
+            raise ValueError(f"input {number} asks for task {row['task']!r}; this checkpoint has "
+                             f"{', '.join(t['name'] for t in tasks)}")
+        task = found[0]
+    else:
+        fits = [t for t in tasks if all(f in row for f in t["manifest"]["task"]["fields"])]
+        task = fits[0] if fits else tasks[0]
+    missing = [f for f in task["manifest"]["task"]["fields"] if f not in row]
+    if missing:
+        raise ValueError(f"input {number} lacks {', '.join(missing)}: task {task['name']} reads the fields "
+                         f"{', '.join(task['manifest']['task']['fields'])}")
+    return task
+
+
+def predict(checkpoint: Checkpoint, predictor, rows: list[dict], batch_size: int | None = None,
+            progress: bool = True) -> Iterator[dict]:
+    """One record per input, in input order: the input's task, and every head's prediction (label index
+    and name with the probabilities, or a score)."""
+    model, manifest = checkpoint.model, checkpoint.manifest
+    read_batch = batch_size or checkpoint.batch_size
+    backbone_batch = min(read_batch, manifest.get("batch_size", 32))
+    attention, per_head = manifest["attention"] != "none", manifest["attention"] == "heads"
+    chosen = [task_of(row, checkpoint.tasks, n) for n, row in enumerate(rows, 1)]
+    records: list[dict | None] = [None] * len(rows)
+    bar = tqdm(total=len(rows), unit="input", desc="predict-side", disable=not progress)
+    for task in checkpoint.tasks:
+        positions = [i for i, t in enumerate(chosen) if t is task]
+        if not positions:
+            continue
+        plan = predictor.plan(task["manifest"]["task"], [rows[i] for i in positions])
+        for start in range(0, plan.n_examples, read_batch):
+            index = np.arange(start, min(start + read_batch, plan.n_examples))
+            parts = [predictor.compute(plan, index[k:k + backbone_batch]) for k in range(0, len(index), backbone_batch)]
+            arrays = {path: torch.cat([p[path] for p in parts], dim=-1 if _grows_along_last(path, parts[0][path]) else 0)
+                      for path in parts[0]}
+            inputs = assemble_computed(arrays, torch.from_numpy(plan.lengths[index]), model.spec, attention, per_head)
+            with torch.no_grad():
+                features = model.features(inputs)
+                outputs = {t["name"]: model.heads[t["name"]](features).float() for t in checkpoint.tasks}
+            for k, j in enumerate(index):
+                position = positions[int(plan.example_index[j])]
+                records[position] = {"index": position, "task": task["name"],
+                                     "predictions": {t["name"]: _prediction(t, outputs[t["name"]][k])
+                                                     for t in checkpoint.tasks}}
+            bar.update(len(index))
+    bar.close()
+    yield from records
+
+
+def _grows_along_last(path: str, value: torch.Tensor) -> bool:
+    """Whether an array grows along its last axis (per-head attention: [A, S]) rather than its first."""
+    return "attention" in path and value.dim() == 2
+
+
+def _prediction(task: dict, output: torch.Tensor) -> dict:
+    if task["num_labels"] == 1:
+        return {"prediction": output.squeeze(-1).item()}
+    index = int(output.argmax(-1))
+    words = task["manifest"]["task"]["label_words"]
+    return {"prediction": index, "label": words[index], "probabilities": torch.softmax(output, -1).tolist()}
