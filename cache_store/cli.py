@@ -11,6 +11,7 @@ import numpy as np
 from .errors import CacheError
 from .format import MANIFEST_KEY, STORAGE_DTYPES, shard_files
 from .reader import CacheReader
+from .runtime import OneLineCommand
 
 
 def _split_sizes(reader: CacheReader, name: str) -> tuple[int, int]:
@@ -25,7 +26,7 @@ def _split_sizes(reader: CacheReader, name: str) -> tuple[int, int]:
     return logical, disk
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--verify", is_flag=True, help="Read every shard and check it against its recorded checksum.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON and nothing else.")
@@ -68,14 +69,19 @@ def main(cache: Path, verify: bool, as_json: bool):
     if verify:
         from tqdm.auto import tqdm
 
-        from .verify import verify_cache
+        from .verify import RESUMABLE, verify_cache
 
         with tqdm(unit="shard", desc="verify") as bar:
             problems = verify_cache(cache, progress=bar.update)
+        damaged = [p for p in problems if not p.endswith(RESUMABLE)]
         for problem in problems:
-            click.echo(f"CORRUPT {problem}")
+            click.echo(f"{'CORRUPT' if problem in damaged else 'UNFINISHED'} {problem}")
+        if damaged:
+            click.echo(f"verify: {len(damaged)} problem(s); re-create the cache (cache-activations --overwrite)",
+                       err=True)
+        elif problems:
+            click.echo(f"verify: the committed shards are intact, but the cache is unfinished; {RESUMABLE}", err=True)
         if problems:
-            click.echo(f"verify: {len(problems)} problem(s); re-create the cache (cache-activations --overwrite)", err=True)
             sys.exit(1)
         click.echo("verify: every shard matches its checksum")
 

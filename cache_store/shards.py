@@ -14,6 +14,7 @@ writes the same data both ways and compares the files, and every read goes throu
 """
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -26,6 +27,18 @@ from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 _EMPTY = np.uint64(2**64 - 1)
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+
+
+DISK_FULL_AFTER_ENV = "READ_CACHE_DISK_FULL_AFTER_SHARDS"  # fault injection: ENOSPC after N shard files
+_shards_written = 0
+
+
+def _inject_disk_full(path: Path) -> None:
+    global _shards_written
+    limit = os.environ.get(DISK_FULL_AFTER_ENV)
+    if limit is not None and _shards_written >= int(limit):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    _shards_written += 1
 
 
 def _crc(data) -> bytes:
@@ -79,7 +92,12 @@ class ShardEncoder:
         path = self.dir / self.array.metadata.encode_chunk_key(coords)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.partial")
-        with open(temporary, "wb") as handle:
-            handle.writelines(parts)
-        os.replace(temporary, path)  # atomic, as zarr's LocalStore writes
+        try:
+            with open(temporary, "wb") as handle:
+                _inject_disk_full(temporary)
+                handle.writelines(parts)
+            os.replace(temporary, path)  # atomic, as zarr's LocalStore writes
+        except OSError:
+            temporary.unlink(missing_ok=True)  # a failed write (disk full) leaves no half-written file
+            raise
         return offset + len(index_bytes) + 4

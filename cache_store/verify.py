@@ -10,21 +10,27 @@ from .format import MANIFEST_KEY, block_digest, combined_digest, shard_files
 from .reader import METADATA_ARRAYS
 
 
+RESUMABLE = "finish it with cache-activations --resume"
+
+
 def verify_cache(path: str | Path, progress=None) -> list[str]:
-    """Problems found, one line each; [] when the cache is intact. `progress(n)` is called per shard."""
+    """Problems found, one line each; [] when the cache is intact. `progress(n)` is called per shard.
+    An unfinished split (a crash, a full disk) is reported as such, ending with `RESUMABLE`, and the
+    shards it has committed are verified all the same."""
     root_path = Path(path)
     root = zarr.open_group(str(root_path), mode="r")
     manifest = root.attrs[MANIFEST_KEY]
     problems = []
     for split in manifest["splits"]:
         if split not in root:
-            problems.append(f"{split}: split is missing")
+            problems.append(f"{split}: not written yet; {RESUMABLE}" if not manifest.get("complete")
+                            else f"{split}: split is missing")
             continue
         group = root[split]
-        if not group.attrs.get("complete"):
+        complete = bool(group.attrs.get("complete"))
+        if not complete:
             problems.append(f"{split}: incomplete ({group.attrs.get('committed')} of "
-                            f"{group.attrs.get('n_examples')} examples committed)")
-            continue
+                            f"{group.attrs.get('n_examples')} examples committed); {RESUMABLE}")
         for key in METADATA_ARRAYS:
             try:
                 group[key][:]
@@ -35,9 +41,9 @@ def verify_cache(path: str | Path, progress=None) -> list[str]:
             array = group[array_path]
             axis = array.attrs["axis"]
             files = shard_files(array, root_path)
-            if len(digests) != len(files):
+            if complete and len(digests) != len(files):
                 problems.append(f"{array.path}: {len(digests)} checksums for {len(files)} shards")
-            for i, file in enumerate(files):
+            for i, file in enumerate(files if complete else files[:len(digests)]):  # unfinished: the committed
                 if progress:
                     progress(1)
                 where = f"{array.path}: shard {i} ({file.relative_to(root_path)})"
@@ -53,6 +59,6 @@ def verify_cache(path: str | Path, progress=None) -> list[str]:
                     continue
                 if i < len(digests) and block_digest(block) != digests[i]:
                     problems.append(f"{where} differs from its recorded checksum")
-        if manifest["checksums"].get(split) != combined_digest(recorded):
+        if complete and manifest["checksums"].get(split) != combined_digest(recorded):
             problems.append(f"{split}: shard checksums differ from the manifest's")
     return problems

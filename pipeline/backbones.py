@@ -192,8 +192,11 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_backbone(model: str, init: str = "pretrained", seed: int = 0, device: str = "auto",
-                  attentions: bool = True) -> Backbone:
+                  attentions: bool = True, progress: bool = True) -> Backbone:
     import transformers
+
+    if not progress:  # transformers draws its own bars while loading weights
+        transformers.utils.logging.disable_progress_bar()
 
     local = Path(model).exists()
     if local and not (Path(model) / "config.json").is_file():

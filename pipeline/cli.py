@@ -1,12 +1,14 @@
 """`cache-activations`: parse, build the config, run. Nothing else lives here."""
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
 import click
 
 from cache_store import ATTENTION_MODES, SPLITS, STORAGE_DTYPES, CacheError
+from cache_store.runtime import OneLineCommand
 
 from .backbones import INITS
 from .config import CacheConfig
@@ -23,7 +25,7 @@ def _int_list(value: str, name: str) -> tuple[int, ...] | None:
         raise InputError(f"{name} must be 'all' or comma-separated integers, got {value!r}") from None
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--task", required=True, type=click.Choice(list(TASKS)), help="GLUE task.")
 @click.option("--model", default="t5-base", show_default=True, help="Hub id or local folder (save_pretrained layout).")
 @click.option("--init", type=click.Choice(INITS), default="pretrained", show_default=True,
@@ -64,10 +66,15 @@ def main(task, model, init, seed, data_dir, out, splits, batch_size, max_length,
             dtype=dtype, attention=attention, layers=_int_list(layers, "--layers"), limit=limit, device=device,
             mode="resume" if resume else "overwrite" if overwrite else "new", shard_mb=shard_mb,
         )
-        reports = run(config, progress=not quiet)
+        reports = run(config, progress=not quiet, log=lambda line: click.echo(line, err=True))
     except (InputError, CacheError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except OSError as exc:  # writing failed (input and model problems are InputErrors by now)
+        hint = "free some space, then " if exc.errno == errno.ENOSPC else ""
+        click.echo(f"error: could not write {exc.filename or config.cache_dir}: {exc.strerror}. Every shard "
+                   f"committed before it is intact; {hint}run the same command with --resume to finish", err=True)
+        sys.exit(1)
     click.echo(f"cache: {config.cache_dir}")
     for r in reports:
         rate = f"{r.computed / r.seconds:.1f} ex/s, {r.n_tokens * r.computed / max(r.n_examples, 1) / r.seconds:.0f} tok/s" \

@@ -15,6 +15,7 @@ from cache_store import (
     ArraySpec, BackgroundWriter, CacheWriter, SplitPlan, attention_path, cross_attention_path, hidden_path,
 )
 from cache_store.format import EXAMPLES, PAIRS, STORAGE_DTYPES, TOKENS, to_storage
+from cache_store.lock import WriteLock
 
 from .backbones import Backbone, BackboneOutput, load_backbone
 from .config import CacheConfig
@@ -180,10 +181,10 @@ class Prepared:
     label_head: np.ndarray | None  # [C, d]
 
 
-def prepare(config: CacheConfig) -> Prepared:
+def prepare(config: CacheConfig, progress: bool = True) -> Prepared:
     task = get_task(config.task)
     protocol, splits = make_splits(task.name, load_source_splits(task, config.data_dir), config.seed)
-    backbone = load_backbone(config.model, config.init, config.seed, config.device,
+    backbone = load_backbone(config.model, config.init, config.seed, config.device, progress=progress,
                              attentions=config.attention != "none")
     layers = stored_layers(backbone, config.layers)
     plans = {}
@@ -198,14 +199,19 @@ def prepare(config: CacheConfig) -> Prepared:
                     head[1] if head else None)
 
 
-def run(config: CacheConfig, progress: bool = True) -> list[SplitReport]:
-    ready = prepare(config)
-    writer = CacheWriter(config.cache_dir, ready.manifest, config.mode, shard_bytes=config.shard_bytes)
-    if ready.label_head is not None:
-        writer.write_label_head(ready.label_head)
-    reports = [_cache_split(writer, ready.backbone, name, plan, ready.specs, config, progress)
-               for name, plan in ready.plans.items()]
-    writer.finish()
+def run(config: CacheConfig, progress: bool = True, log=None) -> list[SplitReport]:
+    """Cache every split. Bad input fails in `prepare`, before anything is written; then the cache's
+    write lock is taken (a second writer is refused, naming this one)."""
+    ready = prepare(config, progress)
+    with WriteLock(config.cache_dir) as lock:
+        if lock.describe_takeover() and log:
+            log(f"{config.cache_dir}: {lock.describe_takeover()}")
+        writer = CacheWriter(config.cache_dir, ready.manifest, config.mode, shard_bytes=config.shard_bytes)
+        if ready.label_head is not None:
+            writer.write_label_head(ready.label_head)
+        reports = [_cache_split(writer, ready.backbone, name, plan, ready.specs, config, progress)
+                   for name, plan in ready.plans.items()]
+        writer.finish()
     return reports
 
 

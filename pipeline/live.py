@@ -83,11 +83,12 @@ class Predictor:
 
     online = True
 
-    def __init__(self, model: str, manifest: dict, device: str = "auto"):
+    def __init__(self, model: str, manifest: dict, device: str = "auto", progress: bool = True):
         self.manifest = manifest
         self.attentions = manifest["attention"] != "none"
         backbone = manifest["backbone"]
-        self.backbone = load_backbone(model, backbone["init"], backbone["init_seed"] or 0, device, self.attentions)
+        self.backbone = load_backbone(model, backbone["init"], backbone["init_seed"] or 0, device, self.attentions,
+                                      progress)
         found = differences({"backbone": self.backbone.describe(), "tokenizer": self.backbone.describe_tokenizer()},
                             {"backbone": backbone, "tokenizer": manifest["tokenizer"]})
         found = [d for d in found if not d.startswith(("backbone.name", "backbone.revision"))]
@@ -116,5 +117,5 @@ class Predictor:
         return compute(self.backbone, plan, index, self.specs, self.attentions, self.manifest["storage_dtype"])
 
 
-def open_predictor(model: str, manifest: dict, device: str = "auto") -> Predictor:
-    return Predictor(model, manifest, device)
+def open_predictor(model: str, manifest: dict, device: str = "auto", progress: bool = True) -> Predictor:
+    return Predictor(model, manifest, device, progress)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from cache_store import CacheError
+from cache_store.runtime import OneLineCommand
 
 from .read_model import CELLS
 from .tasks import SAMPLING
@@ -37,7 +38,7 @@ def _list(value: str, kind, name: str) -> list:
         raise click.BadParameter(f"{name} takes comma-separated values, got {value!r}") from None
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--from-cache", "caches", type=click.Path(path_type=Path), multiple=True,
               help="A cache written by cache-activations; give several with --multi-task.")
 @click.option("--multi-task", is_flag=True, help="One READ network, one head per task, over several caches.")
@@ -64,9 +65,10 @@ def _list(value: str, kind, name: str) -> list:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--memory-gb", type=float, default=None,
               help="Hold splits in memory up to this size, else stream the train split (default: half the RAM).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch.")
 @click.option("--quiet", is_flag=True)
-def main(caches, multi_task, task_sampling, temperature, online, model, task, data_dir, limit, init, rnn, hidden, lr, seeds, epochs, patience, batch_size,
-         no_recurrence, out, device, memory_gb, quiet):
+def main(caches, multi_task, task_sampling, temperature, online, model, task, data_dir, limit, init, rnn, hidden, lr,
+         seeds, epochs, patience, batch_size, no_recurrence, out, device, memory_gb, resume, quiet):
     """Train READ side networks straight from cached activations (never loading the backbone), or with
     --online from the backbone run live at every step (for the equivalence and speed comparisons)."""
     from cache_store.runtime import keep_freed_memory
@@ -102,20 +104,26 @@ def main(caches, multi_task, task_sampling, temperature, online, model, task, da
         results = train(source, configs, folder, device=device, progress=not quiet,
                         log=lambda line: click.echo(line, err=True),
                         memory_bytes=int(memory_gb * 2**30) if memory_gb else None,
-                        sampling=task_sampling, temperature=temperature)
+                        sampling=task_sampling, temperature=temperature, resume=resume)
     except Exception as exc:  # the one-line errors of both stages; anything else is a bug: re-raise
         if not _is_user_error(exc):
             raise
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     files = write_summary(results, folder)
-    best = max(results, key=lambda m: m["best_validation"])
-    click.echo(f"{len(results)} run(s) in {folder}; best {best['name']}: validation {best['best_validation']:.2f}, "
-               f"test {best['test']:.2f} ({best['metric']})")
+    failed = [m for m in results if m["status"] != "ok"]
+    for m in failed:
+        click.echo(f"{m['name']}: {m['status']}", err=True)
+    scored = [m for m in results if m["best_validation"] is not None]
+    if scored:
+        best = max(scored, key=lambda m: m["best_validation"])
+        click.echo(f"{len(results)} run(s) in {folder}; best {best['name']}: validation "
+                   f"{best['best_validation']:.2f}, test {best['test']:.2f} ({best['metric']})"
+                   + (f"; {len(failed)} failed (see summary.md)" if failed else ""))
     click.echo("wrote " + ", ".join(str(f.name) for f in files))
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--model", required=True, help="The backbone the checkpoint's cache was made from (hub id or folder).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
               help="A run folder written by train-side (config.json, model.safetensors).")
@@ -131,7 +139,8 @@ def main(caches, multi_task, task_sampling, temperature, online, model, task, da
 def predict(model, checkpoint, input_file, output, batch_size, device, quiet):
     """Run the frozen backbone once per input and every head of a trained READ checkpoint on it; write
     each head's prediction (label and probabilities, or score) as JSON lines."""
-    from .predict import load_checkpoint, predict as run_predict, read_rows
+    from .predict import load_checkpoint, read_rows
+    from .predict import predict as run_predict
 
     try:
         if batch_size is not None and batch_size <= 0:
@@ -142,7 +151,8 @@ def predict(model, checkpoint, input_file, output, batch_size, device, quiet):
             raise ValueError(f"--input {input_file}: no such file")
         text = sys.stdin.read() if where == "stdin" else input_file.read_text()
         rows = read_rows(text, where)
-        predictor = _live_source("predictor", model=model, manifest=ready.manifest, device=device)
+        predictor = _live_source("predictor", model=model, manifest=ready.manifest, device=device,
+                                 progress=not quiet)
         records = list(run_predict(ready, predictor, rows, batch_size, progress=not quiet))
     except Exception as exc:
         if not _is_user_error(exc):
@@ -153,7 +163,9 @@ def predict(model, checkpoint, input_file, output, batch_size, device, quiet):
     if str(output) == "-":
         click.echo(lines, nl=False)
     else:
-        output.write_text(lines)  # written whole, after every prediction is made: nothing half-written
+        partial = output.with_name(f".{output.name}.partial")
+        partial.write_text(lines)  # every prediction made before anything is written, then one rename:
+        partial.replace(output)    # a failure leaves no half-written output
     click.echo(f"{len(records)} input(s), {predictor.forward_passes} backbone batch(es), "
                f"{len(ready.tasks)} head(s) each" + ("" if str(output) == "-" else f"; wrote {output}"), err=True)
 

@@ -1,16 +1,21 @@
 """Cached activations as READ inputs: a split held in memory, served as padded, length-bucketed batches."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
-
 from cache_store import (
-    STORAGE_DTYPES, CacheError, CacheReader, SplitReader, attention_path, cross_attention_path, hidden_path,
+    STORAGE_DTYPES,
+    CacheError,
+    CacheReader,
+    SplitReader,
+    attention_path,
+    cross_attention_path,
+    hidden_path,
 )
 
 from .read_model import ReadInputs, ReadSpec

@@ -10,19 +10,26 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLUMNS = ("name", "cell", "width", "lr", "seed", "recurrence", "best_validation", "test", "best_epoch",
-           "epochs_run", "parameters", "seconds")
+           "epochs_run", "parameters", "seconds", "status")
+
+
+def _round(value):
+    return None if value is None else round(value, 3)
 
 
 def _row(m: dict) -> dict:
     c = m["config"]
     return {"name": m["name"], "cell": c["cell"], "width": c["width"], "lr": c["lr"], "seed": c["seed"],
-            "recurrence": c["recurrence"], "best_validation": round(m["best_validation"], 3),
-            "test": round(m["test"], 3), "best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"],
-            "parameters": m["parameters"], "seconds": m["seconds"]}
+            "recurrence": c["recurrence"], "best_validation": _round(m["best_validation"]),
+            "test": _round(m["test"]), "best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"],
+            "parameters": m["parameters"], "seconds": m["seconds"], "status": m["status"]}
 
 
 def write_summary(results: list[dict], out: Path) -> list[Path]:
-    rows = sorted((_row(m) for m in results), key=lambda r: -r["best_validation"])
+    """Ranked by validation metric; failed runs (a non-finite loss) last, their status saying why."""
+    rows = sorted((_row(m) for m in results),
+                  key=lambda r: (r["status"] != "ok", -(r["best_validation"] if r["best_validation"] is not None
+                                                         else -float("inf"))))
     metric = results[0]["metric"]
     with open(out / "summary.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
@@ -39,9 +46,8 @@ def _plots(results: list[dict], out: Path) -> list[Path]:
     metric = results[0]["metric"]
     fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for m in results:
-        epochs = range(1, len(m["train_loss"]) + 1)
-        loss_ax.plot(epochs, m["train_loss"], label=m["name"])
-        val_ax.plot(epochs, m["validation"], label=m["name"])
+        loss_ax.plot(range(1, len(m["train_loss"]) + 1), m["train_loss"], label=m["name"])
+        val_ax.plot(range(1, len(m["validation"]) + 1), m["validation"], label=m["name"])  # shorter if it failed
     loss_ax.set(xlabel="epoch", ylabel="training loss", title="training loss")
     val_ax.set(xlabel="epoch", ylabel=f"validation {metric}", title=f"validation {metric}")
     if len(results) <= 12:
@@ -51,7 +57,8 @@ def _plots(results: list[dict], out: Path) -> list[Path]:
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     for cell in sorted({m["config"]["cell"] for m in results}):
-        points = sorted((m["config"]["lr"], m["best_validation"]) for m in results if m["config"]["cell"] == cell)
+        points = sorted((m["config"]["lr"], m["best_validation"]) for m in results
+                        if m["config"]["cell"] == cell and m["best_validation"] is not None)
         ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=cell)
     ax.set(xscale="log", xlabel="learning rate", ylabel=f"best validation {metric}", title="sweep")
     ax.legend()

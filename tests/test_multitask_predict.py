@@ -14,7 +14,8 @@ from pipeline.job import run as cache_run
 from pipeline.live import open_predictor
 from pipeline.splits import make_splits
 from pipeline.tasks import get_task
-from side_train.cli import main as train_main, predict as predict_main
+from side_train.cli import main as train_main
+from side_train.cli import predict as predict_main
 from side_train.predict import load_checkpoint, predict
 from side_train.tasks import task_weights
 
