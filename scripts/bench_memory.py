@@ -30,8 +30,8 @@ def _read(cache: str, batch_size: int, steps: int, window: int) -> dict:
     from cache_store import CacheReader
     from side_train.config import RunConfig
     from side_train.data import StreamingSplit, read_spec
-    from side_train.tasks import TaskInfo, loss_of
-    from side_train.train import make_run
+    from side_train.tasks import TaskInfo
+    from side_train.train import _train_step, make_stacks
 
     baseline = _rss()
     reader = CacheReader(cache)
@@ -39,17 +39,14 @@ def _read(cache: str, batch_size: int, steps: int, window: int) -> dict:
     config = RunConfig(batch_size=batch_size)
     spec = read_spec(reader, config.width, config.cell)
     train = StreamingSplit(reader.split("train"), spec, window)
-    run = make_run(config, reader, task, steps, torch.device("cpu"))
+    (stack,) = make_stacks([config], reader, [task], steps, torch.device("cpu"))
     for i, batch in enumerate(train.batches(batch_size, shuffle=True)):
         if i == steps:
             break
-        loss = loss_of(task, run.model(batch.inputs)[task.name], batch.labels)
-        run.optimizer.zero_grad()
-        loss.backward()
-        run.optimizer.step()
-        del batch, loss
+        _train_step(stack, task, batch, 0, print)
+        del batch
     return {"mode": f"READ from cache (windows of {window} examples)", "baseline": baseline, "peak": _rss(),
-            "trainable_parameters": run.parameters}
+            "trainable_parameters": stack.runs[0].parameters}
 
 
 def _finetune(model: str, init: str, data_dir: str, task_name: str, batch_size: int, steps: int) -> dict:
