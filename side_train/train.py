@@ -109,7 +109,7 @@ class Stack:
         self.step = state["step"]
 
 
-def make_run(config: RunConfig, cache, tasks: list[TaskInfo] | TaskInfo, device: torch.device = torch.device("cpu")
+def init_model(config: RunConfig, cache, tasks: list[TaskInfo] | TaskInfo, device: torch.device = torch.device("cpu")
              ) -> ReadModel:
     """A freshly initialised READ network for one configuration (seeded: the same alone or in a sweep)."""
     tasks = tasks if isinstance(tasks, list) else [tasks]
@@ -131,7 +131,7 @@ def make_stacks(configs: list[RunConfig], cache, tasks: list[TaskInfo], steps: i
         groups.setdefault((c.seed, c.cell, c.width, c.recurrence), []).append(c)
     stacks = []
     for members in groups.values():
-        models = [make_run(c, cache, tasks, device) for c in members]
+        models = [init_model(c, cache, tasks, device) for c in members]
         runs = [Run(c, sum(p.numel() for p in m.parameters())) for c, m in zip(members, models)]
         model = StackedRead.from_models(models)
         stacks.append(Stack(runs, model, StackedAdamW(model.parameters(), members[0].weight_decay),
