@@ -214,11 +214,19 @@ class StackedAdamW:
         self.steps += 1
         beta1, beta2 = self.betas
         correction1, correction2 = 1 - beta1 ** self.steps, math.sqrt(1 - beta2 ** self.steps)
+        everyone = bool(active.all())  # the usual case: update in place, no masking copies
         for p, (m, v) in zip(self.params, self.moments):
             if p.grad is None:
                 continue
             shape = (-1,) + (1,) * (p.dim() - 1)
-            keep, lr = active.view(shape), lrs.view(shape).to(p.dtype)
+            lr = lrs.view(shape).to(p.dtype)
+            if everyone:
+                p.mul_(1 - lr * self.weight_decay)
+                m.lerp_(p.grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                p.sub_((lr / correction1) * m / (v.sqrt() / correction2 + self.eps))
+                continue
+            keep = active.view(shape)
             grad = torch.where(keep, p.grad, 0)  # a stopped member's gradient (perhaps NaN) is not used
             m.copy_(torch.where(keep, m.lerp(grad, 1 - beta1), m))
             v.copy_(torch.where(keep, v * beta2 + (1 - beta2) * grad * grad, v))
