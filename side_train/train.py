@@ -339,7 +339,7 @@ def _validate(stack: Stack, tasks: list[TaskData], epoch: int, patience: int, ba
               device: torch.device) -> None:
     """Close the epoch of every member: mean training loss, validation metrics, best checkpoint, patience."""
     started = time.perf_counter()
-    members = [m for m, r in enumerate(stack.runs) if not (r.stopped and not (r.failed and r._losses))]
+    members = [m for m, r in enumerate(stack.runs) if r._losses]  # every member that trained this epoch
     for m in members:
         run = stack.runs[m]
         run.train_loss.append(float(np.mean(run._losses)))
