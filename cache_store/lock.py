@@ -22,7 +22,7 @@ class WriteLock:
     def __init__(self, cache_dir: Path):
         self.path = Path(f"{Path(cache_dir)}.lock")
         self.handle = None
-        self.took_over: dict | None = None  # the holder a stale lock named, when one was taken over
+        self.took_over: str | None = None  # who held a stale lock that was taken over
 
     def __enter__(self) -> "WriteLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +44,9 @@ class WriteLock:
                 pass
             handle.close()  # the holder unlinked this file as it finished: lock the new one
         handle.seek(0)
-        self.took_over = _parse(handle.read()) or None  # text without a live flock: its writer died
+        stale = _parse(handle.read())  # text without a live flock: its writer died
+        if stale:
+            self.took_over = f"took over the lock of {_describe(stale)}, which is no longer running"
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({
@@ -59,11 +61,6 @@ class WriteLock:
         self.path.unlink(missing_ok=True)  # unlinked while still held: no other writer can slip in between
         self.handle.close()
         self.handle = None
-
-    def describe_takeover(self) -> str | None:
-        if not self.took_over:
-            return None
-        return f"took over the lock of {_describe(self.took_over)}, which is no longer running"
 
 
 def _parse(text: str) -> dict:

@@ -204,8 +204,8 @@ def run(config: CacheConfig, progress: bool = True, log=None) -> list[SplitRepor
     write lock is taken (a second writer is refused, naming this one)."""
     ready = prepare(config, progress)
     with WriteLock(config.cache_dir) as lock:
-        if lock.describe_takeover() and log:
-            log(f"{config.cache_dir}: {lock.describe_takeover()}")
+        if lock.took_over and log:
+            log(f"{config.cache_dir}: {lock.took_over}")
         writer = CacheWriter(config.cache_dir, ready.manifest, config.mode, shard_bytes=config.shard_bytes)
         if ready.label_head is not None:
             writer.write_label_head(ready.label_head)

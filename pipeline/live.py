@@ -81,8 +81,6 @@ class Predictor:
     """The backbone a READ checkpoint was trained on, computing activations for new rows of text as its
     cache stored them. `forward_passes` and `examples_forwarded` count the backbone's work."""
 
-    online = True
-
     def __init__(self, model: str, manifest: dict, device: str = "auto", progress: bool = True):
         self.manifest = manifest
         self.attentions = manifest["attention"] != "none"
@@ -112,9 +110,18 @@ class Predictor:
         return plan_split(self.backbone, task, split, self.manifest["max_length"])
 
     def compute(self, plan: SplitPlan, index) -> dict[str, torch.Tensor]:
-        self.forward_passes += 1
-        self.examples_forwarded += len(index)
-        return compute(self.backbone, plan, index, self.specs, self.attentions, self.manifest["storage_dtype"])
+        """Every array for examples `index`, the backbone run in the cache's batch size (so the values'
+        last bits are the cache's), the parts joined along each array's ragged axis."""
+        index = np.asarray(index)
+        step = self.manifest.get("batch_size", 32)
+        parts = []
+        for start in range(0, len(index), step):
+            chunk = index[start:start + step]
+            parts.append(compute(self.backbone, plan, chunk, self.specs, self.attentions,
+                                 self.manifest["storage_dtype"]))
+            self.forward_passes += 1
+            self.examples_forwarded += len(chunk)
+        return {spec.path: torch.cat([p[spec.path] for p in parts], dim=spec.axis) for spec in self.specs}
 
 
 def open_predictor(model: str, manifest: dict, device: str = "auto", progress: bool = True) -> Predictor:

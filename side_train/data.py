@@ -9,13 +9,7 @@ import numpy as np
 import torch
 
 from cache_store import (
-    STORAGE_DTYPES,
-    CacheError,
-    CacheReader,
-    SplitReader,
-    attention_path,
-    cross_attention_path,
-    hidden_path,
+    STORAGE_DTYPES, CacheError, CacheReader, SplitReader, attention_path, cross_attention_path, hidden_path,
 )
 
 from .read_model import ReadInputs, ReadSpec

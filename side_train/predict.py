@@ -99,7 +99,6 @@ def predict(checkpoint: Checkpoint, predictor, rows: list[dict], batch_size: int
     and name with the probabilities, or a score)."""
     model, manifest = checkpoint.model, checkpoint.manifest
     read_batch = batch_size or checkpoint.batch_size
-    backbone_batch = min(read_batch, manifest.get("batch_size", 32))
     attention, per_head = manifest["attention"] != "none", manifest["attention"] == "heads"
     chosen = [task_of(row, checkpoint.tasks, n) for n, row in enumerate(rows, 1)]
     records: list[dict | None] = [None] * len(rows)
@@ -111,9 +110,7 @@ def predict(checkpoint: Checkpoint, predictor, rows: list[dict], batch_size: int
         plan = predictor.plan(task["manifest"]["task"], [rows[i] for i in positions])
         for start in range(0, plan.n_examples, read_batch):
             index = np.arange(start, min(start + read_batch, plan.n_examples))
-            parts = [predictor.compute(plan, index[k:k + backbone_batch]) for k in range(0, len(index), backbone_batch)]
-            arrays = {path: torch.cat([p[path] for p in parts], dim=-1 if _grows_along_last(path, parts[0][path]) else 0)
-                      for path in parts[0]}
+            arrays = predictor.compute(plan, index)  # the backbone in the cache's batch size
             inputs = assemble_computed(arrays, torch.from_numpy(plan.lengths[index]), model.spec, attention, per_head)
             with torch.no_grad():
                 features = model.features(inputs)
@@ -126,11 +123,6 @@ def predict(checkpoint: Checkpoint, predictor, rows: list[dict], batch_size: int
             bar.update(len(index))
     bar.close()
     yield from records
-
-
-def _grows_along_last(path: str, value: torch.Tensor) -> bool:
-    """Whether an array grows along its last axis (per-head attention: [A, S]) rather than its first."""
-    return "attention" in path and value.dim() == 2
 
 
 def _prediction(task: dict, output: torch.Tensor) -> dict:

@@ -21,25 +21,11 @@ from cache_store import CacheReader
 from cache_store.runtime import resolve_device
 
 from .config import RunConfig
-from .data import (
-    InMemorySplit,
-    OnlineSplit,
-    StreamingSplit,
-    TrainBatch,
-    open_splits,
-    read_spec,
-)
+from .data import InMemorySplit, OnlineSplit, StreamingSplit, TrainBatch, open_splits, read_spec
 from .metrics import score
 from .read_model import ReadModel, ReadSpec, build_read
 from .stacked import StackedAdamW, StackedRead
-from .tasks import (
-    TaskInfo,
-    check_compatible,
-    endless_batches,
-    epoch_schedule,
-    predictions_of,
-    task_weights,
-)
+from .tasks import TaskInfo, check_compatible, endless_batches, epoch_schedule, predictions_of, task_weights
 
 
 def to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
