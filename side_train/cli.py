@@ -60,6 +60,10 @@ def _list(value: str, kind, name: str) -> list:
 @click.option("--epochs", type=int, default=30, show_default=True)
 @click.option("--patience", type=int, default=5, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--pooling", type=click.Choice(["mean", "first"]), default="mean", show_default=True,
+              help="Encoder-only backbones: the heads read the mean of the corrected tokens, or the first ([CLS]).")
+@click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout on the features the heads read.")
+@click.option("--weight-decay", type=float, default=0.01, show_default=True, help="AdamW's decoupled weight decay.")
 @click.option("--no-recurrence", is_flag=True, help="One set of parameters per layer (the paper's ablation).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -68,7 +72,7 @@ def _list(value: str, kind, name: str) -> list:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch.")
 @click.option("--quiet", is_flag=True)
 def main(caches, multi_task, task_sampling, temperature, online, model, task, data_dir, limit, init, rnn, hidden, lr,
-         seeds, epochs, patience, batch_size, no_recurrence, out, device, memory_gb, resume, quiet):
+         seeds, epochs, patience, batch_size, pooling, dropout, weight_decay, no_recurrence, out, device, memory_gb, resume, quiet):
     """Train READ side networks straight from cached activations (never loading the backbone), or with
     --online from the backbone run live at every step (for the equivalence and speed comparisons)."""
     from cache_store.runtime import keep_freed_memory
@@ -81,7 +85,8 @@ def main(caches, multi_task, task_sampling, temperature, online, model, task, da
     try:
         configs = grid(_list(rnn, str, "--rnn"), _list(hidden, int, "--hidden"), _list(lr, float, "--lr"),
                        _list(seeds, int, "--seeds"), recurrence=not no_recurrence, epochs=epochs,
-                       patience=patience, batch_size=batch_size)
+                       patience=patience, batch_size=batch_size, pooling=pooling, dropout=dropout,
+                       weight_decay=weight_decay)
         if not configs:
             raise ValueError("the grid is empty")
         if memory_gb is not None and memory_gb <= 0:

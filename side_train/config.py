@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass
 
-from .read_model import CELLS
+from .read_model import CELLS, POOLINGS
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,8 @@ class RunConfig:
     batch_size: int = 32
     warmup: float = 0.06  # fraction of all steps spent warming the learning rate up
     weight_decay: float = 0.01
+    pooling: str = "mean"  # encoder-only backbones: how the heads read the corrected tokens (mean | first)
+    dropout: float = 0.0  # on the features the heads read
 
     def __post_init__(self):
         checks = [
@@ -29,6 +31,9 @@ class RunConfig:
             (self.patience > 0, f"--patience must be positive, got {self.patience}"),
             (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
             (0 <= self.warmup < 1, f"warmup must be a fraction in [0, 1), got {self.warmup}"),
+            (self.pooling in POOLINGS, f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}"),
+            (0 <= self.dropout < 1, f"--dropout must be a fraction in [0, 1), got {self.dropout}"),
+            (self.weight_decay >= 0, f"--weight-decay must not be negative, got {self.weight_decay}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -15,7 +15,8 @@ from cache_store import (
 from .read_model import ReadInputs, ReadSpec
 
 
-def read_spec(cache: CacheReader, width: int, cell: str, recurrence: bool = True) -> ReadSpec:
+def read_spec(cache: CacheReader, width: int, cell: str, recurrence: bool = True, pooling: str = "mean",
+              dropout: float = 0.0) -> ReadSpec:
     m = cache.manifest
     backbone, layers = m["backbone"], m["layers"]
     needed = {"encoder": list(range(backbone["n_layers"] + 1)),
@@ -28,7 +29,7 @@ def read_spec(cache: CacheReader, width: int, cell: str, recurrence: bool = True
     return ReadSpec(family=backbone["family"], d_model=backbone["d_model"], n_layers=backbone["n_layers"],
                     n_decoder_layers=backbone["n_decoder_layers"],
                     heads=backbone["n_heads"] if m["attention"] == "heads" else 1,
-                    width=width, cell=cell, recurrence=recurrence)
+                    width=width, cell=cell, recurrence=recurrence, pooling=pooling, dropout=dropout)
 
 
 def array_paths(spec: ReadSpec, attention: bool) -> list[str]:

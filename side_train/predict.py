@@ -48,7 +48,8 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     config = json.loads(config_file.read_text())
     if "tasks" not in config:
         raise ValueError(f"--checkpoint {run_dir} was written by an older train-side; retrain it")
-    model = build_read(ReadSpec(**config["read"]), {t["name"]: (t["num_labels"], None) for t in config["tasks"]})
+    # Checkpoints from before `pooling` existed read the first token.
+    model = build_read(ReadSpec(**{"pooling": "first", **config["read"]}), {t["name"]: (t["num_labels"], None) for t in config["tasks"]})
     model.load_state_dict(load_file(weights))
     return Checkpoint(model.eval(), config["tasks"], config["run"]["batch_size"] * 2)
 

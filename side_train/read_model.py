@@ -8,6 +8,9 @@ For each stack (encoder, and T5's decoder at its start position), over layers i 
     h_i   = Cell(Down(concat(phi_i, psi_i)), h_{i-1}) # h_0 = 0
     out   = phi_N + Up(h_N)                           # Up zero-initialised: a fresh network is the backbone
 
+The heads read T5's decoder side at its start position; an encoder-only backbone's corrected tokens are
+pooled (`pooling`: their mean over the real tokens, or the first token), after `dropout`.
+
 Parameters are shared across layers (one ReadLayer), or one per layer with `recurrence=False`.
 """
 from __future__ import annotations
@@ -18,6 +21,16 @@ import torch
 from torch import nn
 
 CELLS: dict[str, type[nn.Module]] = {"rnn": nn.RNNCell, "gru": nn.GRUCell, "lstm": nn.LSTMCell}
+POOLINGS = ("mean", "first")
+
+
+def pool(tokens: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[..., B, L, d] corrected tokens -> [..., B, d]. Mean pooling averages the real tokens only: it is how
+    sentence encoders such as all-MiniLM-L6-v2 were trained, whose [CLS] state carries little on its own."""
+    if pooling == "first":
+        return tokens[..., 0, :]
+    weights = mask.to(tokens.dtype)  # [B, L]
+    return (tokens * weights[..., None]).sum(-2) / weights.sum(-1, keepdim=True)
 
 
 class _Mix(torch.autograd.Function):
@@ -131,8 +144,12 @@ class ReadSpec:
     width: int  # r
     cell: str
     recurrence: bool = True
+    pooling: str = "mean"  # encoder-only backbones: mean | first (the corrected [CLS])
+    dropout: float = 0.0  # on the features the heads read, while training
 
     def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
         if self.cell not in CELLS:
             raise ValueError(f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
         if self.width <= 0 or self.width % self.heads:
@@ -161,14 +178,15 @@ class ReadModel(nn.Module):
         self.decoder = (ReadStack(spec.n_decoder_layers, spec.d_model, spec.width, spec.heads, spec.cell,
                                   spec.recurrence) if spec.n_decoder_layers else None)
         self.heads = heads
+        self.dropout = nn.Dropout(spec.dropout)
 
     def features(self, inputs: ReadInputs) -> torch.Tensor:
         """The corrected state each head reads: [B, d]."""
         encoded, h_last = self.encoder(inputs.encoder_hidden, inputs.encoder_attention)  # [B, L, d], [B, L, r]
         if self.decoder is None:
-            return encoded[:, 0]  # encoder-only: the corrected first token ([CLS])
+            return self.dropout(pool(encoded, inputs.mask, self.spec.pooling))
         decoded, _ = self.decoder(inputs.decoder_hidden, inputs.cross_attention, values=h_last)  # [B, 1, d]
-        return decoded[:, 0]
+        return self.dropout(decoded[:, 0])
 
     def forward(self, inputs: ReadInputs) -> dict[str, torch.Tensor]:
         features = self.features(inputs)

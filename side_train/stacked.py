@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from .read_model import ReadInputs, ReadModel, ReadSpec, _Mix
+from .read_model import ReadInputs, ReadModel, ReadSpec, _Mix, pool
 
 
 class StackedLinear(nn.Module):
@@ -168,6 +168,7 @@ class StackedRead(nn.Module):
         self.decoder = (StackedStack(members, spec.n_decoder_layers, spec.d_model, spec.width, spec.heads,
                                      spec.cell, spec.recurrence) if spec.n_decoder_layers else None)
         self.heads = nn.ModuleDict({name: StackedLinear(members, spec.d_model, n) for name, n in outputs.items()})
+        self.dropout = nn.Dropout(spec.dropout)  # independent masks per member, as alone
 
     @classmethod
     def from_models(cls, models: list[ReadModel]) -> "StackedRead":
@@ -185,9 +186,9 @@ class StackedRead(nn.Module):
         """[M, B, d]: what each member's heads read."""
         encoded, h_last = self.encoder(inputs.encoder_hidden, inputs.encoder_attention)
         if self.decoder is None:
-            return encoded[:, :, 0]
+            return self.dropout(pool(encoded, inputs.mask, self.spec.pooling))
         decoded, _ = self.decoder(inputs.decoder_hidden, inputs.cross_attention, values=h_last)
-        return decoded[:, :, 0]
+        return self.dropout(decoded[:, :, 0])
 
     def forward(self, inputs: ReadInputs, task: str) -> torch.Tensor:
         """[M, B, C] outputs of one task's heads."""

@@ -100,7 +100,7 @@ def init_model(config: RunConfig, cache, tasks: list[TaskInfo] | TaskInfo, devic
     """A freshly initialised READ network for one configuration (seeded: the same alone or in a sweep)."""
     tasks = tasks if isinstance(tasks, list) else [tasks]
     torch.manual_seed(config.seed)
-    spec = read_spec(cache, config.width, config.cell, config.recurrence)
+    spec = read_spec(cache, config.width, config.cell, config.recurrence, config.pooling, config.dropout)
     return build_read(spec, {t.name: (t.num_labels, t.label_head) for t in tasks}).to(device)
 
 
@@ -114,7 +114,8 @@ def make_stacks(configs: list[RunConfig], cache, tasks: list[TaskInfo], steps: i
     """Group configurations by seed and shape; each group becomes one Stack."""
     groups: dict[tuple, list[RunConfig]] = {}
     for c in configs:
-        groups.setdefault((c.seed, c.cell, c.width, c.recurrence), []).append(c)
+        groups.setdefault((c.seed, c.cell, c.width, c.recurrence, c.pooling, c.dropout, c.weight_decay), []
+                          ).append(c)
     stacks = []
     for members in groups.values():
         models = [init_model(c, cache, tasks, device) for c in members]

@@ -1,0 +1,275 @@
+"""The methods READ is compared with, trained on exactly a READ cache's rows: the token ids, labels and
+splits are read from the cache, batched in the same length-bucketed order READ uses.
+
+- full fine-tuning, BitFit (only the bias terms), and LoRA and prompt tuning through Hugging Face PEFT:
+  each trains a `Classifier`, the backbone plus the head READ's heads use (T5: the decoder's state at
+  its start position, the head initialised from the label words' LM-head rows; encoder-only: pooled
+  final states and a fresh linear head);
+- a linear probe (scikit-learn) on the frozen backbone's pooled final states, read from the cache.
+
+Also the meters every method is measured with: peak memory and energy.
+"""
+from __future__ import annotations
+
+import resource
+import threading
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from cache_store import CacheReader, hidden_path
+from pipeline.backbones import Backbone, load_backbone
+from side_train.data import BatchOrder
+from side_train.metrics import score
+from side_train.read_model import pool
+
+BACKPROP_METHODS = ("full", "bitfit", "lora", "prompt")
+
+
+class TokenSplit(BatchOrder):
+    """A cache split's token ids and labels, served as padded batches in READ's batch order."""
+
+    def __init__(self, cache: CacheReader, name: str, pad_id: int):
+        reader = cache.split(name)
+        self.name, self.pad_id = name, pad_id
+        self.ids = [torch.from_numpy(reader.input_ids[a:b].astype(np.int64))
+                    for a, b in zip(reader.offsets[:-1], reader.offsets[1:])]
+        self.labels = torch.from_numpy(reader.labels.copy())
+        self.n_examples = reader.n_examples
+
+    def batch(self, index: torch.Tensor):
+        """(ids [B, L], mask [B, L], labels [B]): right-padded to this batch's longest."""
+        rows = [self.ids[i] for i in index.tolist()]
+        ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.pad_id)
+        mask = nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+        return ids, mask, self.labels[index]
+
+
+class Classifier(nn.Module):
+    """A backbone and one head, reading what READ's heads read (see the module docstring)."""
+
+    def __init__(self, backbone: Backbone, net: nn.Module, num_labels: int, label_head: torch.Tensor | None,
+                 pooling: str = "mean", prompt_tokens: int = 0):
+        super().__init__()
+        self.net, self.pooling, self.prompt_tokens = net, pooling, prompt_tokens
+        self.family, self.config = backbone.family, backbone.config
+        self.sep_id, self.pad_id = backbone.tokenizer.sep_token_id, backbone.tokenizer.pad_token_id or 0
+        self.head = nn.Linear(backbone.d_model, num_labels)
+        if label_head is not None:  # a fresh T5 classifier predicts exactly what the backbone's LM head does
+            with torch.no_grad():
+                self.head.weight.copy_(label_head)
+                self.head.bias.zero_()
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.family == "t5":
+            start = torch.full((len(ids), 1), self.config.decoder_start_token_id, device=ids.device)
+            out = self.net(input_ids=ids, attention_mask=mask, decoder_input_ids=start, output_hidden_states=True)
+            return self.head(out.decoder_hidden_states[-1][:, 0])  # the final (layer-normed) decoder state
+        kwargs = {}
+        if not self.prompt_tokens:  # PEFT's prompt tuning drops token types; elsewhere rebuild them from [SEP]
+            sep = ids == self.sep_id
+            kwargs["token_type_ids"] = ((sep.cumsum(1) - sep.long()) > 0).long() * mask
+        hidden = self.net(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
+        hidden = hidden[:, self.prompt_tokens:]  # the virtual prompt tokens come first
+        return self.head(pool(hidden, mask, self.pooling))
+
+
+def _peft_wrap(method: str, backbone: Backbone, net: nn.Module, options: dict) -> nn.Module:
+    from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    task_type = TaskType.SEQ_2_SEQ_LM if backbone.family == "t5" else TaskType.FEATURE_EXTRACTION
+    if method == "lora":
+        targets = ["q", "v"] if backbone.family == "t5" else ["query", "value"]
+        config = LoraConfig(task_type=task_type, r=options.get("rank", 8), lora_alpha=2 * options.get("rank", 8),
+                            lora_dropout=0.1, target_modules=targets)
+    else:
+        config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=options.get("prompt_tokens", 20))
+    return get_peft_model(net, config)
+
+
+def build_classifier(method: str, model: str, cache: CacheReader, device: str, options: dict) -> Classifier:
+    """The backbone the cache was made from (same init), made trainable as `method` says."""
+    backbone_info = cache.manifest["backbone"]
+    backbone = load_backbone(model, backbone_info["init"], backbone_info["init_seed"] or 0, device,
+                             attentions=False, progress=False)
+    net = backbone.model.train()
+    words = cache.manifest["task"]["label_words"]
+    label_head = cache.label_head() if words else None
+    if method == "full":
+        net.requires_grad_(True)
+    elif method == "bitfit":  # T5 has no additive biases: there it trains the relative-position bias tables
+        for name, p in net.named_parameters():
+            p.requires_grad_("bias" in name)
+    elif method in ("lora", "prompt"):
+        net = _peft_wrap(method, backbone, net, options)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(BACKPROP_METHODS)}")
+    prompt = options.get("prompt_tokens", 20) if method == "prompt" else 0
+    return Classifier(backbone, net, len(words) or 1, label_head, options.get("pooling", "mean"),
+                      prompt).to(backbone.device)
+
+
+def counts(classifier: Classifier) -> tuple[int, int]:
+    """(trainable parameters, the frozen backbone's parameters)."""
+    trainable = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
+    base = getattr(classifier.net, "get_base_model", lambda: classifier.net)()
+    backbone = sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n)
+    return trainable, backbone
+
+
+def _loss(outputs: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    if regression:
+        return nn.functional.mse_loss(outputs.squeeze(-1), labels.float())
+    return nn.functional.cross_entropy(outputs, labels.long())
+
+
+@torch.no_grad()
+def _evaluate(classifier: Classifier, split: TokenSplit, metric: str, regression: bool, batch_size: int,
+              device: torch.device) -> float:
+    classifier.eval()
+    outputs = []
+    for ids, mask, _ in split.batches(batch_size, shuffle=False):
+        outputs.append(classifier(ids.to(device), mask.to(device)).float().cpu())
+    classifier.train()
+    out = torch.cat(outputs)
+    predictions = out.squeeze(-1) if regression else out.argmax(-1)
+    return score(metric, split.labels.numpy(), predictions.numpy())
+
+
+def train_backprop(method: str, model: str, cache: CacheReader, lr: float, seed: int, epochs: int, batch_size: int,
+                   device: str, options: dict, progress=None) -> dict:
+    """Train one configuration; every epoch is validated and tested, and the test metric reported is the
+    one at the best validation epoch (as READ's best-validation checkpoint is tested)."""
+    torch.manual_seed(seed)
+    classifier = build_classifier(method, model, cache, device, options)
+    target = next(classifier.parameters()).device
+    task = cache.manifest["task"]
+    regression, metric = not task["label_words"], task["metric"]
+    splits = {name: TokenSplit(cache, name, classifier.pad_id) for name in ("train", "validation", "test")}
+    params = [p for p in classifier.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=options.get("weight_decay", 0.01))
+    steps = epochs * splits["train"].n_batches(batch_size)
+    warm = max(1, int(0.06 * steps))  # the schedule train-side uses: 6% warm-up, then linear decay
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    curve, tests, losses, epoch_seconds = [], [], [], []
+    for epoch in range(epochs):
+        began, total = time.perf_counter(), []
+        for ids, mask, labels in splits["train"].batches(batch_size, shuffle=True, seed=seed * 100_003 + epoch):
+            loss = _loss(classifier(ids.to(target), mask.to(target)), labels.to(target), regression)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total.append(loss.item())
+            if progress:
+                progress()
+        curve.append(_evaluate(classifier, splits["validation"], metric, regression, 2 * batch_size, target))
+        epoch_seconds.append(time.perf_counter() - began)  # training and validation, as READ's epochs count
+        tests.append(_evaluate(classifier, splits["test"], metric, regression, 2 * batch_size, target))
+        losses.append(float(np.mean(total)))
+    best = int(np.argmax(curve))
+    trainable, backbone = counts(classifier)
+    return {"validation": curve[best], "test": tests[best], "best_epoch": best, "validation_curve": curve,
+            "train_loss": losses, "epochs": epochs, "epoch_seconds": epoch_seconds, "trainable": trainable,
+            "backbone_parameters": backbone}
+
+
+def pooled_features(cache: CacheReader, split: str, pooling: str = "mean") -> np.ndarray:
+    """The frozen backbone's final state per example, from the cache: T5's decoder state at its start
+    position, or an encoder's final token states pooled as READ pools them."""
+    reader = cache.split(split)
+    backbone = cache.manifest["backbone"]
+    if backbone["n_decoder_layers"]:
+        return reader.load(hidden_path("decoder", backbone["n_decoder_layers"])).float().numpy()
+    tokens = reader.load(hidden_path("encoder", backbone["n_layers"])).float()  # [T, d]
+    pieces = torch.split(tokens, np.diff(reader.offsets).tolist())
+    return torch.stack([p[0] if pooling == "first" else p.mean(0) for p in pieces]).numpy()
+
+
+def train_probe(cache: CacheReader, c: float, seed: int) -> dict:
+    """Logistic regression (ridge regression for STS-B) on standardised frozen features; `c` is the inverse
+    regularisation strength (ridge's alpha is 1/c)."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    task = cache.manifest["task"]
+    features = {name: pooled_features(cache, name) for name in ("train", "validation", "test")}
+    labels = {name: cache.split(name).labels for name in features}
+    began = time.perf_counter()
+    estimator = Ridge(alpha=1 / c) if not task["label_words"] else LogisticRegression(
+        C=c, max_iter=2000, random_state=seed)
+    probe = make_pipeline(StandardScaler(), estimator).fit(features["train"], labels["train"])
+    seconds = time.perf_counter() - began
+    result = {name: score(task["metric"], labels[name], probe.predict(features[name]))
+              for name in ("validation", "test")}
+    d = features["train"].shape[1]
+    return {**result, "best_epoch": 0, "validation_curve": [result["validation"]], "train_loss": [], "epochs": 1,
+            "epoch_seconds": [seconds], "trainable": d * (len(task["label_words"]) or 1) + (len(task["label_words"]) or 1)}
+
+
+class Meter:
+    """Peak memory and energy of what runs between start() and stop(). Memory: on a GPU, torch's peak
+    allocation; on a CPU, the peak resident set size above the process's size at start(). Energy: on an
+    NVIDIA GPU, NVML's energy counter (or its power readings integrated every 50 ms where the counter is
+    missing); on a CPU it is not measured (None)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._sampler = None
+
+    def start(self) -> None:
+        self.began = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start_energy()
+        else:
+            self.baseline = _rss_peak_bytes()
+
+    def stop(self) -> dict:
+        seconds = time.perf_counter() - self.began
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(self.device)),
+                    "memory_kind": "cuda max_memory_allocated", "energy_joules": self._stop_energy(),
+                    "wall_seconds": seconds}
+        return {"peak_memory_bytes": _rss_peak_bytes() - self.baseline, "memory_kind": "peak RSS above baseline",
+                "energy_joules": None, "wall_seconds": seconds}
+
+    def _start_energy(self) -> None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(self.device.index or 0)
+        try:
+            self._energy0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)  # millijoules
+        except pynvml.NVMLError:
+            self._energy0, self._joules, self._running = None, 0.0, True
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
+
+    def _sample(self) -> None:
+        import pynvml
+
+        last = time.perf_counter()
+        while self._running:
+            time.sleep(0.05)
+            now = time.perf_counter()
+            self._joules += pynvml.nvmlDeviceGetPowerUsage(self._handle) / 1000 * (now - last)  # milliwatts
+            last = now
+
+    def _stop_energy(self) -> float:
+        import pynvml
+
+        if self._energy0 is not None:
+            return (pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) - self._energy0) / 1000
+        self._running = False
+        self._sampler.join()
+        return self._joules
+
+
+def _rss_peak_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB

@@ -1,0 +1,139 @@
+"""Tables, plots and a JSON summary from compare_methods.py's results (JSON lines, one per finished
+configuration and seed). Per (backbone, task, method) the configuration with the best mean validation
+metric over its seeds is chosen, and its test metric at each seed's best validation epoch is reported
+(mean and spread over seeds)."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+LABELS = {"read": "READ (cache)", "read-norec": "READ, no recurrence", "read-online": "READ (online)",
+          "full": "full fine-tuning", "bitfit": "BitFit", "lora": "LoRA", "prompt": "prompt tuning",
+          "probe": "linear probe"}
+
+
+def load(results: Path) -> list[dict]:
+    return [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+
+
+def choose(rows: list[dict]) -> dict:
+    """(backbone, task, method) -> the best configuration's summary over its seeds."""
+    by_config = defaultdict(list)
+    for r in rows:
+        by_config[(r["backbone"], r["task"], r["method"], json.dumps(r["config"], sort_keys=True))].append(r)
+    best = {}
+    for (backbone, task, method, config), runs in by_config.items():
+        validation = float(np.mean([r["validation"] for r in runs]))
+        current = best.get((backbone, task, method))
+        if current is None or validation > current["validation"]:
+            tests = [r["test"] for r in runs]
+            best[(backbone, task, method)] = {
+                "config": json.loads(config), "seeds": sorted(r["seed"] for r in runs),
+                "validation": validation, "test": float(np.mean(tests)), "test_std": float(np.std(tests)),
+                "test_per_seed": tests, "trainable": runs[0]["trainable"],
+                "trainable_percent": runs[0]["trainable_percent"],
+                "peak_memory_mib": float(np.mean([r["peak_memory_bytes"] for r in runs])) / 2**20,
+                "memory_kind": runs[0]["memory_kind"],
+                "train_seconds": float(np.mean([sum(r["epoch_seconds"]) for r in runs])),
+                "epoch_seconds": float(np.mean([np.mean(r["epoch_seconds"]) for r in runs])),
+                "energy_joules": (float(np.mean([r["energy_joules"] for r in runs]))
+                                  if all(r["energy_joules"] is not None for r in runs) else None),
+                "device": runs[0]["device"],
+            }
+    return best
+
+
+def _fmt(value, digits=1):
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def tables(best: dict) -> str:
+    """Markdown: per backbone, one row per method; a column per task (test metric, mean ± std over seeds)
+    and their average, then trainable share, peak memory, time per epoch and energy (averaged over tasks)."""
+    out = []
+    for backbone in sorted({b for b, _, _ in best}):
+        tasks = sorted({t for b, t, _ in best if b == backbone})
+        methods = [m for m in LABELS if any((backbone, t, m) in best for t in tasks)]
+        out.append(f"### {backbone}\n")
+        out.append("| method | " + " | ".join(tasks) + " | average | trainable | peak memory (MiB) "
+                   "| s / epoch | energy (J) |")
+        out.append("|" + " --- |" * (len(tasks) + 6))
+        for m in methods:
+            cells = [best.get((backbone, t, m)) for t in tasks]
+            scores = [f"{c['test']:.2f} ± {c['test_std']:.2f}" if c else "–" for c in cells]
+            have = [c for c in cells if c]
+            average = f"{np.mean([c['test'] for c in have]):.2f}" if len(have) == len(tasks) else "–"
+            mean = lambda k: (None if any(c[k] is None for c in have) else float(np.mean([c[k] for c in have])))  # noqa: E731
+            out.append(f"| {LABELS[m]} | " + " | ".join(scores) + f" | {average} | {_fmt(mean('trainable_percent'), 3)}% "
+                       f"| {_fmt(mean('peak_memory_mib'), 0)} | {_fmt(mean('epoch_seconds'))} "
+                       f"| {_fmt(mean('energy_joules'), 0)} |")
+        kinds = sorted({c["memory_kind"] for (b, _, _), c in best.items() if b == backbone})
+        devices = sorted({c["device"] for (b, _, _), c in best.items() if b == backbone})
+        out.append(f"\nTest metric at the best validation epoch of the configuration with the best mean validation "
+                   f"metric (mean ± std over its seeds). Memory: {', '.join(kinds)}. Device: {', '.join(devices)}.\n")
+        out.append("| method | task | configuration | seeds | validation | test per seed |")
+        out.append("| --- | --- | --- | --- | --- | --- |")
+        for m in methods:
+            for t in tasks:
+                c = best.get((backbone, t, m))
+                if c:
+                    out.append(f"| {LABELS[m]} | {t} | {json.dumps(c['config'])} | {len(c['seeds'])} | "
+                               f"{c['validation']:.2f} | {', '.join(f'{v:.2f}' for v in c['test_per_seed'])} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plots(best: dict, out: Path) -> list[Path]:
+    """Figure 2 of the paper, per backbone: average test metric against energy (time on a CPU, where energy
+    is not measured) and against peak memory, one point per method with every task measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for backbone in sorted({b for b, _, _ in best}):
+        tasks = sorted({t for b, t, _ in best if b == backbone})
+        points = {}
+        for m in LABELS:
+            cells = [best.get((backbone, t, m)) for t in tasks]
+            if all(cells):
+                energy = None if any(c["energy_joules"] is None for c in cells) else sum(c["energy_joules"] for c in cells)
+                points[m] = (float(np.mean([c["test"] for c in cells])), energy,
+                             sum(c["train_seconds"] for c in cells), max(c["peak_memory_mib"] for c in cells))
+        if not points:
+            continue
+        use_energy = all(p[1] is not None for p in points.values())
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for m, (metric, energy, seconds, memory) in points.items():
+            for ax, x in zip(axes, (energy if use_energy else seconds, memory)):
+                ax.scatter(x, metric, s=40)
+                ax.annotate(LABELS[m], (x, metric), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        axes[0].set_xlabel("training energy, J (all tasks)" if use_energy else "training time, s (all tasks; "
+                           "energy is not measured on a CPU)")
+        axes[1].set_xlabel("peak training memory, MiB (largest task)")
+        for ax in axes:
+            ax.set_xscale("log")
+            ax.set_ylabel(f"average test metric ({len(tasks)} tasks)")
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"{backbone}: {', '.join(tasks)}")
+        fig.tight_layout()
+        path = out / f"figure2-{backbone}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(results: Path, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    best = choose(load(results)) if results.is_file() else {}
+    table = out / "table.md"
+    table.write_text(tables(best))
+    summary = out / "summary.json"
+    summary.write_text(json.dumps([{"backbone": b, "task": t, "method": m, **v} for (b, t, m), v in sorted(best.items())],
+                                  indent=1))
+    return [table, summary, *plots(best, out)]

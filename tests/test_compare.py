@@ -1,0 +1,119 @@
+"""scripts/compare_methods.py: the baselines read what READ reads, and the study runs end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache_store import CacheReader, hidden_path
+from pipeline.config import CacheConfig
+from pipeline.job import run as cache_run
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import compare_baselines as baselines  # noqa: E402
+
+
+def _cache(model, glue_dir, out, task="rte", limit=24, **options) -> Path:
+    config = CacheConfig(model=str(model), data_dir=glue_dir, out=out, task=task, limit=limit, **options)
+    cache_run(config, progress=False)
+    return config.cache_dir
+
+
+@pytest.mark.parametrize("family", ["t5", "bert"])
+def test_a_fresh_classifier_reads_the_cached_final_state(tiny_t5, tiny_bert, glue_dir, tmp_path, family):
+    """Independent reference: the baselines' features are the backbone's own final states, as cached (T5:
+    the decoder's start position, times the label words' LM-head rows; BERT: the mean of the final
+    tokens), so every method starts from what READ starts from."""
+    model = tiny_t5 if family == "t5" else tiny_bert
+    cache = CacheReader(_cache(model, glue_dir, tmp_path, dtype="float32"))
+    classifier = baselines.build_classifier("full", str(model), cache, "cpu", {}).eval()
+    split = baselines.TokenSplit(cache, "test", classifier.pad_id)
+    ids, mask, _ = split.batch(torch.arange(split.n_examples))
+    with torch.no_grad():
+        logits = classifier(ids, mask)
+    features = torch.from_numpy(baselines.pooled_features(cache, "test"))
+    torch.testing.assert_close(logits, classifier.head(features), rtol=1e-4, atol=1e-5)
+    if family == "t5":  # the head is the backbone's label-word logits
+        cached = cache.split("test").load(hidden_path("decoder", 2))
+        torch.testing.assert_close(logits, cached @ cache.label_head().T, rtol=1e-4, atol=1e-5)
+
+
+def test_bitfit_and_peft_train_what_they_say(tiny_bert, glue_dir, tmp_path):
+    cache = CacheReader(_cache(tiny_bert, glue_dir, tmp_path))
+    shares = {}
+    for method in ("full", "bitfit", "lora", "prompt"):
+        classifier = baselines.build_classifier(method, str(tiny_bert), cache, "cpu", {})
+        names = [n for n, p in classifier.named_parameters() if p.requires_grad]
+        shares[method] = baselines.counts(classifier)
+        if method == "bitfit":
+            assert names and all("bias" in n or n.startswith("head.") for n in names)
+        if method == "lora":
+            assert all("lora_" in n or n.startswith("head.") for n in names)
+    backbone = shares["full"][1]
+    assert shares["full"][0] == backbone + 32 * 2 + 2  # the whole backbone and the head (d=32, 2 labels)
+    assert all(shares[m][1] == backbone for m in shares)  # one backbone size, however it is wrapped
+    assert shares["prompt"][0] == 20 * 32 + 66  # 20 virtual tokens and the head
+    assert shares["lora"][0] == 2 * 2 * (8 * 32 + 32 * 8) + 66  # rank 8 on query and value of 2 layers, the head
+    assert shares["bitfit"][0] < shares["full"][0]
+
+
+def test_probe_matches_scikit_learn_on_the_cached_features(tiny_bert, glue_dir, tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    cache = CacheReader(_cache(tiny_bert, glue_dir, tmp_path, limit=60))
+    result = baselines.train_probe(cache, 0.1, 0)
+    tokens = cache.split("train").load(hidden_path("encoder", 2)).float().numpy()
+    offsets = cache.split("train").offsets
+    train = np.stack([tokens[a:b].mean(0) for a, b in zip(offsets[:-1], offsets[1:])])
+    scaler = StandardScaler().fit(train)
+    probe = LogisticRegression(C=0.1, max_iter=2000).fit(scaler.transform(train), cache.split("train").labels)
+    test = scaler.transform(baselines.pooled_features(cache, "test"))
+    assert result["test"] == pytest.approx(100 * np.mean(probe.predict(test) == cache.split("test").labels))
+
+
+def _compare(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPTS / "compare_methods.py"), *map(str, args)],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_study_runs_resumes_and_reports(tiny_bert, glue_dir, tmp_path):
+    cache = _cache(tiny_bert, glue_dir, tmp_path, limit=40)
+    results, out = tmp_path / "results.jsonl", tmp_path / "report"
+    common = ["--cache", cache, "--model", tiny_bert, "--methods", "read,lora", "--seeds", "0,1", "--read-lrs", "1e-3",
+              "--lora-lrs", "1e-3", "--read-epochs", "2", "--epochs", "1", "--results", results, "--out", out]
+    first = _compare(*common)
+    assert first.returncode == 0, first.stderr
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert sorted((r["method"], r["seed"]) for r in rows) == [("lora", 0), ("read", 0), ("read", 1)]
+    for r in rows:
+        assert r["status"] == "ok" and r["peak_memory_bytes"] > 0 and 0 < r["trainable_percent"] < 100
+        assert r["energy_joules"] is None  # a CPU: not measured, not invented
+    again = _compare(*common)
+    assert again.returncode == 0 and "3 already in" in again.stderr
+    assert len(results.read_text().splitlines()) == 3  # nothing trained twice
+    table = (out / "table.md").read_text()
+    assert "READ (cache)" in table and "LoRA" in table and "rte" in table
+    assert (out / f"figure2-{tiny_bert.name}.png").stat().st_size > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {s["method"] for s in summary} == {"read", "lora"}
+
+
+@pytest.mark.slow
+def test_every_method_runs_on_the_t5_path(tiny_t5, glue_dir, tmp_path):
+    cache = _cache(tiny_t5, glue_dir, tmp_path, limit=24)
+    result = _compare("--cache", cache, "--model", tiny_t5, "--data-dir", glue_dir, "--seeds", "0",
+                      "--read-lrs", "1e-3", "--full-lrs", "1e-4", "--bitfit-lrs", "1e-3", "--lora-lrs", "1e-3",
+                      "--prompt-lrs", "1e-2", "--probe-c", "1", "--read-epochs", "1", "--epochs", "1",
+                      "--results", tmp_path / "r.jsonl", "--out", tmp_path / "report")
+    assert result.returncode == 0, result.stderr
+    methods = {json.loads(line)["method"] for line in (tmp_path / "r.jsonl").read_text().splitlines()}
+    assert methods == {"read", "read-norec", "read-online", "full", "bitfit", "lora", "prompt", "probe"}
