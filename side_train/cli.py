@@ -54,7 +54,8 @@ def _list(value: str, kind, name: str) -> list:
 @click.option("--limit", type=int, default=None, help="--online: at most N examples per split.")
 @click.option("--init", default="pretrained", show_default=True, help="--online: pretrained | random.")
 @click.option("--rnn", default="gru", show_default=True, help=f"Cells, comma-separated: {', '.join(CELLS)}.")
-@click.option("--hidden", default="128", show_default=True, help="Side widths r, comma-separated.")
+@click.option("--hidden", default="144", show_default=True,
+              help="Side widths r, comma-separated; each a multiple of the backbone's attention heads.")
 @click.option("--lr", default="3e-4", show_default=True, help="Learning rates, comma-separated.")
 @click.option("--seeds", default="0", show_default=True, help="Seeds, comma-separated.")
 @click.option("--epochs", type=int, default=30, show_default=True)

@@ -10,7 +10,7 @@ from .read_model import CELLS, POOLINGS
 @dataclass(frozen=True)
 class RunConfig:
     cell: str = "gru"  # rnn | gru | lstm
-    width: int = 128  # side width r
+    width: int = 144  # side width r: a multiple of 8, 12 and 16 heads (t5-small, t5-base and MiniLM, t5-large)
     lr: float = 3e-4  # peak learning rate of AdamW
     seed: int = 0  # seeds initialisation and batch order
     recurrence: bool = True  # share parameters across layers (False: the paper's Table 2 ablation)

@@ -46,17 +46,23 @@ def test_fresh_read_reproduces_the_t5_label_word_logits(t5_cache, tiny_t5):
             assert logits[j].argmax() == out.logits[0, 0, token_ids].argmax()
 
 
-def test_fresh_read_on_bert_reads_the_first_token(tiny_bert, glue_dir, tmp_path):
+@pytest.mark.parametrize("pooling", ["mean", "first"])
+def test_fresh_read_on_bert_reads_the_pooled_final_tokens(tiny_bert, glue_dir, tmp_path, pooling):
+    """Padding never enters the mean: the batch holds examples of different lengths."""
     config = CacheConfig(task="rte", model=str(tiny_bert), data_dir=glue_dir, out=tmp_path, limit=4,
                          dtype="float32", splits=("test",))
     cache_run(config, progress=False)
     cache = CacheReader(config.cache_dir)
-    model = build_read(read_spec(cache, 16, "lstm"), {"rte": (2, None)}).eval()
+    model = build_read(read_spec(cache, 16, "lstm", pooling=pooling), {"rte": (2, None)}).eval()
     split = InMemorySplit(cache.split("test"), model.spec)
     with torch.no_grad():
         features = model.features(split.batch(torch.arange(4)).inputs)
     last = cache.split("test").load("encoder/hidden/2")
-    torch.testing.assert_close(features, last[torch.from_numpy(cache.split("test").offsets[:-1])])
+    offsets = cache.split("test").offsets
+    assert len(set(offsets[1:] - offsets[:-1])) > 1
+    expected = torch.stack([last[a] if pooling == "first" else last[a:b].mean(0)
+                            for a, b in zip(offsets[:-1], offsets[1:])])
+    torch.testing.assert_close(features, expected)
 
 
 def test_batches_match_the_reader_and_padding_does_not_leak(t5_cache):
