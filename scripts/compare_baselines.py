@@ -77,7 +77,7 @@ class Classifier(nn.Module):
 
 
 def _peft_wrap(method: str, backbone: Backbone, net: nn.Module, options: dict) -> nn.Module:
-    from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
+    from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model  # the `compare` extra
 
     task_type = TaskType.SEQ_2_SEQ_LM if backbone.family == "t5" else TaskType.FEATURE_EXTRACTION
     if method == "lora":

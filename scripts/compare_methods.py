@@ -118,10 +118,15 @@ def run_job(job: dict, args) -> dict:
 def worker(payload: dict) -> dict:
     """Runs in the fresh process: train one configuration and measure it."""
     import torch
+    import transformers  # noqa: F401  imported before the meter starts, for every method alike
 
+    import compare_baselines as baselines
     from cache_store import CacheReader
     from cache_store.runtime import resolve_device
-    import compare_baselines as baselines
+    from side_train.train import train  # noqa: F401  (ditto)
+
+    if payload["method"] in ("lora", "prompt"):
+        import peft  # noqa: F401  (ditto)
 
     device = resolve_device(payload["device"])
     cache = CacheReader(payload["cache"])
@@ -136,9 +141,10 @@ def worker(payload: dict) -> dict:
         result = baselines.train_backprop(method, payload["model"], cache, config["lr"], seed,
                                           config.get("epochs", 5), payload["batch_size"], payload["device"], {})
     measured = meter.stop()
-    backbone = result.get("backbone_parameters") or backbone_parameters(payload["model"], cache)
+    backbone = result.get("backbone_parameters") or backbone_parameters(payload["model"])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     return {**result, **measured, "backbone_parameters": backbone,
-            "trainable_percent": 100 * result["trainable"] / backbone, "device": torch_device_name(device, torch)}
+            "trainable_percent": 100 * result["trainable"] / backbone, "device": name}
 
 
 def _train_read(payload: dict, cache) -> dict:
@@ -185,7 +191,7 @@ def _online_source(payload: dict, cache):
     return source
 
 
-def backbone_parameters(model: str, cache) -> int:
+def backbone_parameters(model: str) -> int:
     """The backbone's parameter count, from its config alone (no weights are loaded)."""
     import torch
     import transformers
@@ -196,10 +202,6 @@ def backbone_parameters(model: str, cache) -> int:
     with torch.device("meta"):
         net = getattr(transformers, FAMILIES[config.model_type][1]).from_config(config)
     return sum(p.numel() for p in net.parameters())
-
-
-def torch_device_name(device, torch) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
 
 
 def main(argv=None) -> None:

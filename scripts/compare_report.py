@@ -87,45 +87,50 @@ def tables(best: dict) -> str:
 
 
 def plots(best: dict, out: Path) -> list[Path]:
-    """Figure 2 of the paper, per backbone: average test metric against energy (time on a CPU, where energy
-    is not measured) and against peak memory, one point per method with every task measured."""
+    """Figure 2 of the paper, per backbone over all its tasks and per task: test metric (averaged over the
+    tasks) against energy (time on a CPU, where energy is not measured) and against peak memory, one
+    point per method measured on every one of those tasks."""
+    written = []
+    for backbone in sorted({b for b, _, _ in best}):
+        tasks = sorted({t for b, t, _ in best if b == backbone})
+        groups = [(tasks, f"figure2-{backbone}.png")] + [([t], f"figure2-{backbone}-{t}.png") for t in tasks]
+        for group, name in groups if len(tasks) > 1 else groups[:1]:
+            path = _figure([[best.get((backbone, t, m)) for t in group] for m in LABELS], backbone, group, out / name)
+            written += [path] if path else []
+    return written
+
+
+def _figure(cells_per_method: list, backbone: str, tasks: list[str], path: Path) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    for backbone in sorted({b for b, _, _ in best}):
-        tasks = sorted({t for b, t, _ in best if b == backbone})
-        points = {}
-        for m in LABELS:
-            cells = [best.get((backbone, t, m)) for t in tasks]
-            if all(cells):
-                energy = None if any(c["energy_joules"] is None for c in cells) else sum(c["energy_joules"] for c in cells)
-                points[m] = (float(np.mean([c["test"] for c in cells])), energy,
-                             sum(c["train_seconds"] for c in cells), max(c["peak_memory_mib"] for c in cells))
-        if not points:
-            continue
-        use_energy = all(p[1] is not None for p in points.values())
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for m, (metric, energy, seconds, memory) in points.items():
-            for ax, x in zip(axes, (energy if use_energy else seconds, memory)):
-                ax.scatter(x, metric, s=40)
-                ax.annotate(LABELS[m], (x, metric), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        axes[0].set_xlabel("training energy, J (all tasks)" if use_energy else "training time, s (all tasks; "
-                           "energy is not measured on a CPU)")
-        axes[1].set_xlabel("peak training memory, MiB (largest task)")
-        for ax in axes:
-            ax.set_xscale("log")
-            ax.set_ylabel(f"average test metric ({len(tasks)} tasks)")
-            ax.grid(alpha=0.3)
-        fig.suptitle(f"{backbone}: {', '.join(tasks)}")
-        fig.tight_layout()
-        path = out / f"figure2-{backbone}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
+    points = {}
+    for m, cells in zip(LABELS, cells_per_method):
+        if all(cells):
+            energy = None if any(c["energy_joules"] is None for c in cells) else sum(c["energy_joules"] for c in cells)
+            points[m] = (float(np.mean([c["test"] for c in cells])), energy,
+                         sum(c["train_seconds"] for c in cells), max(c["peak_memory_mib"] for c in cells))
+    if not points:
+        return None
+    use_energy = all(p[1] is not None for p in points.values())
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for m, (metric, energy, seconds, memory) in points.items():
+        for ax, x in zip(axes, (energy if use_energy else seconds, memory)):
+            ax.scatter(x, metric, s=40)
+            ax.annotate(LABELS[m], (x, metric), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axes[0].set_xlabel("training energy, J" if use_energy else "training time, s (energy is not measured on a CPU)")
+    axes[1].set_xlabel("peak training memory, MiB")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_ylabel("test metric" + (f", average of {len(tasks)} tasks" if len(tasks) > 1 else ""))
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{backbone}: {', '.join(tasks)}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_report(results: Path, out: Path) -> list[Path]:

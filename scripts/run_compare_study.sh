@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The all-MiniLM-L6-v2 study of the README, in the order that gives the most for the time spent. Every
+# finished configuration is appended to scripts/results/minilm.jsonl and skipped when this is run again, so it
+# can be stopped and continued. Caches: cache-activations --task T --model models/all-MiniLM-L6-v2
+# --data-dir ../shared/data/glue --limit 4000, for T in sst2 mrpc cola stsb rte.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL=${MODEL:-models/all-MiniLM-L6-v2}
+CACHES=${CACHES:-caches/all-MiniLM-L6-v2}
+TASKS=${TASKS:-"sst2 mrpc cola stsb rte"}
+compare() { python scripts/compare_methods.py --model "$MODEL" --data-dir ../shared/data/glue \
+    --results scripts/results/minilm.jsonl --out scripts/results/minilm --read-lrs 3e-4,1e-3 --read-epochs 6 \
+    --read-memory-gb 0.05 --epochs 3 "$@"; }
+for t in $TASKS; do compare --cache "$CACHES/$t" --methods probe; done
+for t in $TASKS; do
+  compare --cache "$CACHES/$t" --methods read --seeds 0
+  compare --cache "$CACHES/$t" --methods full,lora --seeds 0
+  compare --cache "$CACHES/$t" --methods read --seeds 0,1,2
+  compare --cache "$CACHES/$t" --methods read-online,read-norec --seeds 0 --read-lrs 3e-4
+  compare --cache "$CACHES/$t" --methods bitfit,prompt --seeds 0
+done
