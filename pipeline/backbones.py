@@ -162,12 +162,16 @@ class EncoderBackbone(Backbone):
         return self.tokenizer(*columns, truncation=True, max_length=max_length)["input_ids"]
 
     def forward(self, input_ids, attention_mask, attentions):
-        # Segment B starts after the first [SEP]: rebuilt here so the cache need not store token types.
-        sep = input_ids == self.tokenizer.sep_token_id
-        token_type_ids = ((sep.cumsum(1) - sep.long()) > 0).long() * attention_mask
+        token_type_ids = token_types(input_ids, attention_mask, self.tokenizer.sep_token_id)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                          output_hidden_states=True, output_attentions=attentions)
         return BackboneOutput(list(out.hidden_states), list(out.attentions or ()), [], [])
+
+
+def token_types(input_ids: torch.Tensor, attention_mask: torch.Tensor, sep_id: int) -> torch.Tensor:
+    """Segment B starts after the first [SEP]: rebuilt from the ids, so the cache need not store token types."""
+    sep = input_ids == sep_id
+    return ((sep.cumsum(1) - sep.long()) > 0).long() * attention_mask
 
 
 # model_type (from the model's config.json) -> (backbone class, transformers auto class name)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from cache_store import CacheReader, hidden_path
-from pipeline.backbones import Backbone, load_backbone
+from pipeline.backbones import Backbone, load_backbone, token_types
 from side_train.data import BatchOrder
 from side_train.metrics import score
 from side_train.read_model import pool
@@ -69,8 +69,7 @@ class Classifier(nn.Module):
             return self.head(out.decoder_hidden_states[-1][:, 0])  # the final (layer-normed) decoder state
         kwargs = {}
         if not self.prompt_tokens:  # PEFT's prompt tuning drops token types; elsewhere rebuild them from [SEP]
-            sep = ids == self.sep_id
-            kwargs["token_type_ids"] = ((sep.cumsum(1) - sep.long()) > 0).long() * mask
+            kwargs["token_type_ids"] = token_types(ids, mask, self.sep_id)
         hidden = self.net(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
         hidden = hidden[:, self.prompt_tokens:]  # the virtual prompt tokens come first
         return self.head(pool(hidden, mask, self.pooling))
