@@ -50,9 +50,15 @@ def _fmt(value, digits=1):
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
+def _score(c: dict) -> str:
+    """Test mean, with its spread where there are several seeds."""
+    return f"{c['test']:.2f} ± {c['test_std']:.2f}" if len(c["seeds"]) > 1 else f"{c['test']:.2f}"
+
+
 def tables(best: dict) -> str:
-    """Markdown: per backbone, one row per method; a column per task (test metric, mean ± std over seeds)
-    and their average, then trainable share, peak memory, time per epoch and energy (averaged over tasks)."""
+    """Markdown, per backbone: one row per method with a column per task (test metric, mean ± std over
+    seeds), their average, then trainable share, peak memory, time per epoch and energy averaged over the
+    tasks the method has run; the issue's targets where both sides have run; then one table per task."""
     out = []
     for backbone in sorted({b for b, _, _ in best}):
         tasks = sorted({t for b, t, _ in best if b == backbone})
@@ -63,27 +69,57 @@ def tables(best: dict) -> str:
         out.append("|" + " --- |" * (len(tasks) + 6))
         for m in methods:
             cells = [best.get((backbone, t, m)) for t in tasks]
-            scores = [f"{c['test']:.2f} ± {c['test_std']:.2f}" if c else "–" for c in cells]
             have = [c for c in cells if c]
             average = f"{np.mean([c['test'] for c in have]):.2f}" if len(have) == len(tasks) else "–"
             mean = lambda k: (None if any(c[k] is None for c in have) else float(np.mean([c[k] for c in have])))  # noqa: E731
-            out.append(f"| {LABELS[m]} | " + " | ".join(scores) + f" | {average} | {_fmt(mean('trainable_percent'), 3)}% "
+            out.append(f"| {LABELS[m]} | " + " | ".join(_score(c) if c else "–" for c in cells)
+                       + f" | {average} | {_fmt(mean('trainable_percent'), 3)}% "
                        f"| {_fmt(mean('peak_memory_mib'), 0)} | {_fmt(mean('epoch_seconds'))} "
                        f"| {_fmt(mean('energy_joules'), 0)} |")
         kinds = sorted({c["memory_kind"] for (b, _, _), c in best.items() if b == backbone})
         devices = sorted({c["device"] for (b, _, _), c in best.items() if b == backbone})
         out.append(f"\nTest metric at the best validation epoch of the configuration with the best mean validation "
-                   f"metric (mean ± std over its seeds). Memory: {', '.join(kinds)}. Device: {', '.join(devices)}.\n")
-        out.append("| method | task | configuration | seeds | validation | test per seed |")
-        out.append("| --- | --- | --- | --- | --- | --- |")
-        for m in methods:
-            for t in tasks:
+                   f"metric (mean ± std over its seeds; no spread where one seed ran). The average needs every "
+                   f"task; trainable share, memory, time and energy are means over the tasks the method has run. "
+                   f"Memory: {', '.join(kinds)}. Device: {', '.join(devices)}.\n")
+        out += targets({t: {m: best[(backbone, t, m)] for m in methods if (backbone, t, m) in best} for t in tasks})
+        for t in tasks:
+            out.append(f"\n#### {t}\n")
+            out.append("| method | test | validation | seeds | trainable | peak memory (MiB) | s / epoch | energy (J) "
+                       "| configuration |")
+            out.append("|" + " --- |" * 9)
+            for m in methods:
                 c = best.get((backbone, t, m))
                 if c:
-                    out.append(f"| {LABELS[m]} | {t} | {json.dumps(c['config'])} | {len(c['seeds'])} | "
-                               f"{c['validation']:.2f} | {', '.join(f'{v:.2f}' for v in c['test_per_seed'])} |")
+                    out.append(f"| {LABELS[m]} | {_score(c)} | {c['validation']:.2f} | {len(c['seeds'])} "
+                               f"| {_fmt(c['trainable_percent'], 3)}% | {_fmt(c['peak_memory_mib'], 0)} "
+                               f"| {_fmt(c['epoch_seconds'])} | {_fmt(c['energy_joules'], 0)} "
+                               f"| {json.dumps(c['config'])} |")
         out.append("")
     return "\n".join(out)
+
+
+def targets(by_task: dict[str, dict[str, dict]]) -> list[str]:
+    """The issue's four targets for READ from the cache, each over the tasks where both methods have run."""
+    def paired(other: str, key: str):
+        pairs = [(row["read"][key], row[other][key]) for row in by_task.values() if "read" in row and other in row]
+        return [p for p in pairs if None not in p]
+
+    lines = ["| target | tasks | READ | other | measured | met |", "| --- | --- | --- | --- | --- | --- |"]
+    checks = [("within 1.5 points of full fine-tuning", "full", "test", lambda r, o: r - o, lambda v: v >= -1.5, "{:+.2f}"),
+              ("at least 3 points above the linear probe", "probe", "test", lambda r, o: r - o, lambda v: v >= 3, "{:+.2f}"),
+              ("peak memory at most 0.3 of full fine-tuning's", "full", "peak_memory_mib", lambda r, o: r / o,
+               lambda v: v <= 0.3, "{:.2f}x"),
+              ("time per epoch below LoRA's", "lora", "epoch_seconds", lambda r, o: r / o, lambda v: v < 1, "{:.2f}x")]
+    for name, other, key, compare, ok, fmt in checks:
+        pairs = paired(other, key)
+        if not pairs:
+            continue
+        read, theirs = float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs]))
+        value = compare(read, theirs)
+        lines.append(f"| READ {name} | {len(pairs)} of {len(by_task)} | {read:,.2f} | {theirs:,.2f} "
+                     f"| {fmt.format(value)} | {'yes' if ok(value) else '**no**'} |")
+    return ["Targets (means over the tasks where both have run):\n", *lines] if len(lines) > 2 else []
 
 
 def plots(best: dict, out: Path) -> list[Path]:

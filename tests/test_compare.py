@@ -117,3 +117,33 @@ def test_every_method_runs_on_the_t5_path(tiny_t5, glue_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     methods = {json.loads(line)["method"] for line in (tmp_path / "r.jsonl").read_text().splitlines()}
     assert methods == {"read", "read-norec", "read-online", "full", "bitfit", "lora", "prompt", "probe"}
+
+
+def _row(task, method, config, seed, validation, test, memory_mib=100.0, epoch_seconds=(10.0,)):
+    return {"backbone": "b", "task": task, "method": method, "config": config, "seed": seed,
+            "validation": validation, "test": test, "trainable": 10, "trainable_percent": 1.0,
+            "peak_memory_bytes": memory_mib * 2**20, "memory_kind": "peak RSS above baseline",
+            "epoch_seconds": list(epoch_seconds), "energy_joules": None, "device": "cpu"}
+
+
+def test_report_chooses_by_mean_validation_and_states_the_targets(tmp_path):
+    import compare_report
+
+    rows = [_row("sst2", "read", {"lr": 1e-3}, 0, 80, 70), _row("sst2", "read", {"lr": 1e-3}, 1, 82, 74),
+            _row("sst2", "read", {"lr": 3e-3}, 0, 90, 99),  # the best seed alone, but one seed among two configs
+            _row("sst2", "read", {"lr": 3e-3}, 1, 60, 50),
+            _row("sst2", "full", {"lr": 1e-4}, 0, 85, 73, memory_mib=400),
+            _row("sst2", "probe", {"c": 1}, 0, 70, 69),
+            _row("sst2", "lora", {"lr": 1e-3}, 0, 84, 72, epoch_seconds=(40.0, 60.0))]
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    best = compare_report.choose(compare_report.load(results))
+    read = best[("b", "sst2", "read")]
+    assert read["config"] == {"lr": 1e-3} and read["test"] == pytest.approx(72) and read["test_std"] == pytest.approx(2)
+    table = compare_report.tables(best)
+    assert "72.00 ± 2.00" in table and "| 73.00 |" in table  # a spread only where several seeds ran
+    targets = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| READ ")}
+    assert "| -1.00 | yes |" in targets["READ within 1.5 points of full fine-tuning"]
+    assert "| +3.00 | yes |" in targets["READ at least 3 points above the linear probe"]
+    assert "| 0.25x | yes |" in targets["READ peak memory at most 0.3 of full fine-tuning's"]
+    assert "| 0.20x | yes |" in targets["READ time per epoch below LoRA's"]
