@@ -11,7 +11,6 @@ Also the meters every method is measured with: peak memory and energy.
 """
 from __future__ import annotations
 
-import resource
 import threading
 import time
 
@@ -21,9 +20,12 @@ from torch import nn
 
 from cache_store import CacheReader, hidden_path
 from pipeline.backbones import Backbone, load_backbone, token_types
+from side_train.config import RunConfig
 from side_train.data import BatchOrder
 from side_train.metrics import score
-from side_train.read_model import pool
+from side_train.read_model import build_head, pool
+from side_train.tasks import TaskInfo, loss_of, predictions_of
+from side_train.train import peak_memory_bytes, schedule_of
 
 BACKPROP_METHODS = ("full", "bitfit", "lora", "prompt")
 
@@ -56,11 +58,7 @@ class Classifier(nn.Module):
         self.net, self.pooling, self.prompt_tokens = net, pooling, prompt_tokens
         self.family, self.config = backbone.family, backbone.config
         self.sep_id, self.pad_id = backbone.tokenizer.sep_token_id, backbone.tokenizer.pad_token_id or 0
-        self.head = nn.Linear(backbone.d_model, num_labels)
-        if label_head is not None:  # a fresh T5 classifier predicts exactly what the backbone's LM head does
-            with torch.no_grad():
-                self.head.weight.copy_(label_head)
-                self.head.bias.zero_()
+        self.head = build_head(backbone.d_model, num_labels, label_head)  # T5: starts as the backbone's LM head
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.family == "t5":
@@ -118,23 +116,15 @@ def counts(classifier: Classifier) -> tuple[int, int]:
     return trainable, backbone
 
 
-def _loss(outputs: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
-    if regression:
-        return nn.functional.mse_loss(outputs.squeeze(-1), labels.float())
-    return nn.functional.cross_entropy(outputs, labels.long())
-
-
 @torch.no_grad()
-def _evaluate(classifier: Classifier, split: TokenSplit, metric: str, regression: bool, batch_size: int,
+def _evaluate(classifier: Classifier, split: TokenSplit, task: TaskInfo, batch_size: int,
               device: torch.device) -> float:
     classifier.eval()
     outputs = []
     for ids, mask, _ in split.batches(batch_size, shuffle=False):
         outputs.append(classifier(ids.to(device), mask.to(device)).float().cpu())
     classifier.train()
-    out = torch.cat(outputs)
-    predictions = out.squeeze(-1) if regression else out.argmax(-1)
-    return score(metric, split.labels.numpy(), predictions.numpy())
+    return score(task.metric, split.labels.numpy(), predictions_of(task, torch.cat(outputs)).numpy())
 
 
 def train_backprop(method: str, model: str, cache: CacheReader, lr: float, seed: int, epochs: int, batch_size: int,
@@ -144,20 +134,18 @@ def train_backprop(method: str, model: str, cache: CacheReader, lr: float, seed:
     torch.manual_seed(seed)
     classifier = build_classifier(method, model, cache, device, options)
     target = next(classifier.parameters()).device
-    task = cache.manifest["task"]
-    regression, metric = not task["label_words"], task["metric"]
+    task = TaskInfo.from_cache(cache)
     splits = {name: TokenSplit(cache, name, classifier.pad_id) for name in ("train", "validation", "test")}
     params = [p for p in classifier.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=options.get("weight_decay", 0.01))
     steps = epochs * splits["train"].n_batches(batch_size)
-    warm = max(1, int(0.06 * steps))  # the schedule train-side uses: 6% warm-up, then linear decay
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    # train-side's schedule at its default warm-up (6% of the steps), then linear decay
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_of(RunConfig(), steps))
     curve, tests, losses, epoch_seconds = [], [], [], []
     for epoch in range(epochs):
         began, total = time.perf_counter(), []
         for ids, mask, labels in splits["train"].batches(batch_size, shuffle=True, seed=seed * 100_003 + epoch):
-            loss = _loss(classifier(ids.to(target), mask.to(target)), labels.to(target), regression)
+            loss = loss_of(task, classifier(ids.to(target), mask.to(target)), labels.to(target))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -165,9 +153,9 @@ def train_backprop(method: str, model: str, cache: CacheReader, lr: float, seed:
             total.append(loss.item())
             if progress:
                 progress()
-        curve.append(_evaluate(classifier, splits["validation"], metric, regression, 2 * batch_size, target))
+        curve.append(_evaluate(classifier, splits["validation"], task, 2 * batch_size, target))
         epoch_seconds.append(time.perf_counter() - began)  # training and validation, as READ's epochs count
-        tests.append(_evaluate(classifier, splits["test"], metric, regression, 2 * batch_size, target))
+        tests.append(_evaluate(classifier, splits["test"], task, 2 * batch_size, target))
         losses.append(float(np.mean(total)))
     best = int(np.argmax(curve))
     trainable, backbone = counts(classifier)
@@ -226,7 +214,7 @@ class Meter:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start_energy()
         else:
-            self.baseline = _rss_peak_bytes()
+            self.baseline = peak_memory_bytes(self.device)
 
     def stop(self) -> dict:
         seconds = time.perf_counter() - self.began
@@ -235,7 +223,7 @@ class Meter:
             return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(self.device)),
                     "memory_kind": "cuda max_memory_allocated", "energy_joules": self._stop_energy(),
                     "wall_seconds": seconds}
-        return {"peak_memory_bytes": _rss_peak_bytes() - self.baseline, "memory_kind": "peak RSS above baseline",
+        return {"peak_memory_bytes": peak_memory_bytes(self.device) - self.baseline, "memory_kind": "peak RSS above baseline",
                 "energy_joules": None, "wall_seconds": seconds}
 
     def _start_energy(self) -> None:
@@ -268,7 +256,3 @@ class Meter:
         self._running = False
         self._sampler.join()
         return self._joules
-
-
-def _rss_peak_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
