@@ -12,10 +12,14 @@ compare() { python scripts/compare_methods.py --model "$MODEL" --data-dir ../sha
     --results scripts/results/minilm.jsonl --out scripts/results/minilm --read-lrs 3e-4,1e-3 --read-epochs 6 \
     --read-memory-gb 0.05 --epochs 3 "$@"; }
 for t in $TASKS; do compare --cache "$CACHES/$t" --methods probe; done
+# First what the four targets need (READ over 3 seeds, full fine-tuning, LoRA) on every task, then the
+# rest of the table: READ online, the no-recurrence ablation, BitFit and prompt tuning.
 for t in $TASKS; do
   compare --cache "$CACHES/$t" --methods read --seeds 0
   compare --cache "$CACHES/$t" --methods full,lora --seeds 0
   compare --cache "$CACHES/$t" --methods read --seeds 0,1,2
+done
+for t in $TASKS; do
   compare --cache "$CACHES/$t" --methods read-online,read-norec --seeds 0 --read-lrs 3e-4
   compare --cache "$CACHES/$t" --methods bitfit,prompt --seeds 0
 done
