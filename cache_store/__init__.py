@@ -49,11 +49,12 @@ from .format import (
     cross_attention_path, hidden_path,
 )
 from .reader import Batch, CacheReader, SplitReader
+from .source import ActivationSource, SplitSource
 from .verify import verify_cache
 from .writer import BackgroundWriter, CacheWriter, SplitPlan, SplitWriter
 
 __all__ = [
-    "ATTENTION_MODES", "FORMAT_VERSION", "SPLITS", "STORAGE_DTYPES", "ArraySpec", "BackgroundWriter", "Batch",
+    "ATTENTION_MODES", "ActivationSource", "SplitSource", "FORMAT_VERSION", "SPLITS", "STORAGE_DTYPES", "ArraySpec", "BackgroundWriter", "Batch",
     "CacheError", "CacheReader", "CacheWriter", "SplitPlan", "SplitReader", "SplitWriter", "UserError",
     "attention_path", "cross_attention_path", "hidden_path", "verify_cache",
 ]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cache_store import CacheReader, UserError
+from cache_store import ActivationSource, CacheReader, UserError
 from cache_store.runtime import resolve_device
 
 from .artifacts import write_run
@@ -34,14 +34,14 @@ class TaskData:
     """One task of a run: what it is, where its activations come from, and its opened splits."""
 
     info: TaskInfo
-    cache: object  # CacheReader, or a live source (`train-side --online`)
+    cache: ActivationSource  # a CacheReader, or a live backbone (`train-side --online`)
     splits: dict  # train | validation | test -> InMemorySplit | StreamingSplit | OnlineSplit
 
 
 def open_tasks(sources: list, config: RunConfig, memory_bytes: int, log) -> list[TaskData]:
     """Open every task's cache (or live source), check they can share one network, open their splits
     (the memory budget divided between the tasks)."""
-    caches = [s if getattr(s, "online", False) else CacheReader(s) for s in sources]
+    caches: list[ActivationSource] = [s if isinstance(s, ActivationSource) else CacheReader(s) for s in sources]
     check_compatible(caches)
     spec = read_spec(caches[0], config.width, config.cell)
     tasks = []
@@ -50,7 +50,7 @@ def open_tasks(sources: list, config: RunConfig, memory_bytes: int, log) -> list
             log(f"warning: {cache.path} was cached from a randomly initialised backbone (--init random): "
                 "its metrics say nothing about the pretrained model")
         began = time.perf_counter()
-        if getattr(cache, "online", False):
+        if cache.live:
             splits = {n: OnlineSplit(cache.split(n), spec, cache.manifest) for n in ("train", "validation", "test")}
             how = "the backbone runs live for every batch"
         else:
