@@ -23,7 +23,7 @@ def _live_source(name: str, **options):
     found = list(entry_points(group="read_side.sources", name=name))
     if not found:
         raise UserError(f"the live backbone source {name!r} of this package is not installed; "
-                         "reinstall it (pip install -e .)")
+                        "reinstall it (pip install -e .)")
     return found[0].load()(**options)
 
 

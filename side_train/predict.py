@@ -46,7 +46,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     config_file, weights = Path(run_dir) / "config.json", Path(run_dir) / "model.safetensors"
     if not (config_file.is_file() and weights.is_file()):
         raise UserError(f"--checkpoint {run_dir}: no READ checkpoint there (config.json and model.safetensors, "
-                         "written by train-side in runs/<model>-<task>/<run>)")
+                        "written by train-side in runs/<model>-<task>/<run>)")
     config = json.loads(config_file.read_text())
     if "tasks" not in config:
         raise UserError(f"--checkpoint {run_dir} was written by an older train-side; retrain it")
@@ -84,7 +84,7 @@ def task_of(row: dict, tasks: list[dict], number: int) -> dict:
         found = [t for t in tasks if t["name"] == row["task"]]
         if not found:
             raise UserError(f"input {number} asks for task {row['task']!r}; this checkpoint has "
-                             f"{', '.join(t['name'] for t in tasks)}")
+                            f"{', '.join(t['name'] for t in tasks)}")
         task = found[0]
     else:
         fits = [t for t in tasks if all(f in row for f in t["manifest"]["task"]["fields"])]
@@ -92,7 +92,7 @@ def task_of(row: dict, tasks: list[dict], number: int) -> dict:
     missing = [f for f in task["manifest"]["task"]["fields"] if f not in row]
     if missing:
         raise UserError(f"input {number} lacks {', '.join(missing)}: task {task['name']} reads the fields "
-                         f"{', '.join(task['manifest']['task']['fields'])}")
+                        f"{', '.join(task['manifest']['task']['fields'])}")
     return task
 
 

@@ -34,12 +34,12 @@ def load_state(out: Path, stacks: list[Stack], resume: bool) -> int:
         return 0
     if not resume:
         raise UserError(f"{out} holds an unfinished training run ({STATE_FILE}); continue it with --resume, "
-                         "or choose another --out")
+                        "or choose another --out")
     saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors, numbers, strings: nothing to run
     names = sorted(r.config.name for s in stacks for r in s.runs)
     if sorted(saved["runs"]) != names:
         raise UserError(f"{out} was training runs {', '.join(sorted(saved['runs']))}, not {', '.join(names)}; "
-                         "resume with the options it was started with, or choose another --out")
+                        "resume with the options it was started with, or choose another --out")
     for stack in stacks:
         stack.restore(saved["stacks"][tuple(r.config.name for r in stack.runs)])
         for run in stack.runs:
