@@ -268,7 +268,8 @@ class ReadModel(nn.Module):
     def __init__(self, spec: ReadSpec, tasks: dict[str, tuple[int, torch.Tensor | None]], members: int = 1):
         super().__init__()
         self.spec, self.members = spec, members
-        starts = {name: build_head(spec.d_model, outputs, rows) for name, (outputs, rows) in tasks.items()}  # drawn first
+        # The heads are drawn first, as they always were, so that a seed still gives the weights it gave.
+        starts = {name: build_head(spec.d_model, outputs, rows) for name, (outputs, rows) in tasks.items()}
         self.encoder = ReadStack(members, spec.n_layers, spec.d_model, spec.width, spec.heads, spec.cell,
                                  spec.recurrence, output=not spec.n_decoder_layers)
         self.decoder = (ReadStack(members, spec.n_decoder_layers, spec.d_model, spec.width, spec.heads,
