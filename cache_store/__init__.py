@@ -27,8 +27,9 @@ Storage. Float arrays are stored in the manifest's `storage_dtype`: bfloat16 (de
 uint16, array attr `logical_dtype: bfloat16`), float16 or float32. Each array grows along one ragged
 axis (attr `grows_along`: tokens | pairs | examples, at attr `axis`) and is sharded along it
 into inner chunks of about 1 MiB, each compressed (blosc lz4 with bit shuffle) and carrying a crc32c
-that zarr checks on every read. Shards of the largest array hold about `storage.shard_bytes` (64 MiB);
-every array's shards span about as many examples, so `committed` advances once per shard. The split's
+that zarr checks on every read. Shards of the largest array hold about `storage.shard_bytes`
+(format.DEFAULT_SHARD_BYTES, 64 MiB); every array's shards span about as many examples, so `committed`
+advances once per shard. The split's
 attrs hold an xxh3-128 digest of every shard's content; the manifest one digest per split over those.
 
 Manifest (attrs["read_cache"]): format_version, package_version, created_at, complete, backbone
@@ -42,17 +43,18 @@ written one whole shard at a time, and after each shard the split's `committed` 
 examples every array holds. A split is read only once `complete`. A resumed writer continues from
 the batch holding example `committed` and writes the same bytes as an uninterrupted run.
 """
-from .errors import CacheError
+from .errors import CacheError, UserError
 from .format import (
     ATTENTION_MODES, FORMAT_VERSION, SPLITS, STORAGE_DTYPES, ArraySpec, attention_path,
     cross_attention_path, hidden_path,
 )
 from .reader import Batch, CacheReader, SplitReader
+from .source import ActivationSource, SplitSource
 from .verify import verify_cache
 from .writer import BackgroundWriter, CacheWriter, SplitPlan, SplitWriter
 
 __all__ = [
-    "ATTENTION_MODES", "FORMAT_VERSION", "SPLITS", "STORAGE_DTYPES", "ArraySpec", "BackgroundWriter", "Batch",
-    "CacheError", "CacheReader", "CacheWriter", "SplitPlan", "SplitReader", "SplitWriter", "attention_path",
-    "cross_attention_path", "hidden_path", "verify_cache",
+    "ATTENTION_MODES", "ActivationSource", "SplitSource", "FORMAT_VERSION", "SPLITS", "STORAGE_DTYPES", "ArraySpec", "BackgroundWriter", "Batch",
+    "CacheError", "CacheReader", "CacheWriter", "SplitPlan", "SplitReader", "SplitWriter", "UserError",
+    "attention_path", "cross_attention_path", "hidden_path", "verify_cache",
 ]

@@ -8,10 +8,10 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .errors import CacheError
+from .errors import UserError
 from .format import MANIFEST_KEY, STORAGE_DTYPES, shard_files
 from .reader import CacheReader
-from .runtime import OneLineCommand
+from .commands import OneLineCommand
 
 
 def _split_sizes(reader: CacheReader, name: str) -> tuple[int, int]:
@@ -34,7 +34,7 @@ def main(cache: Path, verify: bool, as_json: bool):
     """Print a cache's manifest, splits, counts, sizes and compression ratio."""
     try:
         reader = CacheReader(cache)
-    except CacheError as exc:
+    except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     m = reader.manifest

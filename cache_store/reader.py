@@ -22,6 +22,8 @@ class CacheReader:
     """A cache opened for reading. `expect` maps dotted manifest paths to the values the caller needs
     (e.g. {"task.name": "rte", "backbone.name": "t5-small"}); any difference is refused."""
 
+    live = False  # an ActivationSource (source.py) whose arrays are stored
+
     def __init__(self, path: str | Path, expect: Mapping[str, Any] | None = None):
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():

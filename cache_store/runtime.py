@@ -1,12 +1,14 @@
-"""Process-wide tuning shared by both stages (cache_store is the one package both import)."""
+"""Process-wide choices shared by both stages (cache_store is the one package both import): the device
+and the allocator's tuning."""
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import sys
 
-import click
 import torch
+
+from .errors import UserError
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -36,23 +38,5 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for, but no CUDA device is visible; use --device cpu or auto")
+        raise UserError(f"--device {device} asked for, but no CUDA device is visible; use --device cpu or auto")
     return torch.device(device)
-
-
-class _OneLineUsageError(click.ClickException):
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()} (see --help)", err=True)
-
-
-class OneLineCommand(click.Command):
-    """A click command whose usage errors (an unknown --task, a number that is not one) print one line,
-    `error: ...`, and exit 2, as every other refusal of the command lines does."""
-
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent, **extra)
-        except click.UsageError as exc:
-            raise _OneLineUsageError(exc.format_message()) from None

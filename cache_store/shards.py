@@ -14,7 +14,6 @@ writes the same data both ways and compares the files, and every read goes throu
 """
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 
@@ -25,20 +24,10 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
+from . import faults
+
 _EMPTY = np.uint64(2**64 - 1)
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
-
-
-DISK_FULL_AFTER_ENV = "READ_CACHE_DISK_FULL_AFTER_SHARDS"  # fault injection: ENOSPC after N shard files
-_shards_written = 0
-
-
-def _inject_disk_full(path: Path) -> None:
-    global _shards_written
-    limit = os.environ.get(DISK_FULL_AFTER_ENV)
-    if limit is not None and _shards_written >= int(limit):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    _shards_written += 1
 
 
 def _crc(data) -> bytes:
@@ -94,7 +83,7 @@ class ShardEncoder:
         temporary = path.with_name(f".{path.name}.partial")
         try:
             with open(temporary, "wb") as handle:
-                _inject_disk_full(temporary)
+                faults.before_shard_write(temporary)
                 handle.writelines(parts)
             os.replace(temporary, path)  # atomic, as zarr's LocalStore writes
         except OSError:

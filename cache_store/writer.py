@@ -8,10 +8,8 @@ each shard buffer with what is on disk up to the point it restarts from and writ
 """
 from __future__ import annotations
 
-import os
 import queue
 import shutil
-import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 import zarr
 
+from . import faults
 from .errors import CacheError
 from .format import (
     DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, COMPRESSOR, FORMAT_VERSION, MANIFEST_KEY, PAIRS,
@@ -27,10 +26,6 @@ from .format import (
     compressors, differences, manifest_identity, shard_elements,
 )
 from .shards import ShardEncoder
-
-# Fault injection for the crash tests: SIGKILL this process after that many commits.
-CRASH_AFTER_COMMITS_ENV = "READ_CACHE_CRASH_AFTER_COMMITS"
-
 
 @dataclass(frozen=True)
 class SplitPlan:
@@ -104,7 +99,6 @@ class CacheWriter:
         self.manifest = manifest
         self._save_manifest()
         self._commits = 0
-        self._crash_after = int(os.environ.get(CRASH_AFTER_COMMITS_ENV, "0"))
 
     def _existing_manifest(self) -> dict | None:
         if not (self.path / "zarr.json").is_file():
@@ -134,8 +128,7 @@ class CacheWriter:
 
     def _counted_commit(self) -> None:
         self._commits += 1
-        if self._crash_after and self._commits >= self._crash_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+        faults.after_commit(self._commits)
 
 
 class SplitWriter:

@@ -188,13 +188,6 @@ def backbone_name(model: str) -> str:
     return path.resolve().name if path.exists() else model.replace("/", "--")
 
 
-def resolve_device(device: str) -> torch.device:
-    try:
-        return runtime.resolve_device(device)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
-
-
 def load_backbone(model: str, init: str = "pretrained", seed: int = 0, device: str = "auto",
                   attentions: bool = True, progress: bool = True) -> Backbone:
     import transformers
@@ -230,6 +223,6 @@ def load_backbone(model: str, init: str = "pretrained", seed: int = 0, device: s
                              "backbone built from its config") from None
     else:
         raise InputError(f"--init must be one of {INITS}")
-    target = resolve_device(device)
+    target = runtime.resolve_device(device)
     net = net.to(target).eval().requires_grad_(False)
     return family(backbone_name(model), net, tokenizer, target, init, seed if init == "random" else None)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from cache_store import ATTENTION_MODES, SPLITS, STORAGE_DTYPES, CacheError
-from cache_store.runtime import OneLineCommand
+from cache_store import ATTENTION_MODES, SPLITS, STORAGE_DTYPES, UserError
+from cache_store.commands import OneLineCommand, field_option
 
 from .backbones import INITS
 from .config import CacheConfig
@@ -27,25 +27,20 @@ def _int_list(value: str, name: str) -> tuple[int, ...] | None:
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--task", required=True, type=click.Choice(list(TASKS)), help="GLUE task.")
-@click.option("--model", default="t5-base", show_default=True, help="Hub id or local folder (save_pretrained layout).")
-@click.option("--init", type=click.Choice(INITS), default="pretrained", show_default=True,
-              help="random: seeded random weights built from the model's config (no weights needed).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split protocol and --init random.")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="GLUE's tsv layout (e.g. glue/RTE/train.tsv); default: the Hugging Face hub.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("caches"), show_default=True,
-              help="The cache goes to OUT/<model>/<task>.")
-@click.option("--splits", default=",".join(SPLITS), show_default=True, help="Comma-separated splits to cache.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--max-length", type=int, default=128, show_default=True, help="Truncate inputs to this many tokens.")
-@click.option("--dtype", type=click.Choice(list(STORAGE_DTYPES)), default="bfloat16", show_default=True)
-@click.option("--attention", type=click.Choice(ATTENTION_MODES), default="heads", show_default=True,
-              help="Store attention maps per head, as the head mean, or not at all.")
-@click.option("--layers", default="all", show_default=True, help="'all' or comma-separated layer indices.")
-@click.option("--limit", type=int, default=None, help="Keep at most N examples of each split.")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
-@click.option("--shard-mb", type=float, default=64.0, show_default=True,
-              help="Shard size; one shard per array is buffered in memory while writing.")
+@field_option(CacheConfig, "model")
+@field_option(CacheConfig, "init", type=click.Choice(INITS))
+@field_option(CacheConfig, "seed", type=int)
+@field_option(CacheConfig, "data_dir", type=click.Path(path_type=Path))
+@field_option(CacheConfig, "out", type=click.Path(path_type=Path))
+@field_option(CacheConfig, "splits", default=",".join(SPLITS))
+@field_option(CacheConfig, "batch_size", type=int)
+@field_option(CacheConfig, "max_length", type=int)
+@field_option(CacheConfig, "dtype", type=click.Choice(list(STORAGE_DTYPES)))
+@field_option(CacheConfig, "attention", type=click.Choice(ATTENTION_MODES))
+@field_option(CacheConfig, "layers", default="all")
+@field_option(CacheConfig, "limit", type=int)
+@field_option(CacheConfig, "device")
+@field_option(CacheConfig, "shard_mb", type=float)
 @click.option("--resume", is_flag=True, help="Continue a killed run.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -67,7 +62,7 @@ def main(task, model, init, seed, data_dir, out, splits, batch_size, max_length,
             mode="resume" if resume else "overwrite" if overwrite else "new", shard_mb=shard_mb,
         )
         reports = run(config, progress=not quiet, log=lambda line: click.echo(line, err=True))
-    except (InputError, CacheError) as exc:
+    except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except OSError as exc:  # writing failed (input and model problems are InputErrors by now)

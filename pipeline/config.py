@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache_store import ATTENTION_MODES, SPLITS, STORAGE_DTYPES
+from cache_store.commands import documented
+from cache_store.format import DEFAULT_SHARD_BYTES
 
 from .backbones import INITS, backbone_name
 from .errors import InputError
@@ -16,21 +18,25 @@ MODES = ("new", "resume", "overwrite")
 @dataclass(frozen=True)
 class CacheConfig:
     task: str  # a name from the task registry
-    model: str = "t5-base"  # hub id or local folder (config.json + tokenizer [+ weights])
-    init: str = "pretrained"  # pretrained | random (seeded weights built from the model's config)
-    seed: int = 0  # seeds the split protocol and random init
-    data_dir: Path | None = None  # GLUE tsv layout; None = Hugging Face hub
-    out: Path = Path("caches")  # the cache goes to out/<backbone>/<task>
-    splits: tuple[str, ...] = SPLITS
-    batch_size: int = 32
-    max_length: int = 128  # tokens per example, truncating longer inputs
-    dtype: str = "bfloat16"  # storage dtype of every float array
-    attention: str = "heads"  # heads | mean | none
-    layers: tuple[int, ...] | None = None  # stored layer indices (encoder and decoder); None = all
-    limit: int | None = None  # keep at most this many examples of each split
-    device: str = "auto"  # auto | cpu | cuda[:i]
-    mode: str = "new"  # new (refuse an existing cache) | resume | overwrite
-    shard_mb: float = 64.0  # shard size; whole shards are buffered per array while writing
+    model: str = documented("t5-base", "Hub id or local folder (save_pretrained layout).")
+    init: str = documented("pretrained", "random: seeded random weights built from the model's config "
+                                         "(no weights needed).")
+    seed: int = documented(0, "Seeds the split protocol and --init random.")
+    data_dir: Path | None = documented(None, "GLUE's tsv layout (e.g. glue/RTE/train.tsv); default: the "
+                                             "Hugging Face hub.")
+    out: Path = documented(Path("caches"), "The cache goes to OUT/<model>/<task>.")
+    splits: tuple[str, ...] = documented(SPLITS, "Splits to cache, comma-separated.")
+    batch_size: int = documented(32, "Examples per backbone batch.")
+    max_length: int = documented(128, "Truncate inputs to this many tokens.")
+    dtype: str = documented("bfloat16", "Storage dtype of every float array.")
+    attention: str = documented("heads", "Store attention maps per head, as the head mean, or not at all.")
+    layers: tuple[int, ...] | None = documented(None, "Stored layer indices, encoder and decoder: 'all' or "
+                                                      "comma-separated integers.")
+    limit: int | None = documented(None, "Keep at most N examples of each split.")
+    device: str = documented("auto", "auto | cpu | cuda[:i]")
+    mode: str = "new"  # new (refuse an existing cache) | resume | overwrite: --resume, --overwrite
+    shard_mb: float = documented(DEFAULT_SHARD_BYTES / 2**20, "Shard size in MiB; one shard per array is buffered "
+                                                             "in memory while writing.")
 
     def __post_init__(self):
         checks = [

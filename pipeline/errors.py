@@ -1,5 +1,6 @@
-"""The one exception a user sees as a one-line message (the CLI prints it without a traceback)."""
+"""Stage one's refusals of bad input (a task, a model, data files): a UserError, printed as one line."""
+from cache_store.errors import UserError
 
 
-class InputError(Exception):
+class InputError(UserError):
     """Bad input from the user: the message names the problem and the fix."""

@@ -29,7 +29,10 @@ def load_source_splits(task: TaskSpec, data_dir: Path | None) -> dict[str, Rows]
 def _load_hub(task: TaskSpec) -> dict[str, Rows]:
     try:
         import datasets
-
+    except ImportError:
+        raise InputError("loading GLUE from the Hugging Face hub needs the `hub` extra (pip install -e \".[hub]\"); "
+                         f"or pass --data-dir DIR holding GLUE's tsv files ({task.glue_dir}/train.tsv, ...)") from None
+    try:
         loaded = datasets.load_dataset(HUB_DATASET, task.name)
     except Exception as exc:  # offline, missing, or a hub error: all need the same fix
         raise InputError(

@@ -53,9 +53,9 @@ class LiveSplit:
 
 
 class LiveSource:
-    """Looks like an opened cache to stage two: a manifest, the label head, and splits."""
+    """An ActivationSource (cache_store/source.py) whose splits compute their arrays with the backbone."""
 
-    online = True
+    live = True
 
     def __init__(self, config: CacheConfig):
         self.ready = prepare(config)

@@ -31,7 +31,7 @@ def _read(cache: str, batch_size: int, steps: int, window: int) -> dict:
     from side_train.config import RunConfig
     from side_train.data import StreamingSplit, read_spec
     from side_train.tasks import TaskInfo
-    from side_train.train import _train_step, make_stacks
+    from side_train.stacks import make_stacks, train_step
 
     baseline = _rss()
     reader = CacheReader(cache)
@@ -43,7 +43,7 @@ def _read(cache: str, batch_size: int, steps: int, window: int) -> dict:
     for i, batch in enumerate(train.batches(batch_size, shuffle=True)):
         if i == steps:
             break
-        _train_step(stack, task, batch, 0, print)
+        train_step(stack, task, batch, 0, print)
         del batch
     return {"mode": f"READ from cache (windows of {window} examples)", "baseline": baseline, "peak": _rss(),
             "trainable_parameters": stack.runs[0].parameters}

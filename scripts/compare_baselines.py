@@ -25,7 +25,8 @@ from side_train.data import BatchOrder
 from side_train.metrics import score
 from side_train.read_model import build_head, pool
 from side_train.tasks import TaskInfo, loss_of, predictions_of
-from side_train.train import peak_memory_bytes, schedule_of
+from side_train.devices import peak_memory_bytes
+from side_train.stacks import schedule_of
 
 BACKPROP_METHODS = ("full", "bitfit", "lora", "prompt")
 

@@ -21,6 +21,7 @@ from sklearn.linear_model import LogisticRegression
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compare_baselines  # noqa: E402
+import side_train.stacks as stacks  # noqa: E402
 import side_train.train as training  # noqa: E402
 from cache_store import CacheReader  # noqa: E402
 from side_train.config import grid  # noqa: E402
@@ -42,7 +43,7 @@ def main() -> None:
     w, b = torch.tensor(probe.coef_[0], dtype=torch.float32), float(probe.intercept_[0])
     weight, bias = torch.stack([-w / 2, w / 2]), torch.tensor([-b / 2, b / 2])  # softmax of these = the probe
 
-    fresh = training.init_model
+    fresh = stacks.init_model
 
     def init_model(*a, **k):
         model = fresh(*a, **k)
@@ -52,7 +53,7 @@ def main() -> None:
                 head.bias.copy_(bias)
         return model
 
-    training.init_model = init_model
+    stacks.init_model = init_model
     configs = grid(["gru"], [144], [float(v) for v in args.lr.split(",")], [0], epochs=args.epochs,
                    patience=args.epochs)
     for result in training.train(args.cache, configs, args.out, progress=False):

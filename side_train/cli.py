@@ -7,10 +7,11 @@ from pathlib import Path
 
 import click
 
-from cache_store import CacheError
-from cache_store.runtime import OneLineCommand
+from cache_store import UserError
+from cache_store.commands import OneLineCommand, field_option
 
-from .read_model import CELLS
+from .config import RunConfig
+from .read_model import POOLINGS
 from .tasks import SAMPLING
 
 
@@ -21,14 +22,9 @@ def _live_source(name: str, **options):
 
     found = list(entry_points(group="read_side.sources", name=name))
     if not found:
-        raise ValueError(f"the live backbone source {name!r} of this package is not installed; "
-                         "reinstall it (pip install -e .)")
+        raise UserError(f"the live backbone source {name!r} of this package is not installed; "
+                        "reinstall it (pip install -e .)")
     return found[0].load()(**options)
-
-
-def _is_user_error(exc: Exception) -> bool:
-    # pipeline's InputError is matched by name: importing it here would import stage one.
-    return isinstance(exc, (ValueError, CacheError)) or type(exc).__name__ == "InputError"
 
 
 def _list(value: str, kind, name: str) -> list:
@@ -53,18 +49,16 @@ def _list(value: str, kind, name: str) -> list:
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="--online: GLUE's tsv layout.")
 @click.option("--limit", type=int, default=None, help="--online: at most N examples per split.")
 @click.option("--init", default="pretrained", show_default=True, help="--online: pretrained | random.")
-@click.option("--rnn", default="gru", show_default=True, help=f"Cells, comma-separated: {', '.join(CELLS)}.")
-@click.option("--hidden", default="144", show_default=True,
-              help="Side widths r, comma-separated; each a multiple of the backbone's attention heads.")
-@click.option("--lr", default="3e-4", show_default=True, help="Learning rates, comma-separated.")
-@click.option("--seeds", default="0", show_default=True, help="Seeds, comma-separated.")
-@click.option("--epochs", type=int, default=30, show_default=True)
-@click.option("--patience", type=int, default=5, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--pooling", type=click.Choice(["mean", "first"]), default="mean", show_default=True,
-              help="Encoder-only backbones: the heads read the mean of the corrected tokens, or the first ([CLS]).")
-@click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout on the features the heads read.")
-@click.option("--weight-decay", type=float, default=0.01, show_default=True, help="AdamW's decoupled weight decay.")
+@field_option(RunConfig, "cell", "--rnn", grid=True)
+@field_option(RunConfig, "width", "--hidden", grid=True)
+@field_option(RunConfig, "lr", "--lr", grid=True)
+@field_option(RunConfig, "seed", "--seeds", grid=True)
+@field_option(RunConfig, "epochs", type=int)
+@field_option(RunConfig, "patience", type=int)
+@field_option(RunConfig, "batch_size", type=int)
+@field_option(RunConfig, "pooling", type=click.Choice(POOLINGS))
+@field_option(RunConfig, "dropout", type=float)
+@field_option(RunConfig, "weight_decay", type=float)
 @click.option("--no-recurrence", is_flag=True, help="One set of parameters per layer (the paper's ablation).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -72,8 +66,8 @@ def _list(value: str, kind, name: str) -> list:
               help="Hold splits in memory up to this size, else stream the train split (default: half the RAM).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch.")
 @click.option("--quiet", is_flag=True)
-def main(caches, multi_task, task_sampling, temperature, online, model, task, data_dir, limit, init, rnn, hidden, lr,
-         seeds, epochs, patience, batch_size, pooling, dropout, weight_decay, no_recurrence, out, device, memory_gb, resume, quiet):
+def main(caches, multi_task, task_sampling, temperature, online, model, task, data_dir, limit, init, cell, width, lr,
+         seed, epochs, patience, batch_size, pooling, dropout, weight_decay, no_recurrence, out, device, memory_gb, resume, quiet):
     """Train READ side networks straight from cached activations (never loading the backbone), or with
     --online from the backbone run live at every step (for the equivalence and speed comparisons)."""
     from cache_store.runtime import keep_freed_memory
@@ -84,23 +78,23 @@ def main(caches, multi_task, task_sampling, temperature, online, model, task, da
 
     keep_freed_memory()
     try:
-        configs = grid(_list(rnn, str, "--rnn"), _list(hidden, int, "--hidden"), _list(lr, float, "--lr"),
-                       _list(seeds, int, "--seeds"), recurrence=not no_recurrence, epochs=epochs,
+        configs = grid(_list(cell, str, "--rnn"), _list(width, int, "--hidden"), _list(lr, float, "--lr"),
+                       _list(seed, int, "--seeds"), recurrence=not no_recurrence, epochs=epochs,
                        patience=patience, batch_size=batch_size, pooling=pooling, dropout=dropout,
                        weight_decay=weight_decay)
         if not configs:
-            raise ValueError("the grid is empty")
+            raise UserError("the grid is empty")
         if memory_gb is not None and memory_gb <= 0:
-            raise ValueError(f"--memory-gb must be positive, got {memory_gb}")
+            raise UserError(f"--memory-gb must be positive, got {memory_gb}")
         if online == bool(caches):
-            raise ValueError("give either --from-cache CACHE or --online --model M --task T")
+            raise UserError("give either --from-cache CACHE or --online --model M --task T")
         if len(caches) > 1 and not multi_task:
-            raise ValueError("several --from-cache caches train one network only with --multi-task")
+            raise UserError("several --from-cache caches train one network only with --multi-task")
         if multi_task and len(caches) < 2:
-            raise ValueError("--multi-task needs at least two --from-cache caches (one per task)")
+            raise UserError("--multi-task needs at least two --from-cache caches (one per task)")
         if online:
             if not (model and task):
-                raise ValueError("--online needs --model and --task")
+                raise UserError("--online needs --model and --task")
             source = _live_source("online", model=model, task=task, data_dir=data_dir, limit=limit, init=init,
                                     device=device)
             folder = out / f"online-{source.manifest['backbone']['name']}-{task}"
@@ -111,9 +105,7 @@ def main(caches, multi_task, task_sampling, temperature, online, model, task, da
                         log=lambda line: click.echo(line, err=True),
                         memory_bytes=int(memory_gb * 2**30) if memory_gb else None,
                         sampling=task_sampling, temperature=temperature, resume=resume)
-    except Exception as exc:  # the one-line errors of both stages; anything else is a bug: re-raise
-        if not _is_user_error(exc):
-            raise
+    except UserError as exc:  # the one-line refusals of both stages; anything else is a bug
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     files = write_summary(results, folder)
@@ -150,19 +142,17 @@ def predict(model, checkpoint, input_file, output, batch_size, device, quiet):
 
     try:
         if batch_size is not None and batch_size <= 0:
-            raise ValueError(f"--batch-size must be positive, got {batch_size}")
+            raise UserError(f"--batch-size must be positive, got {batch_size}")
         ready = load_checkpoint(checkpoint)
         where = "stdin" if str(input_file) == "-" else str(input_file)
         if where != "stdin" and not input_file.is_file():
-            raise ValueError(f"--input {input_file}: no such file")
+            raise UserError(f"--input {input_file}: no such file")
         text = sys.stdin.read() if where == "stdin" else input_file.read_text()
         rows = read_rows(text, where)
         predictor = _live_source("predictor", model=model, manifest=ready.manifest, device=device,
                                  progress=not quiet)
         records = list(run_predict(ready, predictor, rows, batch_size, progress=not quiet))
-    except Exception as exc:
-        if not _is_user_error(exc):
-            raise
+    except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     lines = "".join(json.dumps(r) + "\n" for r in records)

@@ -4,23 +4,28 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass
 
+from cache_store import UserError
+from cache_store.commands import documented
+
 from .read_model import CELLS, POOLINGS
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    cell: str = "gru"  # rnn | gru | lstm
-    width: int = 144  # side width r: a multiple of 8, 12 and 16 heads (t5-small, t5-base and MiniLM, t5-large)
-    lr: float = 3e-4  # peak learning rate of AdamW
-    seed: int = 0  # seeds initialisation and batch order
-    recurrence: bool = True  # share parameters across layers (False: the paper's Table 2 ablation)
-    epochs: int = 30
-    patience: int = 5  # stop after this many epochs without a better validation metric
-    batch_size: int = 32
+    cell: str = documented("gru", f"The side network's cell: {', '.join(CELLS)}.")
+    width: int = documented(144, "Side width r, a multiple of the backbone's attention heads (144: 8, 12 and "
+                                 "16 heads, as t5-small, t5-base, all-MiniLM-L6-v2 and t5-large have).")
+    lr: float = documented(3e-4, "Peak learning rate of AdamW.")
+    seed: int = documented(0, "Seeds initialisation and batch order.")
+    recurrence: bool = True  # share parameters across layers (False, --no-recurrence: the paper's Table 2 ablation)
+    epochs: int = documented(30, "Training epochs at most.")
+    patience: int = documented(5, "Stop after this many epochs without a better validation metric.")
+    batch_size: int = documented(32, "Examples per training batch.")
     warmup: float = 0.06  # fraction of all steps spent warming the learning rate up
-    weight_decay: float = 0.01
-    pooling: str = "mean"  # encoder-only backbones: how the heads read the corrected tokens (mean | first)
-    dropout: float = 0.0  # on the features the heads read
+    weight_decay: float = documented(0.01, "AdamW's decoupled weight decay.")
+    pooling: str = documented("mean", "Encoder-only backbones: the heads read the mean of the corrected "
+                                      "tokens, or the first ([CLS]).")
+    dropout: float = documented(0.0, "Dropout on the features the heads read.")
 
     def __post_init__(self):
         checks = [
@@ -37,7 +42,7 @@ class RunConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise UserError(message)
 
     @property
     def name(self) -> str:

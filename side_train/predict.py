@@ -25,8 +25,10 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from cache_store import UserError
+
 from .data import assemble_computed
-from .read_model import ReadModel, ReadSpec, build_read
+from .read_model import ReadModel, ReadSpec
 
 
 @dataclass
@@ -43,14 +45,14 @@ class Checkpoint:
 def load_checkpoint(run_dir: Path) -> Checkpoint:
     config_file, weights = Path(run_dir) / "config.json", Path(run_dir) / "model.safetensors"
     if not (config_file.is_file() and weights.is_file()):
-        raise ValueError(f"--checkpoint {run_dir}: no READ checkpoint there (config.json and model.safetensors, "
-                         "written by train-side in runs/<model>-<task>/<run>)")
+        raise UserError(f"--checkpoint {run_dir}: no READ checkpoint there (config.json and model.safetensors, "
+                        "written by train-side in runs/<model>-<task>/<run>)")
     config = json.loads(config_file.read_text())
     if "tasks" not in config:
-        raise ValueError(f"--checkpoint {run_dir} was written by an older train-side; retrain it")
+        raise UserError(f"--checkpoint {run_dir} was written by an older train-side; retrain it")
     # Checkpoints from before `pooling` existed read the first token.
-    model = build_read(ReadSpec(**{"pooling": "first", **config["read"]}), {t["name"]: (t["num_labels"], None) for t in config["tasks"]})
-    model.load_state_dict(load_file(weights))
+    spec = ReadSpec(**{"pooling": "first", **config["read"]})
+    model = ReadModel.from_member_state(spec, {t["name"]: t["num_labels"] for t in config["tasks"]}, load_file(weights))
     return Checkpoint(model.eval(), config["tasks"], config["run"]["batch_size"] * 2)
 
 
@@ -58,20 +60,20 @@ def read_rows(text: str, where: str) -> list[dict]:
     """JSON lines (one object per line), or TSV whose first row names the fields."""
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
-        raise ValueError(f"{where} has no inputs")
+        raise UserError(f"{where} has no inputs")
     if not lines[0].lstrip().startswith("{"):
         rows = list(csv.DictReader(io.StringIO("\n".join(lines)), delimiter="\t", quoting=csv.QUOTE_NONE))
         if not rows:
-            raise ValueError(f"{where}: a TSV input needs a header row naming the fields, then one row per input")
+            raise UserError(f"{where}: a TSV input needs a header row naming the fields, then one row per input")
         return rows
     rows = []
     for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{where} line {number} is not JSON ({exc.msg}); give one JSON object per line") from None
+            raise UserError(f"{where} line {number} is not JSON ({exc.msg}); give one JSON object per line") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{where} line {number} is not a JSON object; give one object per line")
+            raise UserError(f"{where} line {number} is not a JSON object; give one object per line")
         rows.append(row)
     return rows
 
@@ -81,16 +83,16 @@ def task_of(row: dict, tasks: list[dict], number: int) -> dict:
     if "task" in row:
         found = [t for t in tasks if t["name"] == row["task"]]
         if not found:
-            raise ValueError(f"input {number} asks for task {row['task']!r}; this checkpoint has "
-                             f"{', '.join(t['name'] for t in tasks)}")
+            raise UserError(f"input {number} asks for task {row['task']!r}; this checkpoint has "
+                            f"{', '.join(t['name'] for t in tasks)}")
         task = found[0]
     else:
         fits = [t for t in tasks if all(f in row for f in t["manifest"]["task"]["fields"])]
         task = fits[0] if fits else tasks[0]
     missing = [f for f in task["manifest"]["task"]["fields"] if f not in row]
     if missing:
-        raise ValueError(f"input {number} lacks {', '.join(missing)}: task {task['name']} reads the fields "
-                         f"{', '.join(task['manifest']['task']['fields'])}")
+        raise UserError(f"input {number} lacks {', '.join(missing)}: task {task['name']} reads the fields "
+                        f"{', '.join(task['manifest']['task']['fields'])}")
     return task
 
 
@@ -114,8 +116,8 @@ def predict(checkpoint: Checkpoint, predictor, rows: list[dict], batch_size: int
             arrays = predictor.compute(plan, index)  # the backbone in the cache's batch size
             inputs = assemble_computed(arrays, torch.from_numpy(plan.lengths[index]), model.spec, attention, per_head)
             with torch.no_grad():
-                features = model.features(inputs)
-                outputs = {t["name"]: model.heads[t["name"]](features).float() for t in checkpoint.tasks}
+                features = model.features(inputs)  # [1, B, d]: the checkpoint is a model of one member
+                outputs = {t["name"]: model.heads[t["name"]](features)[0].float() for t in checkpoint.tasks}
             for k, j in enumerate(index):
                 position = positions[int(plan.example_index[j])]
                 records[position] = {"index": position, "task": task["name"],

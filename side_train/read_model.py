@@ -1,4 +1,4 @@
-"""The READ side network (DESIGN §2, equation (1) of arXiv 2305.15348), assembled by `build_read`.
+"""The READ side network (DESIGN §2, equation (1) of arXiv 2305.15348), the one implementation of it.
 
 For each stack (encoder, and T5's decoder at its start position), over layers i = 1..N:
 
@@ -10,18 +10,69 @@ For each stack (encoder, and T5's decoder at its start position), over layers i 
 
 The heads read T5's decoder side at its start position; an encoder-only backbone's corrected tokens are
 pooled (`pooling`: their mean over the real tokens, or the first token), after `dropout`.
-
 Parameters are shared across layers (one ReadLayer), or one per layer with `recurrence=False`.
+
+Members. A `ReadModel` holds M networks of one spec side by side: every parameter is [M, ...], and the
+outputs are [M, B, ...]. A sweep's configurations that share a seed and a shape train as the members of
+one model; a single run, a checkpoint and `predict-side` are a model of one member. Each product runs
+once for all members: Down on the cached states phi (d -> r), the largest, as one wide product
+phi @ [W_1 .. W_M] that reads phi once; the attention mix as one product of the cached maps with all
+members' side states side by side; the rest as batched products. No product mixes two members, so each
+trains as it would alone, up to float rounding.
+
+Every member starts as torch's nn.Linear and nn.GRUCell / LSTMCell / RNNCell start (they are built and
+copied, in the order of the modules), and a member's weights (`member_state`) are a state dict with the keys of those
+modules: the checkpoint format. `ReadAdamW` is torch's AdamW with one learning rate per member, and
+members that have stopped left untouched.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-CELLS: dict[str, type[nn.Module]] = {"rnn": nn.RNNCell, "gru": nn.GRUCell, "lstm": nn.LSTMCell}
+from cache_store import UserError
+
+# The cells READ can use: torch's, whose equations `Cell` computes for M members at once.
+CELLS: dict[str, type[nn.RNNCellBase]] = {"rnn": nn.RNNCell, "gru": nn.GRUCell, "lstm": nn.LSTMCell}
 POOLINGS = ("mean", "first")
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    """Everything a ReadModel needs, read from a cache manifest and the run's choices."""
+
+    family: str  # t5 | bert
+    d_model: int
+    n_layers: int
+    n_decoder_layers: int
+    heads: int  # attention heads as cached: A for per-head maps, 1 for head mean or none
+    width: int  # r
+    cell: str
+    recurrence: bool = True
+    pooling: str = "mean"  # encoder-only backbones: mean | first (the corrected [CLS])
+    dropout: float = 0.0  # on the features the heads read, while training
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise UserError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if self.cell not in CELLS:
+            raise UserError(f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
+        if self.width <= 0 or self.width % self.heads:
+            raise UserError(f"side width {self.width} must be a positive multiple of the {self.heads} heads")
+
+
+@dataclass
+class ReadInputs:
+    """A padded batch of cached activations (float32), shared by every member."""
+
+    mask: torch.Tensor  # bool [B, L]
+    encoder_hidden: list[torch.Tensor]  # phi_1..phi_N, each [B, L, d]
+    encoder_attention: list[torch.Tensor] | None  # sigma_1..sigma_N, [B, A, L, L] or [B, L, L]
+    decoder_hidden: list[torch.Tensor]  # T5: phi_1..phi_Ndec at the start position, [B, 1, d]; [] otherwise
+    cross_attention: list[torch.Tensor] | None  # T5: [B, A, 1, L] or [B, 1, L]
 
 
 def pool(tokens: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -31,6 +82,17 @@ def pool(tokens: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
         return tokens[..., 0, :]
     weights = mask.to(tokens.dtype)  # [B, L]
     return (tokens * weights[..., None]).sum(-2) / weights.sum(-1, keepdim=True)
+
+
+def build_head(d_model: int, num_labels: int, label_head: torch.Tensor | None) -> nn.Linear:
+    """Classification from the frozen LM-head rows of the label words when there are any (so a fresh
+    model predicts what the backbone does), otherwise a fresh linear map; regression has one output."""
+    head = nn.Linear(d_model, num_labels)
+    if label_head is not None:
+        with torch.no_grad():
+            head.weight.copy_(label_head)  # [C, d]
+            head.bias.zero_()
+    return head
 
 
 class _Mix(torch.autograd.Function):
@@ -50,57 +112,122 @@ class _Mix(torch.autograd.Function):
         return None, grad_values  # the cached maps are data: they get no gradient
 
 
-def mix_states(attention: torch.Tensor | None, values: torch.Tensor, heads: int) -> torch.Tensor | None:
-    """Attention-weighted side states. attention: [B, A, Lq, Lk] per head or [B, Lq, Lk] head mean, in
-    any float dtype; values: [B, Lk, r]; returns [B, Lq, r] (per head, each head mixes its own r/A slice)."""
+def mix(attention: torch.Tensor | None, values: torch.Tensor, heads: int) -> torch.Tensor | None:
+    """Attention-weighted side states. attention: [B, A, Lq, Lk] per head or [B, Lq, Lk] head mean, in any
+    float dtype, shared; values: [M, B, Lk, r]; returns [M, B, Lq, r] (per head, each head mixes its own
+    r/A slice). The members' values go side by side in the last axis, so the maps are multiplied (and
+    widened from bfloat16) once for all members."""
     if attention is None:
         return None
+    members, batch, keys, width = values.shape
     if attention.dim() == 3:
-        return _Mix.apply(attention, values)
-    batch, keys, width = values.shape
-    per_head = values.view(batch, keys, heads, width // heads).transpose(1, 2)  # [B, A, Lk, r/A]
-    return _Mix.apply(attention, per_head).transpose(1, 2).reshape(batch, -1, width)
+        side = values.permute(1, 2, 0, 3).reshape(batch, keys, members * width)  # [B, Lk, M*r]
+        return _Mix.apply(attention, side).view(batch, -1, members, width).permute(2, 0, 1, 3)
+    c = width // heads
+    side = values.view(members, batch, keys, heads, c).permute(1, 3, 2, 0, 4).reshape(batch, heads, keys, -1)
+    mixed = _Mix.apply(attention, side)  # [B, A, Lq, M*c]
+    queries = mixed.shape[2]
+    return mixed.view(batch, heads, queries, members, c).permute(3, 0, 2, 1, 4).reshape(members, batch, queries, width)
+
+
+def shared_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [N, in], the same for every member, times each member's weight [M, out, in] -> [M, N, out], as
+    one product with the members' outputs side by side (x is read once)."""
+    members, outputs, inputs = weight.shape
+    y = x @ weight.reshape(members * outputs, inputs).T  # [N, M*out]
+    return y.view(-1, members, outputs).transpose(0, 1)
+
+
+class Linear(nn.Module):
+    """M linear maps: weight [M, out, in], bias [M, out]. Every member starts as `start`, by default a
+    fresh nn.Linear (torch's own initialisation, drawn once for all members)."""
+
+    def __init__(self, members: int, inputs: int, outputs: int, bias: bool = True, start: nn.Linear | None = None):
+        super().__init__()
+        start = start if start is not None else nn.Linear(inputs, outputs, bias)
+        self.weight = nn.Parameter(start.weight.detach().expand(members, -1, -1).clone())
+        self.bias = nn.Parameter(start.bias.detach().expand(members, -1).clone()) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, N, in] (each member its own) -> [M, N, out]."""
+        if self.bias is None:
+            return torch.bmm(x, self.weight.transpose(1, 2))
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+
+class Cell(nn.Module):
+    """M cells of one kind of CELLS, computing torch's gate equations (RNNCell is tanh) with its parameter
+    names and layout; every member starts as a fresh torch cell."""
+
+    def __init__(self, members: int, width: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        start = CELLS[kind](width, width)
+        for name, value in start.named_parameters():  # weight_ih, weight_hh [G*r, r]; bias_ih, bias_hh [G*r]
+            self.register_parameter(name, nn.Parameter(value.detach().expand(members, *value.shape).clone()))
+
+    def forward(self, x: torch.Tensor, state):
+        """x [M, N, r]; state [M, N, r], or (h, c) for lstm."""
+        h = state[0] if self.kind == "lstm" else state
+        gi = torch.baddbmm(self.bias_ih.unsqueeze(1), x, self.weight_ih.transpose(1, 2))
+        gh = torch.baddbmm(self.bias_hh.unsqueeze(1), h, self.weight_hh.transpose(1, 2))
+        if self.kind == "rnn":
+            return torch.tanh(gi + gh)
+        if self.kind == "gru":
+            i_r, i_z, i_n = gi.chunk(3, -1)
+            h_r, h_z, h_n = gh.chunk(3, -1)
+            r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+            n = torch.tanh(i_n + r * h_n)
+            return (1 - z) * n + z * h
+        i, f, g, o = (gi + gh).chunk(4, -1)
+        c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
 
 
 class Joiner(nn.Module):
     """psi = Phi(u) + Psi(mix), u = F(h_prev): what the side network adds to the backbone's state."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, members: int, width: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.F = nn.Sequential(nn.Linear(width, width), nn.Tanh())
-        self.W = nn.Linear(width, width, bias=False)  # the per-head W_a, side by side
-        self.Phi = nn.Linear(width, width)
-        self.Psi = nn.Linear(width, width)
+        self.F = nn.Sequential(Linear(members, width, width), nn.Tanh())
+        self.W = Linear(members, width, width, bias=False)  # the per-head W_a, side by side
+        self.Phi = Linear(members, width, width)
+        self.Psi = Linear(members, width, width)
 
-    def forward(self, h_prev: torch.Tensor, attention: torch.Tensor | None,
-                values: torch.Tensor | None = None) -> torch.Tensor:
-        u = self.F(h_prev)  # [B, L, r]
-        mixed = mix_states(attention, self.W(u if values is None else values), self.heads)
-        return self.Phi(u) + (self.Psi(mixed) if mixed is not None else 0)
+    def forward(self, h_prev, attention, values=None):
+        """h_prev [M, B, L, r]; values [M, B, Lk, r] or None (then u itself); returns psi [M, B*L, r]."""
+        members, batch, length, width = h_prev.shape
+        u = self.F(h_prev.reshape(members, -1, width))  # [M, B*L, r]
+        source = u if values is None else values.reshape(members, -1, width)
+        mixed = mix(attention, self.W(source).view(members, batch, -1, width), self.heads)
+        psi = self.Phi(u)
+        return psi + self.Psi(mixed.reshape(members, -1, width)) if mixed is not None else psi
 
 
 class ReadLayer(nn.Module):
     """One step of the recurrence: Joiner, Down and the Cell."""
 
-    def __init__(self, d_model: int, width: int, heads: int, cell: str):
+    def __init__(self, members: int, d_model: int, width: int, heads: int, cell: str):
         super().__init__()
-        self.joiner = Joiner(width, heads)
-        self.d_model = d_model
-        self.down = nn.Linear(d_model + width, width)
-        self.cell = CELLS[cell](width, width)
-        self.is_lstm = cell == "lstm"
+        self.d_model, self.is_lstm = d_model, cell == "lstm"
+        self.joiner = Joiner(members, width, heads)
+        self.down = Linear(members, d_model + width, width)
+        self.cell = Cell(members, width, cell)
 
-    def forward(self, phi: torch.Tensor, attention: torch.Tensor | None, state, values=None):
-        h_prev = state[0] if self.is_lstm else state  # [B, L, r]
-        psi = self.joiner(h_prev, attention, values)
-        # Down(concat(phi, psi)) as two products: no concatenated copy of phi is made and kept for backward.
-        weight = self.down.weight  # [r, d + r]
-        x = nn.functional.linear(phi, weight[:, :self.d_model]) + nn.functional.linear(
-            psi, weight[:, self.d_model:], self.down.bias)  # [B, L, r]
-        shape = x.shape
-        flat_state = tuple(s.reshape(-1, shape[-1]) for s in state) if self.is_lstm else state.reshape(-1, shape[-1])
-        new = self.cell(x.reshape(-1, shape[-1]), flat_state)
+    def forward(self, phi, attention, state, values=None):
+        """phi [B, L, d] (shared); state [M, B, L, r] or an (h, c) pair of them."""
+        h_prev = state[0] if self.is_lstm else state
+        shape = h_prev.shape
+        psi = self.joiner(h_prev, attention, values)  # [M, B*L, r]
+        # Down(concat(phi, psi)) as two products: no concatenated copy of phi is made and kept for backward,
+        # and phi, the same for every member, is read once.
+        weight = self.down.weight  # [M, r, d + r]
+        x = shared_product(phi.reshape(-1, self.d_model), weight[:, :, :self.d_model]) + torch.baddbmm(
+            self.down.bias.unsqueeze(1), psi, weight[:, :, self.d_model:].transpose(1, 2))
+        flat = tuple(s.reshape(shape[0], -1, shape[-1]) for s in state) if self.is_lstm \
+            else state.reshape(shape[0], -1, shape[-1])
+        new = self.cell(x, flat)
         return tuple(s.view(shape) for s in new) if self.is_lstm else new.view(shape)
 
 
@@ -108,103 +235,121 @@ class ReadStack(nn.Module):
     """The recurrence over one stack's layers, then out = phi_N + Up(h_N). A T5 encoder stack has no Up:
     its correction reaches the decoder side through h_N alone."""
 
-    def __init__(self, n_layers: int, d_model: int, width: int, heads: int, cell: str, recurrence: bool,
-                 output: bool = True):
+    def __init__(self, members: int, n_layers: int, d_model: int, width: int, heads: int, cell: str,
+                 recurrence: bool, output: bool = True):
         super().__init__()
-        self.n_layers, self.width, self.is_lstm = n_layers, width, cell == "lstm"
-        self.layers = nn.ModuleList(ReadLayer(d_model, width, heads, cell)
+        self.members, self.n_layers, self.width, self.is_lstm = members, n_layers, width, cell == "lstm"
+        self.layers = nn.ModuleList(ReadLayer(members, d_model, width, heads, cell)
                                     for _ in range(1 if recurrence else n_layers))
-        self.up = nn.Linear(width, d_model) if output else None
+        self.up = Linear(members, width, d_model) if output else None
         if self.up is not None:
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
 
-    def forward(self, hidden: list[torch.Tensor], attention: list[torch.Tensor] | None,
-                values: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """hidden: phi_1..phi_N, each [B, L, d]; attention: sigma_1..sigma_N or None.
-        Returns (out [B, L, d] or None without Up, h_N [B, L, r])."""
-        zeros = hidden[0].new_zeros(*hidden[0].shape[:-1], self.width)
+    def forward(self, hidden, attention, values=None):
+        """hidden: phi_1..phi_N [B, L, d]; attention: sigma_1..sigma_N or None.
+        Returns (out [M, B, L, d] or None without Up, h_N [M, B, L, r])."""
+        zeros = hidden[0].new_zeros(self.members, *hidden[0].shape[:-1], self.width)
         state = (zeros, zeros) if self.is_lstm else zeros
         for i in range(self.n_layers):
             layer = self.layers[min(i, len(self.layers) - 1)]
             state = layer(hidden[i], attention[i] if attention is not None else None, state, values)
         h_last = state[0] if self.is_lstm else state
-        return (hidden[-1] + self.up(h_last) if self.up is not None else None), h_last
-
-
-@dataclass(frozen=True)
-class ReadSpec:
-    """Everything `build_read` needs, read from a cache manifest and the run's choices."""
-
-    family: str  # t5 | bert
-    d_model: int
-    n_layers: int
-    n_decoder_layers: int
-    heads: int  # attention heads as cached: A for per-head maps, 1 for head mean or none
-    width: int  # r
-    cell: str
-    recurrence: bool = True
-    pooling: str = "mean"  # encoder-only backbones: mean | first (the corrected [CLS])
-    dropout: float = 0.0  # on the features the heads read, while training
-
-    def __post_init__(self):
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
-        if self.cell not in CELLS:
-            raise ValueError(f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
-        if self.width <= 0 or self.width % self.heads:
-            raise ValueError(f"side width {self.width} must be a positive multiple of the {self.heads} heads")
-
-
-@dataclass
-class ReadInputs:
-    """A padded batch of cached activations (float32). Shapes written where they cross into the model."""
-
-    mask: torch.Tensor  # bool [B, L]
-    encoder_hidden: list[torch.Tensor]  # phi_1..phi_N, each [B, L, d]
-    encoder_attention: list[torch.Tensor] | None  # sigma_1..sigma_N, [B, A, L, L] or [B, L, L]
-    decoder_hidden: list[torch.Tensor]  # T5: phi_1..phi_Ndec at the start position, [B, 1, d]; [] otherwise
-    cross_attention: list[torch.Tensor] | None  # T5: [B, A, 1, L] or [B, 1, L]
+        if self.up is None:
+            return None, h_last
+        members, batch, length, width = h_last.shape
+        return hidden[-1] + self.up(h_last.reshape(members, -1, width)).view(members, batch, length, -1), h_last
 
 
 class ReadModel(nn.Module):
-    """Encoder side (and T5 decoder side) plus one head per task."""
+    """M READ networks of one spec: the encoder side (and T5's decoder side) and one head per task.
+    tasks: name -> (number of outputs, label-head rows [C, d] or None), see build_head."""
 
-    def __init__(self, spec: ReadSpec, heads: nn.ModuleDict):
+    def __init__(self, spec: ReadSpec, tasks: dict[str, tuple[int, torch.Tensor | None]], members: int = 1):
         super().__init__()
-        self.spec = spec
-        self.encoder = ReadStack(spec.n_layers, spec.d_model, spec.width, spec.heads, spec.cell, spec.recurrence,
-                                 output=not spec.n_decoder_layers)
-        self.decoder = (ReadStack(spec.n_decoder_layers, spec.d_model, spec.width, spec.heads, spec.cell,
-                                  spec.recurrence) if spec.n_decoder_layers else None)
-        self.heads = heads
-        self.dropout = nn.Dropout(spec.dropout)
+        self.spec, self.members = spec, members
+        # The heads are drawn first, as they always were, so that a seed still gives the weights it gave.
+        starts = {name: build_head(spec.d_model, outputs, rows) for name, (outputs, rows) in tasks.items()}
+        self.encoder = ReadStack(members, spec.n_layers, spec.d_model, spec.width, spec.heads, spec.cell,
+                                 spec.recurrence, output=not spec.n_decoder_layers)
+        self.decoder = (ReadStack(members, spec.n_decoder_layers, spec.d_model, spec.width, spec.heads,
+                                  spec.cell, spec.recurrence) if spec.n_decoder_layers else None)
+        self.heads = nn.ModuleDict({name: Linear(members, spec.d_model, head.out_features, start=head)
+                                    for name, head in starts.items()})
+        self.dropout = nn.Dropout(spec.dropout)  # independent masks per member, as alone
+
+    @classmethod
+    def from_member_state(cls, spec: ReadSpec, outputs: dict[str, int], state: dict[str, torch.Tensor]) -> "ReadModel":
+        """A model of one member with the weights of `member_state` (a checkpoint)."""
+        model = cls(spec, {name: (n, None) for name, n in outputs.items()})
+        model.load_state_dict({k: v.unsqueeze(0) for k, v in state.items()})
+        return model
+
+    def member_state(self, m: int) -> dict[str, torch.Tensor]:
+        """Member m's weights (copies), keyed and shaped as one member's modules: the checkpoint format."""
+        return {k: v[m].detach().clone() for k, v in self.state_dict().items()}
+
+    def member_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters()) // self.members
 
     def features(self, inputs: ReadInputs) -> torch.Tensor:
-        """The corrected state each head reads: [B, d]."""
-        encoded, h_last = self.encoder(inputs.encoder_hidden, inputs.encoder_attention)  # [B, L, d], [B, L, r]
+        """[M, B, d]: the corrected state each member's heads read."""
+        encoded, h_last = self.encoder(inputs.encoder_hidden, inputs.encoder_attention)  # [M, B, L, d], [M, B, L, r]
         if self.decoder is None:
             return self.dropout(pool(encoded, inputs.mask, self.spec.pooling))
-        decoded, _ = self.decoder(inputs.decoder_hidden, inputs.cross_attention, values=h_last)  # [B, 1, d]
-        return self.dropout(decoded[:, 0])
+        decoded, _ = self.decoder(inputs.decoder_hidden, inputs.cross_attention, values=h_last)  # [M, B, 1, d]
+        return self.dropout(decoded[:, :, 0])
 
-    def forward(self, inputs: ReadInputs) -> dict[str, torch.Tensor]:
-        features = self.features(inputs)
-        return {task: head(features) for task, head in self.heads.items()}  # [B, C] or [B, 1]
-
-
-def build_head(d_model: int, num_labels: int, label_head: torch.Tensor | None) -> nn.Linear:
-    """Classification from the frozen LM-head rows of the label words when there are any (so a fresh
-    model predicts what the backbone does), otherwise a fresh linear map; regression has one output."""
-    head = nn.Linear(d_model, num_labels)
-    if label_head is not None:
-        with torch.no_grad():
-            head.weight.copy_(label_head)  # [C, d]
-            head.bias.zero_()
-    return head
+    def forward(self, inputs: ReadInputs, task: str) -> torch.Tensor:
+        """[M, B, C] outputs of one task's heads."""
+        return self.heads[task](self.features(inputs))
 
 
-def build_read(spec: ReadSpec, tasks: dict[str, tuple[int, torch.Tensor | None]]) -> ReadModel:
-    """tasks: name -> (number of outputs, label-head rows [C, d] or None)."""
-    heads = nn.ModuleDict({name: build_head(spec.d_model, n, rows) for name, (n, rows) in tasks.items()})
-    return ReadModel(spec, heads)
+class ReadAdamW:
+    """torch.optim.AdamW's update (amsgrad off) over a ReadModel's member-stacked parameters, with
+    learning rates [M] and a mask of the members still training; the others keep weights and moments."""
+
+    def __init__(self, params, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params = [p for p in params if p.requires_grad]
+        self.weight_decay, self.betas, self.eps = weight_decay, betas, eps
+        self.steps = 0
+        self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lrs: torch.Tensor, active: torch.Tensor) -> None:
+        """lrs, active: [M] (float, bool)."""
+        self.steps += 1
+        beta1, beta2 = self.betas
+        correction1, correction2 = 1 - beta1 ** self.steps, math.sqrt(1 - beta2 ** self.steps)
+        everyone = bool(active.all())  # the usual case: update in place, no masking copies
+        for p, (m, v) in zip(self.params, self.moments):
+            if p.grad is None:
+                continue
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            lr = lrs.view(shape).to(p.dtype)
+            if everyone:
+                p.mul_(1 - lr * self.weight_decay)
+                m.lerp_(p.grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                p.sub_((lr / correction1) * m / (v.sqrt() / correction2 + self.eps))
+                continue
+            keep = active.view(shape)
+            grad = torch.where(keep, p.grad, 0)  # a stopped member's gradient (perhaps NaN) is not used
+            m.copy_(torch.where(keep, m.lerp(grad, 1 - beta1), m))
+            v.copy_(torch.where(keep, v * beta2 + (1 - beta2) * grad * grad, v))
+            updated = p * (1 - lr * self.weight_decay) - (lr / correction1) * m / (v.sqrt() / correction2 + self.eps)
+            p.copy_(torch.where(keep, updated, p))
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "moments": [(m.clone(), v.clone()) for m, v in self.moments]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+        for (m, v), (m_saved, v_saved) in zip(self.moments, state["moments"]):
+            m.copy_(m_saved)
+            v.copy_(v_saved)
+

@@ -5,6 +5,7 @@ import csv
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -56,11 +57,18 @@ def _plots(results: list[dict], out: Path) -> list[Path]:
     fig.savefig(out / "learning_curves.png", dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for cell in sorted({m["config"]["cell"] for m in results}):
-        points = sorted((m["config"]["lr"], m["best_validation"]) for m in results
-                        if m["config"]["cell"] == cell and m["best_validation"] is not None)
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=cell)
-    ax.set(xscale="log", xlabel="learning rate", ylabel=f"best validation {metric}", title="sweep")
+    curves: dict[str, dict[float, list[float]]] = {}  # one line per cell, width and recurrence
+    for m in results:
+        c = m["config"]
+        if m["best_validation"] is not None:
+            label = f"{c['cell']} r={c['width']}" + ("" if c["recurrence"] else " no recurrence")
+            curves.setdefault(label, {}).setdefault(c["lr"], []).append(m["best_validation"])
+    for label, by_lr in sorted(curves.items()):
+        lrs = sorted(by_lr)
+        means, spreads = [np.mean(by_lr[lr]) for lr in lrs], [np.std(by_lr[lr]) for lr in lrs]
+        ax.errorbar(lrs, means, yerr=spreads, fmt="o-", capsize=3, label=label)  # mean and std over seeds
+    ax.set(xscale="log", xlabel="learning rate", ylabel=f"best validation {metric}",
+           title="sweep: mean over seeds, bars one standard deviation")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "sweep.png", dpi=110)

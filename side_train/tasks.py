@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cache_store import CacheError
+from cache_store import CacheError, UserError
 from cache_store.format import differences
 
 # What one READ network's inputs depend on: caches that differ here cannot share a network.
@@ -68,9 +68,9 @@ def task_weights(sizes: dict[str, int], sampling: str, temperature: float) -> di
     """Probability of drawing each task's next batch: proportional to its training batches, or to their
     1/temperature power (temperature sampling; larger temperatures move towards uniform)."""
     if sampling not in SAMPLING:
-        raise ValueError(f"--task-sampling must be one of {', '.join(SAMPLING)}, got {sampling!r}")
+        raise UserError(f"--task-sampling must be one of {', '.join(SAMPLING)}, got {sampling!r}")
     if temperature <= 0:
-        raise ValueError(f"--temperature must be positive, got {temperature}")
+        raise UserError(f"--temperature must be positive, got {temperature}")
     power = 1.0 if sampling == "proportional" else 1.0 / temperature
     raw = {name: float(n) ** power for name, n in sizes.items()}
     total = sum(raw.values())

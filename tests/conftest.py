@@ -66,3 +66,37 @@ def tiny_bert(tmp_path_factory) -> Path:
     AutoTokenizer.from_pretrained(source).save_pretrained(out)
     return out
 
+
+
+@pytest.fixture(scope="session")
+def make_cache(glue_dir, tmp_path_factory):
+    """make_cache(model, task=..., **CacheConfig options) -> the cache's folder, made once per session for
+    each distinct set of options and shared: a test that changes a cache makes its own."""
+    from pipeline.config import CacheConfig
+    from pipeline.job import run
+
+    made: dict[tuple, Path] = {}
+
+    def make(model, **options) -> Path:
+        key = (str(model), tuple(sorted(options.items())))
+        if key not in made:
+            config = CacheConfig(model=str(model), data_dir=glue_dir, out=tmp_path_factory.mktemp("cache"), **options)
+            run(config, progress=False)
+            made[key] = config.cache_dir
+        return made[key]
+
+    return make
+
+
+def cache_args(model, glue_dir, out, *extra) -> list[str]:
+    """A small `cache-activations` command line (24 RTE rows, batches of 5)."""
+    return ["--task", "rte", "--model", str(model), "--data-dir", str(glue_dir), "--out", str(out),
+            "--limit", "24", "--batch-size", "5", "--quiet", *extra]
+
+
+def arrays_of(path: Path) -> dict:
+    """Every array of a zarr group, by path, as numpy."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    return {p: node[...] for p, node in root.members(max_depth=None) if isinstance(node, zarr.Array)}

@@ -11,22 +11,13 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
+from conftest import arrays_of, cache_args
 from cache_store import CacheReader
 from cache_store.cli import main as inspect_main
-from cache_store.writer import CRASH_AFTER_COMMITS_ENV
+from cache_store.faults import CRASH_AFTER_COMMITS_ENV
 from pipeline.cli import main as cache_main
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cache_args(model, glue_dir, out, *extra):
-    return ["--task", "rte", "--model", str(model), "--data-dir", str(glue_dir), "--out", str(out),
-            "--limit", "24", "--batch-size", "5", "--quiet", *extra]
-
-
-def arrays_of(path: Path) -> dict[str, np.ndarray]:
-    root = zarr.open_group(str(path), mode="r")
-    return {p: node[...] for p, node in root.members(max_depth=None) if isinstance(node, zarr.Array)}
 
 
 def test_cache_then_inspect_and_verify(tiny_t5, glue_dir, tmp_path):
@@ -63,22 +54,14 @@ def test_existing_cache_is_refused_untouched(tiny_t5, glue_dir, tmp_path):
     assert CliRunner().invoke(cache_main, [*args, "--overwrite"]).exit_code == 0
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--max-length", "0"], "--max-length must be positive"),
-    (["--batch-size", "0"], "--batch-size must be positive"),
+@pytest.mark.parametrize("extra, message", [  # the other refusals: test_reliability.py
     (["--layers", "1,x"], "--layers must be"),
     (["--layers", "9"], "past the backbone"),
 ])
-def test_bad_arguments_are_one_line_errors(tiny_t5, glue_dir, tmp_path, extra, message):
+def test_bad_layers_are_one_line_errors(tiny_t5, glue_dir, tmp_path, extra, message):
     result = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path, *extra))
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / tiny_t5.name / "rte" / "train").exists()
-
-
-def test_missing_model_folder_is_named(glue_dir, tmp_path):
-    (tmp_path / "empty-model").mkdir()
-    result = CliRunner().invoke(cache_main, cache_args(tmp_path / "empty-model", glue_dir, tmp_path / "out"))
-    assert result.exit_code == 2 and "no config.json" in result.output
 
 
 def test_sigkill_mid_split_then_resume_equals_uninterrupted(tiny_t5, glue_dir, tmp_path):

@@ -11,8 +11,6 @@ import pytest
 import torch
 
 from cache_store import CacheReader, hidden_path
-from pipeline.config import CacheConfig
-from pipeline.job import run as cache_run
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -20,19 +18,13 @@ sys.path.insert(0, str(SCRIPTS))
 import compare_baselines as baselines  # noqa: E402
 
 
-def _cache(model, glue_dir, out, task="rte", limit=24, **options) -> Path:
-    config = CacheConfig(model=str(model), data_dir=glue_dir, out=out, task=task, limit=limit, **options)
-    cache_run(config, progress=False)
-    return config.cache_dir
-
-
 @pytest.mark.parametrize("family", ["t5", "bert"])
-def test_a_fresh_classifier_reads_the_cached_final_state(tiny_t5, tiny_bert, glue_dir, tmp_path, family):
+def test_a_fresh_classifier_reads_the_cached_final_state(tiny_t5, tiny_bert, make_cache, family):
     """Independent reference: the baselines' features are the backbone's own final states, as cached (T5:
     the decoder's start position, times the label words' LM-head rows; BERT: the mean of the final
     tokens), so every method starts from what READ starts from."""
     model = tiny_t5 if family == "t5" else tiny_bert
-    cache = CacheReader(_cache(model, glue_dir, tmp_path, dtype="float32"))
+    cache = CacheReader(make_cache(model, task="rte", limit=24, dtype="float32"))
     classifier = baselines.build_classifier("full", str(model), cache, "cpu", {}).eval()
     split = baselines.TokenSplit(cache, "test", classifier.pad_id)
     ids, mask, _ = split.batch(torch.arange(split.n_examples))
@@ -45,8 +37,8 @@ def test_a_fresh_classifier_reads_the_cached_final_state(tiny_t5, tiny_bert, glu
         torch.testing.assert_close(logits, cached @ cache.label_head().T, rtol=1e-4, atol=1e-5)
 
 
-def test_bitfit_and_peft_train_what_they_say(tiny_bert, glue_dir, tmp_path):
-    cache = CacheReader(_cache(tiny_bert, glue_dir, tmp_path))
+def test_bitfit_and_peft_train_what_they_say(tiny_bert, make_cache):
+    cache = CacheReader(make_cache(tiny_bert, task="rte", limit=24))
     shares = {}
     for method in ("full", "bitfit", "lora", "prompt"):
         classifier = baselines.build_classifier(method, str(tiny_bert), cache, "cpu", {})
@@ -64,11 +56,11 @@ def test_bitfit_and_peft_train_what_they_say(tiny_bert, glue_dir, tmp_path):
     assert shares["bitfit"][0] < shares["full"][0]
 
 
-def test_probe_matches_scikit_learn_on_the_cached_features(tiny_bert, glue_dir, tmp_path):
+def test_probe_matches_scikit_learn_on_the_cached_features(tiny_bert, make_cache):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    cache = CacheReader(_cache(tiny_bert, glue_dir, tmp_path, limit=60))
+    cache = CacheReader(make_cache(tiny_bert, task="rte", limit=60))
     result = baselines.train_probe(cache, 0.1, 0)
     tokens = cache.split("train").load(hidden_path("encoder", 2)).float().numpy()
     offsets = cache.split("train").offsets
@@ -85,8 +77,8 @@ def _compare(*args) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_study_runs_resumes_and_reports(tiny_bert, glue_dir, tmp_path):
-    cache = _cache(tiny_bert, glue_dir, tmp_path, limit=40)
+def test_study_runs_resumes_and_reports(tiny_bert, make_cache, tmp_path):
+    cache = make_cache(tiny_bert, task="rte", limit=40)
     results, out = tmp_path / "results.jsonl", tmp_path / "report"
     common = ["--cache", cache, "--model", tiny_bert, "--methods", "read,lora", "--seeds", "0,1", "--read-lrs", "1e-3",
               "--lora-lrs", "1e-3", "--read-epochs", "2", "--epochs", "1", "--results", results, "--out", out]
@@ -108,8 +100,8 @@ def test_study_runs_resumes_and_reports(tiny_bert, glue_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_every_method_runs_on_the_t5_path(tiny_t5, glue_dir, tmp_path):
-    cache = _cache(tiny_t5, glue_dir, tmp_path, limit=24)
+def test_every_method_runs_on_the_t5_path(tiny_t5, glue_dir, make_cache, tmp_path):
+    cache = make_cache(tiny_t5, task="rte", limit=24)
     result = _compare("--cache", cache, "--model", tiny_t5, "--data-dir", glue_dir, "--seeds", "0",
                       "--read-lrs", "1e-3", "--full-lrs", "1e-4", "--bitfit-lrs", "1e-3", "--lora-lrs", "1e-3",
                       "--prompt-lrs", "1e-2", "--probe-c", "1", "--read-epochs", "1", "--epochs", "1",

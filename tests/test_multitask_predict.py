@@ -23,14 +23,8 @@ LIMIT = 20
 
 
 @pytest.fixture(scope="module")
-def caches(tiny_t5, glue_dir, tmp_path_factory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("caches")
-    found = {}
-    for task in ("rte", "mrpc", "stsb"):
-        config = CacheConfig(task=task, model=str(tiny_t5), data_dir=glue_dir, out=out, limit=LIMIT, batch_size=8)
-        cache_run(config, progress=False)
-        found[task] = config.cache_dir
-    return found
+def caches(tiny_t5, make_cache) -> dict[str, Path]:
+    return {task: make_cache(tiny_t5, task=task, limit=LIMIT, batch_size=8) for task in ("rte", "mrpc", "stsb")}
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from cache_store import ActivationSource, CacheReader
 from pipeline.config import CacheConfig
 from pipeline.job import run as cache_run
 from pipeline.live import open_online
@@ -18,10 +19,13 @@ from side_train.train import train
 def test_float32_cache_and_online_training_agree(tiny_t5, glue_dir, tmp_path, cell):
     config = CacheConfig(task="rte", model=str(tiny_t5), data_dir=glue_dir, out=tmp_path, limit=24, dtype="float32")
     cache_run(config, progress=False)
+    cache = CacheReader(config.cache_dir)
     run = RunConfig(cell=cell, width=8, lr=3e-3, epochs=3, patience=3, batch_size=8)
     quiet = dict(progress=False, log=lambda line: None)
     (cached,) = train(config.cache_dir, [run], tmp_path / "cached", **quiet)
     source = open_online(str(tiny_t5), "rte", data_dir=glue_dir, limit=24)
+    for kind in (cache, source):  # one interface, stage two's only view of either
+        assert isinstance(kind, ActivationSource) and kind.live == (kind is source)
     (online,) = train(source, [run], tmp_path / "online", **quiet)
     for a, b in zip(cached["train_loss"], online["train_loss"]):
         assert abs(a - b) <= 1e-4 * abs(b), (cached["train_loss"], online["train_loss"])

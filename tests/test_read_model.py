@@ -1,4 +1,5 @@
-"""READ from the cache: a fresh network is the frozen backbone; batches pad without leaking; all variants run."""
+"""READ from the cache: a fresh network is the frozen backbone; batches pad without leaking; every variant
+runs; members of one model compute and train as each would alone (torch's cells and AdamW the reference)."""
 from __future__ import annotations
 
 import pytest
@@ -6,39 +7,46 @@ import torch
 from transformers import T5ForConditionalGeneration
 
 from cache_store import CacheReader
-from pipeline.config import CacheConfig
-from pipeline.job import run as cache_run
-from side_train.data import InMemorySplit, read_spec
-from side_train.read_model import build_read
-from side_train.tasks import TaskInfo
+from side_train.data import InMemorySplit, StreamingSplit, open_splits, read_spec
+from side_train.read_model import CELLS, Cell, ReadAdamW, ReadModel
+from side_train.tasks import TaskInfo, loss_of
+from side_train.evaluation import evaluate
+from side_train.stacks import member_losses
 
-
-def _cache(model, glue_dir, factory, **options):
-    config = CacheConfig(model=str(model), data_dir=glue_dir, out=factory.mktemp("c"),
-                         splits=("train", "validation", "test"), **options)
-    cache_run(config, progress=False)
-    return config.cache_dir
+ALL_SPLITS = ("train", "validation", "test")
 
 
 @pytest.fixture(scope="module")
-def t5_cache(tiny_t5, glue_dir, tmp_path_factory):
-    return _cache(tiny_t5, glue_dir, tmp_path_factory, task="rte", limit=10, dtype="float32")
+def t5_cache(tiny_t5, make_cache):
+    return make_cache(tiny_t5, task="rte", limit=10, dtype="float32", splits=ALL_SPLITS)
 
 
 @pytest.fixture(scope="module")
-def t5_mean_cache(tiny_t5, glue_dir, tmp_path_factory):
-    return _cache(tiny_t5, glue_dir, tmp_path_factory, task="stsb", limit=8, attention="mean")
+def t5_mean_cache(tiny_t5, make_cache):
+    return make_cache(tiny_t5, task="stsb", limit=8, attention="mean", splits=ALL_SPLITS)
+
+
+@pytest.fixture(scope="module")
+def caches(tiny_t5, tiny_bert, make_cache):
+    return {"t5 heads": CacheReader(make_cache(tiny_t5, task="rte", limit=12, splits=("test",))),
+            "t5 mean": CacheReader(make_cache(tiny_t5, task="stsb", limit=12, attention="mean", splits=("test",))),
+            "bert": CacheReader(make_cache(tiny_bert, task="rte", limit=12, splits=("test",)))}
+
+
+def model_of(cache: CacheReader, width: int, cell: str, members: int = 1, label_head: bool = True, **options):
+    task = TaskInfo.from_cache(cache)
+    spec = read_spec(cache, width, cell, **options)
+    return task, ReadModel(spec, {task.name: (task.num_labels, task.label_head if label_head else None)}, members)
 
 
 def test_fresh_read_reproduces_the_t5_label_word_logits(t5_cache, tiny_t5):
     cache = CacheReader(t5_cache)
-    task = TaskInfo.from_cache(cache)
-    model = build_read(read_spec(cache, 16, "gru"), {task.name: (task.num_labels, task.label_head)}).eval()
+    task, model = model_of(cache, 16, "gru")
     split = InMemorySplit(cache.split("validation"), model.spec)
     reference = T5ForConditionalGeneration.from_pretrained(tiny_t5).eval()
     token_ids = cache.manifest["task"]["label_token_ids"]
     with torch.no_grad():
-        logits = model(split.batch(torch.arange(split.n_examples)).inputs)["rte"]
+        logits = model.eval()(split.batch(torch.arange(split.n_examples)).inputs, "rte")[0]
         for j in range(split.n_examples):
             ids = torch.from_numpy(cache.split("validation").input_ids[split.offsets[j]:split.offsets[j] + split.lengths[j]])
             out = reference(input_ids=ids.long()[None], decoder_input_ids=torch.zeros(1, 1, dtype=torch.long))
@@ -47,16 +55,13 @@ def test_fresh_read_reproduces_the_t5_label_word_logits(t5_cache, tiny_t5):
 
 
 @pytest.mark.parametrize("pooling", ["mean", "first"])
-def test_fresh_read_on_bert_reads_the_pooled_final_tokens(tiny_bert, glue_dir, tmp_path, pooling):
+def test_fresh_read_on_bert_reads_the_pooled_final_tokens(tiny_bert, make_cache, pooling):
     """Padding never enters the mean: the batch holds examples of different lengths."""
-    config = CacheConfig(task="rte", model=str(tiny_bert), data_dir=glue_dir, out=tmp_path, limit=4,
-                         dtype="float32", splits=("test",))
-    cache_run(config, progress=False)
-    cache = CacheReader(config.cache_dir)
-    model = build_read(read_spec(cache, 16, "lstm", pooling=pooling), {"rte": (2, None)}).eval()
+    cache = CacheReader(make_cache(tiny_bert, task="rte", limit=4, dtype="float32", splits=("test",)))
+    _, model = model_of(cache, 16, "lstm", label_head=False, pooling=pooling)
     split = InMemorySplit(cache.split("test"), model.spec)
     with torch.no_grad():
-        features = model.features(split.batch(torch.arange(4)).inputs)
+        features = model.eval().features(split.batch(torch.arange(4)).inputs)[0]
     last = cache.split("test").load("encoder/hidden/2")
     offsets = cache.split("test").offsets
     assert len(set(offsets[1:] - offsets[:-1])) > 1
@@ -80,38 +85,32 @@ def test_batches_match_the_reader_and_padding_does_not_leak(t5_cache):
         assert torch.equal(inputs.cross_attention[0][row, :, 0, :m], example["decoder/cross_attention/1"])
         assert not inputs.encoder_hidden[0][row, m:].any() and not inputs.encoder_attention[1][row, :, m:].any()
     torch.manual_seed(0)
-    model = build_read(spec, {"rte": (2, cache.label_head())}).eval()
+    _, model = model_of(cache, 16, "lstm")
     torch.nn.init.normal_(model.decoder.up.weight, std=0.1)  # a trained network: Up no longer zero
     with torch.no_grad():
-        together = model(inputs)["rte"]
-        alone = torch.cat([model(split.batch(index[i:i + 1]).inputs)["rte"] for i in range(3)])
+        together = model.eval()(inputs, "rte")
+        alone = torch.cat([model(split.batch(index[i:i + 1]).inputs, "rte") for i in range(3)], dim=1)
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("recurrence", [True, False])
 def test_every_variant_trains_on_head_mean_attention(t5_mean_cache, cell, recurrence):
     cache = CacheReader(t5_mean_cache)
-    spec = read_spec(cache, 8, cell, recurrence)
-    task = TaskInfo.from_cache(cache)
-    assert task.regression and spec.heads == 1
-    model = build_read(spec, {"stsb": (1, None)})
+    task, model = model_of(cache, 8, cell, recurrence=recurrence)
+    assert task.regression and model.spec.heads == 1
     shared = sum(p.numel() for p in model.encoder.layers.parameters())
-    assert len(model.encoder.layers) == (1 if recurrence else spec.n_layers)
-    split = InMemorySplit(cache.split("train"), spec)
+    assert len(model.encoder.layers) == (1 if recurrence else model.spec.n_layers)
+    split = InMemorySplit(cache.split("train"), model.spec)
     batch = split.batch(torch.arange(split.n_examples))
-    loss = torch.nn.functional.mse_loss(model(batch.inputs)["stsb"].squeeze(-1), batch.labels)
-    loss.backward()
+    loss_of(task, model(batch.inputs, "stsb")[0], batch.labels).backward()
     assert model.encoder.up is None  # T5: the encoder side reaches the head through the decoder side
     assert model.decoder.up.weight.grad.abs().sum() > 0
     assert all(p.grad is not None for p in model.encoder.layers.parameters())
-    assert shared == (1 if recurrence else spec.n_layers) * sum(p.numel() for p in model.encoder.layers[0].parameters())
+    assert shared == (1 if recurrence else model.spec.n_layers) * sum(p.numel() for p in model.encoder.layers[0].parameters())
 
 
 def test_streaming_serves_every_example_once_with_the_same_values(t5_cache):
-    from side_train.data import StreamingSplit, open_splits
-    from side_train.train import evaluate
-
     cache = CacheReader(t5_cache)
     spec = read_spec(cache, 8, "gru")
     held = InMemorySplit(cache.split("train"), spec)
@@ -124,8 +123,7 @@ def test_streaming_serves_every_example_once_with_the_same_values(t5_cache):
         assert torch.equal(batch.labels, reference.labels)
     assert sorted(seen) == list(range(held.n_examples)) and seen != sorted(seen)
     assert streamed.n_batches(2) == len(list(streamed.batches(2, shuffle=False)))
-    task = TaskInfo.from_cache(cache)
-    model = build_read(spec, {"rte": (2, cache.label_head())})
+    task, model = model_of(cache, 8, "gru")
     torch.nn.init.normal_(model.decoder.up.weight, std=0.1)
     a, b = (evaluate(model, task, s, 4, torch.device("cpu"))[2] for s in (held, streamed))
     torch.testing.assert_close(torch.from_numpy(a), torch.from_numpy(b), rtol=1e-5, atol=1e-6)
@@ -133,3 +131,86 @@ def test_streaming_serves_every_example_once_with_the_same_values(t5_cache):
     assert isinstance(splits["train"], StreamingSplit) and "streaming" in how
     splits, how = open_splits(cache, spec, memory_bytes=2**30)
     assert isinstance(splits["train"], InMemorySplit) and "holding" in how
+
+
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_each_member_of_a_cell_is_torchs_cell(kind):
+    torch.manual_seed(0)
+    cell = Cell(3, 6, kind)
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.normal_()  # members that differ
+    x, h, c = torch.randn(3, 5, 6), torch.randn(3, 5, 6), torch.randn(3, 5, 6)
+    out = cell(x, (h, c) if kind == "lstm" else h)
+    for m in range(3):
+        reference = CELLS[kind](6, 6)
+        reference.load_state_dict({k: v[m] for k, v in cell.state_dict().items()})
+        expected = reference(x[m], (h[m], c[m]) if kind == "lstm" else h[m])
+        for got, want in zip(out if kind == "lstm" else [out], expected if kind == "lstm" else [expected]):
+            torch.testing.assert_close(got[m], want, rtol=1e-5, atol=1e-6)
+
+
+def _members(cache, cell, recurrence, members=3):
+    """A model of `members` whose members differ (Up given weights so that its path is compared too), each
+    also as a model of one member, and a batch."""
+    task, model = model_of(cache, 8, cell, members, recurrence=recurrence)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    alone = [ReadModel.from_member_state(model.spec, {task.name: task.num_labels}, model.member_state(m))
+             for m in range(members)]
+    batch = InMemorySplit(cache.split("test"), model.spec).batch(torch.arange(12))
+    return task, model, alone, batch
+
+
+@pytest.mark.parametrize("which", ["t5 heads", "t5 mean", "bert"])
+@pytest.mark.parametrize("cell, recurrence", [("gru", True), ("lstm", True), ("rnn", False)])
+def test_members_compute_what_each_computes_alone(caches, which, cell, recurrence):
+    task, model, alone, batch = _members(caches[which], cell, recurrence)
+    with torch.no_grad():
+        together = model(batch.inputs, task.name)  # [M, B, C]
+        for m, one in enumerate(alone):
+            torch.testing.assert_close(together[m], one(batch.inputs, task.name)[0], rtol=1e-5, atol=1e-6)
+            assert all(torch.equal(a, b) for a, b in zip(one.member_state(0).values(), model.member_state(m).values()))
+
+
+def test_every_member_starts_as_a_model_of_one_with_the_same_seed(caches):
+    cache = caches["t5 heads"]
+    torch.manual_seed(5)
+    _, three = model_of(cache, 8, "gru", 3)
+    torch.manual_seed(5)
+    _, one = model_of(cache, 8, "gru", 1)
+    for m in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(three.member_state(m).values(), one.member_state(0).values()))
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_read_adamw_trains_each_member_as_torch_adamw_alone(caches, cell):
+    """Three members at their own learning rates; the third stops after two steps (the masked update from
+    then on, its gradient NaN as a diverged member's would be) and must stay as it was."""
+    task, model, alone, batch = _members(caches["t5 heads"], cell, True)
+    lrs, schedule, stop_after = [3e-3, 1e-3, 2e-3], lambda step: 1.0 - step / 10, 2
+    optimizer = ReadAdamW(model.parameters(), weight_decay=0.01)
+    references = [torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01) for m, lr in zip(alone, lrs)]
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in references]
+    for step in range(5):
+        active = torch.tensor([True, True, step < stop_after])
+        losses = member_losses(task, model(batch.inputs, task.name), batch.labels)
+        optimizer.zero_grad()
+        torch.where(active, losses, 0).sum().backward()
+        if not active[2]:
+            for p in model.parameters():
+                p.grad[2] = float("nan")
+        optimizer.step(torch.tensor(lrs) * schedule(step), active)
+        for m, (one, reference, lr_schedule) in enumerate(zip(alone, references, schedules)):
+            if not active[m]:
+                continue
+            loss = loss_of(task, one(batch.inputs, task.name)[0], batch.labels)
+            torch.testing.assert_close(losses[m], loss, rtol=1e-5, atol=1e-6)
+            reference.zero_grad()
+            loss.backward()
+            reference.step()
+            lr_schedule.step()
+    for m, one in enumerate(alone):
+        for key, value in one.member_state(0).items():
+            torch.testing.assert_close(model.member_state(m)[key], value, rtol=1e-4, atol=1e-6)

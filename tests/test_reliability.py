@@ -13,36 +13,27 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from cache_store import CacheReader, shards
+from conftest import arrays_of, cache_args
+from cache_store import CacheReader, faults
+from cache_store.faults import CRASH_AFTER_EPOCH_ENV, DISK_FULL_AFTER_ENV
 from cache_store.cli import main as inspect_main
 from cache_store.lock import WriteLock
-from cache_store.shards import DISK_FULL_AFTER_ENV
 from pipeline.cli import main as cache_main
-from pipeline.config import CacheConfig
-from pipeline.job import run as cache_run
 from side_train.cli import main as train_main
 from side_train.config import RunConfig
-from side_train.train import STATE_FILE, train
+from side_train.state import STATE_FILE
+from side_train.train import train
 
+SMALL_SHARDS = ("--shard-mb", "0.02")  # many shards from a few rows
 REPO = Path(__file__).resolve().parents[1]
 QUIET = dict(progress=False, log=lambda line: None)
-
-
-def cache_args(model, glue_dir, out, *extra):
-    return ["--task", "rte", "--model", str(model), "--data-dir", str(glue_dir), "--out", str(out),
-            "--limit", "24", "--batch-size", "5", "--shard-mb", "0.02", "--quiet", *extra]
-
-
-def arrays_of(path: Path) -> dict[str, np.ndarray]:
-    root = zarr.open_group(str(path), mode="r")
-    return {p: node[...] for p, node in root.members(max_depth=None) if isinstance(node, zarr.Array)}
 
 
 @pytest.fixture(scope="module")
 def whole(tiny_t5, glue_dir, tmp_path_factory) -> Path:
     """An uninterrupted cache: what every interrupted one must end up equal to."""
     out = tmp_path_factory.mktemp("whole")
-    result = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, out))
+    result = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, out, *SMALL_SHARDS))
     assert result.exit_code == 0, result.output
     return out / tiny_t5.name / "rte"
 
@@ -52,8 +43,8 @@ def whole(tiny_t5, glue_dir, tmp_path_factory) -> Path:
 def test_disk_full_is_explained_keeps_what_was_committed_and_resume_finishes(tiny_t5, glue_dir, tmp_path, whole,
                                                                             monkeypatch):
     monkeypatch.setenv(DISK_FULL_AFTER_ENV, "150")  # of the train split's 245 shard files
-    monkeypatch.setattr(shards, "_shards_written", 0)
-    full = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path))
+    monkeypatch.setattr(faults, "_shards_written", 0)
+    full = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path, *SMALL_SHARDS))
     assert full.exit_code == 1 and "No space left on device" in full.output and "--resume" in full.output
     assert "Traceback" not in full.output and len(full.output.strip().splitlines()) == 1
     path = tmp_path / tiny_t5.name / "rte"
@@ -64,7 +55,7 @@ def test_disk_full_is_explained_keeps_what_was_committed_and_resume_finishes(tin
     assert "CORRUPT" not in verified.output and "committed shards are intact" in verified.output
     assert "UNFINISHED train: incomplete" in verified.output and "--resume" in verified.output
     monkeypatch.delenv(DISK_FULL_AFTER_ENV)
-    resumed = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path, "--resume"))
+    resumed = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path, *SMALL_SHARDS, "--resume"))
     assert resumed.exit_code == 0, resumed.output
     expected, got = arrays_of(whole), arrays_of(path)
     assert expected.keys() == got.keys() and all(np.array_equal(expected[k], got[k]) for k in expected)
@@ -72,7 +63,7 @@ def test_disk_full_is_explained_keeps_what_was_committed_and_resume_finishes(tin
 
 def test_a_second_writer_is_refused_naming_the_holder(tiny_t5, glue_dir, tmp_path):
     with WriteLock(tmp_path / tiny_t5.name / "rte"):
-        result = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path))
+        result = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path, *SMALL_SHARDS))
     assert result.exit_code == 2 and f"process {os.getpid()} on" in result.output
     assert "is being written by" in result.output and "Traceback" not in result.output
     assert not (tmp_path / tiny_t5.name / "rte").exists()  # refused before anything was written
@@ -83,7 +74,7 @@ def test_a_stale_lock_from_a_dead_process_is_taken_over(tiny_t5, glue_dir, tmp_p
     lock = tmp_path / tiny_t5.name / "rte.lock"
     lock.parent.mkdir(parents=True)
     lock.write_text(json.dumps({"pid": int(dead.stdout), "host": "here", "since": "then", "command": "x"}))
-    result = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path))
+    result = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path, *SMALL_SHARDS))
     assert result.exit_code == 0, result.output
     assert f"took over the lock of process {int(dead.stdout)}" in result.output
     assert not lock.exists()  # released at the end
@@ -143,19 +134,13 @@ def _train_command(sources: list[Path], out: Path, lrs: str, *extra) -> list[str
 
 
 @pytest.fixture(scope="module")
-def stsb_cache(tiny_t5, glue_dir, tmp_path_factory) -> Path:
-    config = CacheConfig(task="stsb", model=str(tiny_t5), data_dir=glue_dir, out=tmp_path_factory.mktemp("s"),
-                         limit=12, splits=("train", "validation", "test"))
-    cache_run(config, progress=False)
-    return config.cache_dir
+def stsb_cache(tiny_t5, make_cache) -> Path:
+    return make_cache(tiny_t5, task="stsb", limit=12)
 
 
 @pytest.fixture(scope="module")
-def rte_cache(tiny_t5, glue_dir, tmp_path_factory) -> Path:
-    config = CacheConfig(task="rte", model=str(tiny_t5), data_dir=glue_dir, out=tmp_path_factory.mktemp("r"),
-                         limit=12)
-    cache_run(config, progress=False)
-    return config.cache_dir
+def rte_cache(tiny_t5, make_cache) -> Path:
+    return make_cache(tiny_t5, task="rte", limit=12)
 
 
 @pytest.mark.parametrize("mode", ["single", "sweep", "multi-task"])
@@ -165,7 +150,7 @@ def test_training_killed_after_an_epoch_resumes_to_the_same_metrics(rte_cache, s
     configs = [RunConfig(width=8, lr=float(lr), epochs=3, patience=3, batch_size=4) for lr in lrs.split(",")]
     expected = train(sources, configs, tmp_path / "whole", **QUIET)
     command = _train_command(sources, tmp_path / "killed", lrs)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "READ_TRAIN_CRASH_AFTER_EPOCH": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), CRASH_AFTER_EPOCH_ENV: "1"}
     killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
     folder = tmp_path / "killed" / f"{rte_cache.parent.name}-{'+'.join(s.name for s in sources)}"

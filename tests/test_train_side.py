@@ -11,18 +11,13 @@ from safetensors.torch import load_file
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score
 
-from pipeline.config import CacheConfig
-from pipeline.job import run as cache_run
 from side_train.cli import main as train_main
 from side_train.metrics import score
 
 
 @pytest.fixture(scope="module")
-def rte_cache(tiny_t5, glue_dir, tmp_path_factory):
-    config = CacheConfig(task="rte", model=str(tiny_t5), data_dir=glue_dir, out=tmp_path_factory.mktemp("c"),
-                         limit=24)
-    cache_run(config, progress=False)
-    return config.cache_dir
+def rte_cache(tiny_t5, make_cache):
+    return make_cache(tiny_t5, task="rte", limit=24)
 
 
 def test_sweep_writes_metrics_checkpoints_predictions_and_plots(rte_cache, tmp_path):

@@ -1,0 +1,38 @@
+"""Fault injection for the crash, disk-full and resume tests: environment variables that make a process
+fail at a chosen point. Unset (always, outside the tests), every hook does nothing."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+CRASH_AFTER_COMMITS_ENV = "READ_CACHE_CRASH_AFTER_COMMITS"  # SIGKILL the cache writer after N shard commits
+DISK_FULL_AFTER_ENV = "READ_CACHE_DISK_FULL_AFTER_SHARDS"  # ENOSPC on writing shard file N + 1
+CRASH_AFTER_EPOCH_ENV = "READ_TRAIN_CRASH_AFTER_EPOCH"  # SIGKILL train-side once N epochs' state is saved
+
+_shards_written = 0
+
+
+def _limit(name: str) -> int | None:
+    value = os.environ.get(name)
+    return None if value is None else int(value)
+
+
+def after_commit(commits: int) -> None:
+    limit = _limit(CRASH_AFTER_COMMITS_ENV)
+    if limit and commits >= limit:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def before_shard_write(path) -> None:
+    global _shards_written
+    limit = _limit(DISK_FULL_AFTER_ENV)
+    if limit is not None and _shards_written >= limit:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    _shards_written += 1
+
+
+def after_epoch_saved(epochs: int) -> None:
+    limit = _limit(CRASH_AFTER_EPOCH_ENV)
+    if limit is not None and epochs == limit:
+        os.kill(os.getpid(), signal.SIGKILL)

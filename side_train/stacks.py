@@ -1,0 +1,122 @@
+"""A sweep's runs grouped for training: configurations that share a seed and a shape train as the members
+of one ReadModel (a `Stack`), each with its own learning rate, and one optimiser step trains them all."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import RunConfig
+from .data import TrainBatch, read_spec
+from .read_model import ReadAdamW, ReadModel
+from .tasks import TaskInfo
+
+
+@dataclass
+class Run:
+    """One configuration's progress and early-stopping state (its weights live in its Stack)."""
+
+    config: RunConfig
+    parameters: int  # trainable parameters of this configuration's READ network
+    train_loss: list[float] = field(default_factory=list)
+    validation: list[float] = field(default_factory=list)  # per epoch: the task's metric, or the tasks' mean
+    task_validation: dict[str, list[float]] = field(default_factory=dict)
+    best: float = -float("inf")
+    best_epoch: int = -1
+    best_state: dict | None = None  # the best-validation weights, as ReadModel.member_state gives them
+    stopped: bool = False
+    failed: str | None = None  # why training stopped early on an error (a non-finite loss)
+    seconds: float = 0.0  # this run's share of its stack's training and validation time
+    _losses: list[float] = field(default_factory=list)
+
+    KEPT = ("train_loss", "validation", "task_validation", "best", "best_epoch", "best_state", "stopped", "failed",
+            "seconds")  # what a resumed run needs back
+
+
+@dataclass
+class Stack:
+    """The runs of one seed and one shape (cell, width, recurrence), trained as the members of one ReadModel."""
+
+    runs: list[Run]
+    model: ReadModel
+    optimizer: ReadAdamW
+    lrs: torch.Tensor  # [M] peak learning rates
+    schedule: object  # step -> factor of the peak learning rate
+    step: int = 0
+
+    @property
+    def seed(self) -> int:
+        return self.runs[0].config.seed
+
+    def active(self) -> torch.Tensor:
+        return torch.tensor([not r.stopped for r in self.runs], device=self.lrs.device)
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step}
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+
+
+def init_model(config: RunConfig, cache, tasks: list[TaskInfo] | TaskInfo, device: torch.device = torch.device("cpu"),
+               members: int = 1) -> ReadModel:
+    """Freshly initialised READ networks of one configuration's shape, `members` of them, all starting from
+    the seed's initialisation (the same alone or in a sweep)."""
+    tasks = tasks if isinstance(tasks, list) else [tasks]
+    torch.manual_seed(config.seed)
+    spec = read_spec(cache, config.width, config.cell, config.recurrence, config.pooling, config.dropout)
+    return ReadModel(spec, {t.name: (t.num_labels, t.label_head) for t in tasks}, members).to(device)
+
+
+def schedule_of(config: RunConfig, steps: int):
+    """Linear warm-up over `warmup` of the steps, then linear decay to zero at the last step."""
+    warm = max(1, int(config.warmup * steps))
+    return lambda step: min((step + 1) / warm, max(0.0, (steps - step) / max(1, steps - warm)))
+
+
+def make_stacks(configs: list[RunConfig], cache, tasks: list[TaskInfo], steps: int, device: torch.device) -> list[Stack]:
+    """Group configurations by seed and shape; each group becomes one Stack."""
+    groups: dict[tuple, list[RunConfig]] = {}
+    for c in configs:
+        groups.setdefault((c.seed, c.cell, c.width, c.recurrence, c.pooling, c.dropout, c.weight_decay), []
+                          ).append(c)
+    stacks = []
+    for members in groups.values():
+        model = init_model(members[0], cache, tasks, device, len(members))
+        runs = [Run(c, model.member_parameters()) for c in members]
+        stacks.append(Stack(runs, model, ReadAdamW(model.parameters(), members[0].weight_decay),
+                            torch.tensor([c.lr for c in members], device=device), schedule_of(members[0], steps)))
+    return stacks
+
+
+def member_losses(task: TaskInfo, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """outputs [M, B, C] -> each member's mean loss [M]."""
+    members, batch = outputs.shape[:2]
+    if task.regression:
+        return ((outputs.squeeze(-1).float() - labels.float()) ** 2).mean(1)
+    flat = nn.functional.cross_entropy(outputs.reshape(members * batch, -1), labels.long().repeat(members),
+                                       reduction="none")
+    return flat.view(members, batch).mean(1)
+
+
+def train_step(stack: Stack, task: TaskInfo, batch: TrainBatch, epoch: int, log) -> None:
+    """One optimiser step for every member still training; a member whose loss is not finite stops."""
+    active = stack.active()
+    losses = member_losses(task, stack.model(batch.inputs, task.name), batch.labels)  # [M]
+    finite = torch.isfinite(losses.detach())
+    for m, run in enumerate(stack.runs):
+        if active[m] and not finite[m]:
+            run.stopped, active[m] = True, False
+            run.failed = (f"training loss became {losses[m].item()} at epoch {epoch + 1} (task {task.name}); "
+                          "this configuration was stopped: try a lower --lr")
+            log(f"{run.config.name}: {run.failed}")
+    stack.optimizer.zero_grad()
+    torch.where(active, losses, 0).sum().backward()  # members share no parameter: each gets its own gradient
+    stack.optimizer.step(stack.lrs * stack.schedule(stack.step), active)
+    stack.step += 1
+    for m, value in enumerate(losses.detach().tolist()):
+        if active[m]:
+            stack.runs[m]._losses.append(value)
