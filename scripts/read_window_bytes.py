@@ -1,9 +1,9 @@
 """How much of READ's training memory streaming needs: the bytes of the two largest windows of a cache's
 train split (the window in use and the next, read ahead), computed from the stored lengths.
 
-Splits are stored longest first, so the first two windows are the largest. Per example, READ reads
-layers 1..N of hidden states ([m, d]) and attention maps ([A, m, m] per head, or [m, m]), in the
-storage dtype.
+Splits are stored longest first, so the first two windows are the largest. The bytes are read off the
+stored arrays READ reads (side_train.data.array_paths): each array's extent over those examples along
+its ragged axis, times its row size, in the storage dtype.
 
     python scripts/read_window_bytes.py caches/all-MiniLM-L6-v2/{sst2,cola,stsb,mrpc,rte}
 """
@@ -13,26 +13,32 @@ import sys
 
 import numpy as np
 
-from cache_store import STORAGE_DTYPES, CacheReader
-from side_train.data import MIN_WINDOW
+from cache_store import STORAGE_DTYPES, CacheReader, SplitReader
+from side_train.data import MIN_WINDOW, array_paths, read_spec
 
 
-def window_bytes(cache: CacheReader, lengths: np.ndarray) -> int:
-    m = cache.manifest
+def window_bytes(reader: SplitReader, examples: int) -> int:
+    """Bytes of the arrays READ reads for the split's first `examples` examples."""
+    cache = reader.cache
+    spec = read_spec(cache, cache.manifest["backbone"]["n_heads"], "gru")  # the width is irrelevant here
+    extent = {"tokens": reader.offsets, "pairs": reader.attention_offsets}
     item = STORAGE_DTYPES[cache.dtype][0].itemsize
-    heads = {"heads": m["backbone"]["n_heads"], "mean": 1, "none": 0}[m["attention"]]
-    tokens, pairs = int(lengths.sum()), int((lengths.astype(np.int64) ** 2).sum())
-    return m["backbone"]["n_layers"] * (tokens * m["backbone"]["d_model"] + heads * pairs) * item
+    total = 0
+    for path in array_paths(spec, cache.manifest["attention"] != "none"):
+        array = reader.group[path]
+        ends = extent.get(array.attrs["grows_along"])
+        rows = int(ends[examples]) if ends is not None else examples  # EXAMPLES: one row per example
+        total += rows * int(np.prod(np.delete(array.shape, array.attrs["axis"]))) * item
+    return total
 
 
 def main(paths: list[str]) -> None:
     print(f"| cache | train examples | mean tokens | two largest windows of {MIN_WINDOW} (MiB) |")
     print("| --- | --- | --- | --- |")
     for path in paths:
-        cache = CacheReader(path)
-        lengths = cache.split("train").lengths
-        two = window_bytes(cache, lengths[:2 * MIN_WINDOW])
-        print(f"| {path} | {len(lengths)} | {lengths.mean():.1f} | {two / 2**20:,.0f} |")
+        reader = CacheReader(path).split("train")
+        two = window_bytes(reader, min(2 * MIN_WINDOW, reader.n_examples))
+        print(f"| {path} | {reader.n_examples} | {reader.lengths.mean():.1f} | {two / 2**20:,.0f} |")
 
 
 if __name__ == "__main__":
