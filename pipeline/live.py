@@ -1,6 +1,6 @@
 """Live activation sources: the frozen backbone computes, for any examples, the arrays a cache would hold
-(same names and ragged layout, nothing written). Stage two finds them through the `read_side.sources`
-entry points, so neither stage imports the other:
+(same names and ragged layout, nothing written). Stage two's command line (side_train/cli.py) imports
+them for these two paths only:
 
 - `online` (`train-side --online`): a task's splits, in float32, nothing rounded;
 - `predictor` (`predict-side`): new rows of text, rounded to the storage dtype of the cache a READ
@@ -122,7 +122,3 @@ class Predictor:
             self.forward_passes += 1
             self.examples_forwarded += len(chunk)
         return {spec.path: torch.cat([p[spec.path] for p in parts], dim=spec.axis) for spec in self.specs}
-
-
-def open_predictor(model: str, manifest: dict, device: str = "auto", progress: bool = True) -> Predictor:
-    return Predictor(model, manifest, device, progress)

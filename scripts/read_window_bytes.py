@@ -1,5 +1,6 @@
 """How much of READ's training memory streaming needs: the bytes of the two largest windows of a cache's
-train split (the window in use and the next, read ahead), computed from the stored lengths.
+train split (the window in use and the next, read ahead), computed from the stored lengths, for windows
+of one batch (32 examples, what the smallest budget gives) and of 512 (the least before this changed).
 
 Splits are stored longest first, so the first two windows are the largest. The bytes are read off the
 stored arrays READ reads (side_train.data.array_paths): each array's extent over those examples along
@@ -14,7 +15,9 @@ import sys
 import numpy as np
 
 from cache_store import STORAGE_DTYPES, CacheReader, SplitReader
-from side_train.data import MIN_WINDOW, array_paths, read_spec
+from side_train.data import array_paths, read_spec
+
+WINDOWS = (32, 512)
 
 
 def window_bytes(reader: SplitReader, examples: int) -> int:
@@ -33,12 +36,14 @@ def window_bytes(reader: SplitReader, examples: int) -> int:
 
 
 def main(paths: list[str]) -> None:
-    print(f"| cache | train examples | mean tokens | two largest windows of {MIN_WINDOW} (MiB) |")
-    print("| --- | --- | --- | --- |")
+    print("| cache | train examples | mean tokens | "
+          + " | ".join(f"two largest windows of {w} (MiB)" for w in WINDOWS) + " |")
+    print("| --- | --- | --- |" + " --- |" * len(WINDOWS))
     for path in paths:
         reader = CacheReader(path).split("train")
-        two = window_bytes(reader, min(2 * MIN_WINDOW, reader.n_examples))
-        print(f"| {path} | {reader.n_examples} | {reader.lengths.mean():.1f} | {two / 2**20:,.0f} |")
+        two = [window_bytes(reader, min(2 * w, reader.n_examples)) / 2**20 for w in WINDOWS]
+        print(f"| {path} | {reader.n_examples} | {reader.lengths.mean():.1f} | "
+              + " | ".join(f"{b:,.1f}" for b in two) + " |")
 
 
 if __name__ == "__main__":

@@ -155,7 +155,10 @@ class InMemorySplit(BatchOrder):
 class StreamingSplit:
     """A split too large to hold: windows of consecutive (similar-length) examples are read in turn, the
     next one on a background thread while the current one trains. Shuffling permutes the windows and the
-    examples inside each window, which acts as a shuffle buffer of one window."""
+    examples inside each window, which acts as a shuffle buffer of one window, and moves the window grid
+    by a random number of batches every epoch, so that even one-batch windows give an example new
+    batch-mates. With a window that is a multiple of the batch size, every epoch has the same batches
+    count (the training schedule counts on it)."""
 
     def __init__(self, reader: SplitReader, spec: ReadSpec, window: int):
         self.reader, self.spec, self.window = reader, spec, max(1, window)
@@ -163,35 +166,36 @@ class StreamingSplit:
         self.labels = torch.from_numpy(reader.labels.copy())
         self.example_index = reader.example_index.copy()
 
-    def _starts(self) -> list[int]:
-        return list(range(0, self.n_examples, self.window))
+    def _windows(self, phase: int = 0) -> list[tuple[int, int]]:
+        edges = sorted({0, *range(phase % self.window, self.n_examples, self.window), self.n_examples})
+        return list(zip(edges[:-1], edges[1:]))
 
     def n_batches(self, batch_size: int) -> int:
-        return sum(-(-(min(s + self.window, self.n_examples) - s) // batch_size) for s in self._starts())
+        return sum(-(-(stop - start) // batch_size) for start, stop in self._windows())
 
     def batches(self, batch_size: int, shuffle: bool, seed: int = 0) -> Iterator[TrainBatch]:
-        starts = self._starts()
+        windows = self._windows()
         if shuffle:
-            starts = [starts[i] for i in np.random.default_rng(seed).permutation(len(starts))]
-        load = lambda s: InMemorySplit(self.reader, self.spec, s, min(s + self.window, self.n_examples))  # noqa: E731
+            rng = np.random.default_rng(seed)
+            windows = self._windows(batch_size * int(rng.integers(max(1, self.window // batch_size))))
+            windows = [windows[i] for i in rng.permutation(len(windows))]
+        load = lambda w: InMemorySplit(self.reader, self.spec, *w)  # noqa: E731
         with ThreadPoolExecutor(max_workers=1) as pool:
-            upcoming = pool.submit(load, starts[0])
-            for i in range(len(starts)):
+            upcoming = pool.submit(load, windows[0])
+            for i in range(len(windows)):
                 part = upcoming.result()
-                if i + 1 < len(starts):
-                    upcoming = pool.submit(load, starts[i + 1])
+                if i + 1 < len(windows):
+                    upcoming = pool.submit(load, windows[i + 1])
                 for batch in part.batches(batch_size, shuffle, seed + part.start):
                     yield TrainBatch(batch.index + part.start, batch.labels, batch.inputs)
+                del part  # before the next window is read: two windows at most are in memory
 
 
-MIN_WINDOW = 512  # examples: below this, shuffling and length bucketing stop working
-
-
-def open_splits(cache: CacheReader, spec: ReadSpec, memory_bytes: int,
+def open_splits(cache: CacheReader, spec: ReadSpec, memory_bytes: int, batch_size: int,
                 names=("train", "validation", "test")) -> tuple[dict, str]:
     """Hold every split in memory when they fit in `memory_bytes` together; otherwise stream each split
-    larger than a quarter of the budget in windows of that size (two windows, the one in use and the
-    one being read, are in memory at once). Returns (splits, a line saying which)."""
+    larger than a quarter of the budget in windows of that size, a whole number of batches and one at
+    least (two windows, the one in use and the one being read, are in memory at once). Returns (splits, a line saying which)."""
     readers = {name: cache.split(name) for name in names}
     sizes = {name: split_bytes(r, spec) for name, r in readers.items()}
     if sum(sizes.values()) <= memory_bytes:
@@ -205,7 +209,7 @@ def open_splits(cache: CacheReader, spec: ReadSpec, memory_bytes: int,
             splits[name] = InMemorySplit(reader, spec)
             continue
         per_example = sizes[name] / max(reader.n_examples, 1)
-        window = max(MIN_WINDOW, int(share / per_example))
+        window = max(1, int(share / per_example) // batch_size) * batch_size
         splits[name] = StreamingSplit(reader, spec, window)
         streamed.append(f"{name} ({sizes[name] / 2**20:.0f} MiB) in windows of {window} examples "
                         f"(about {window * per_example / 2**20:.0f} MiB)")

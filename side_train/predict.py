@@ -3,8 +3,8 @@
 Each input is one JSON object (or TSV row, with a header) carrying a task's field names, and optionally
 `task` to say which task's input format to use (by default the first of the checkpoint's tasks whose
 fields it has). The backbone runs once per input; every head of the checkpoint reads that one pass.
-The backbone comes from the `predictor` entry point of `read_side.sources` (pipeline/live.py), so
-stage two still never imports stage one.
+The backbone is pipeline/live.py's Predictor, which the command line (side_train/cli.py) hands in: this
+module never imports stage one.
 
 Batches follow training exactly: inputs ordered longest first, the backbone run in the cache's batch
 size, activations rounded to the cache's dtype, READ run in training's evaluation batch size. So on a

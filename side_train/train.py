@@ -54,7 +54,7 @@ def open_tasks(sources: list, config: RunConfig, memory_bytes: int, log) -> list
             splits = {n: OnlineSplit(cache.split(n), spec, cache.manifest) for n in ("train", "validation", "test")}
             how = "the backbone runs live for every batch"
         else:
-            splits, how = open_splits(cache, spec, memory_bytes // len(caches))
+            splits, how = open_splits(cache, spec, memory_bytes // len(caches), config.batch_size)
         log(f"{cache.path}: {how}; {', '.join(f'{n} {s.n_examples}' for n, s in splits.items())} examples; "
             f"opened in {time.perf_counter() - began:.1f} s")
         tasks.append(TaskData(TaskInfo.from_cache(cache), cache, splits))

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from pipeline.config import CacheConfig
 from pipeline.glue_data import load_source_splits
 from pipeline.job import run as cache_run
-from pipeline.live import open_predictor
+from pipeline.live import Predictor
 from pipeline.splits import make_splits
 from pipeline.tasks import get_task
 from side_train.cli import main as train_main
@@ -84,7 +84,7 @@ def _test_rows(task_name: str, glue_dir: Path, with_index: bool = False):
 def test_predictions_equal_training_test_predictions_exactly(multi_run, tiny_t5, glue_dir):
     run = multi_run / "gru-r8-lr0.003-s0"
     checkpoint = load_checkpoint(run)
-    predictor = open_predictor(str(tiny_t5), checkpoint.manifest)
+    predictor = Predictor(str(tiny_t5), checkpoint.manifest)
     recorded = [json.loads(line) for line in (run / "test_predictions.jsonl").open()]
     for task in ("rte", "stsb"):
         rows, source_index = _test_rows(task, glue_dir, with_index=True)
@@ -100,7 +100,7 @@ def test_predictions_equal_training_test_predictions_exactly(multi_run, tiny_t5,
 def test_one_backbone_pass_per_input_for_every_head(multi_run, tiny_t5, glue_dir, tmp_path):
     run = multi_run / "gru-r8-lr0.003-s0"
     checkpoint = load_checkpoint(run)
-    predictor = open_predictor(str(tiny_t5), checkpoint.manifest)
+    predictor = Predictor(str(tiny_t5), checkpoint.manifest)
     rows = _test_rows("rte", glue_dir)[:11]
     out = list(predict(checkpoint, predictor, rows, batch_size=4, progress=False))
     assert predictor.examples_forwarded == len(rows)  # each input through the backbone exactly once

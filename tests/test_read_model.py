@@ -114,22 +114,28 @@ def test_streaming_serves_every_example_once_with_the_same_values(t5_cache):
     cache = CacheReader(t5_cache)
     spec = read_spec(cache, 8, "gru")
     held = InMemorySplit(cache.split("train"), spec)
-    streamed = StreamingSplit(cache.split("train"), spec, window=3)
-    seen = []
-    for batch in streamed.batches(2, shuffle=True, seed=4):
-        seen += batch.index.tolist()
-        reference = held.batch(batch.index)
-        assert all(torch.equal(a, b) for a, b in zip(batch.inputs.encoder_attention, reference.inputs.encoder_attention))
-        assert torch.equal(batch.labels, reference.labels)
-    assert sorted(seen) == list(range(held.n_examples)) and seen != sorted(seen)
+    streamed = StreamingSplit(cache.split("train"), spec, window=4)
+    epochs = []
+    for seed in range(6):
+        seen = []
+        for batch in streamed.batches(2, shuffle=True, seed=seed):
+            seen.append(batch.index.tolist())
+            reference = held.batch(batch.index)
+            assert all(torch.equal(a, b) for a, b in zip(batch.inputs.encoder_attention, reference.inputs.encoder_attention))
+            assert torch.equal(batch.labels, reference.labels)
+        assert sorted(sum(seen, [])) == list(range(held.n_examples)) and sum(seen, []) != sorted(sum(seen, []))
+        assert len(seen) == streamed.n_batches(2)  # the schedule's count, whatever the window grid's phase
+        epochs.append({frozenset(b) for b in seen})
+    assert len({frozenset(e) for e in epochs}) > 1  # the grid moves: batch-mates change between epochs
     assert streamed.n_batches(2) == len(list(streamed.batches(2, shuffle=False)))
     task, model = model_of(cache, 8, "gru")
     torch.nn.init.normal_(model.decoder.up.weight, std=0.1)
     a, b = (evaluate(model, task, s, 4, torch.device("cpu"))[2] for s in (held, streamed))
     torch.testing.assert_close(torch.from_numpy(a), torch.from_numpy(b), rtol=1e-5, atol=1e-6)
-    splits, how = open_splits(cache, spec, memory_bytes=1)
+    splits, how = open_splits(cache, spec, memory_bytes=1, batch_size=3)
     assert isinstance(splits["train"], StreamingSplit) and "streaming" in how
-    splits, how = open_splits(cache, spec, memory_bytes=2**30)
+    assert splits["train"].window == 3  # a tiny budget still streams whole batches
+    splits, how = open_splits(cache, spec, memory_bytes=2**30, batch_size=3)
     assert isinstance(splits["train"], InMemorySplit) and "holding" in how
 
 
