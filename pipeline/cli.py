@@ -28,6 +28,7 @@ def _int_list(value: str, name: str) -> tuple[int, ...] | None:
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--task", required=True, type=click.Choice(list(TASKS)), help="GLUE task.")
 @field_option(CacheConfig, "model")
+@field_option(CacheConfig, "name")
 @field_option(CacheConfig, "init", type=click.Choice(INITS))
 @field_option(CacheConfig, "seed", type=int)
 @field_option(CacheConfig, "data_dir", type=click.Path(path_type=Path))
@@ -44,7 +45,7 @@ def _int_list(value: str, name: str) -> tuple[int, ...] | None:
 @click.option("--resume", is_flag=True, help="Continue a killed run.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(task, model, init, seed, data_dir, out, splits, batch_size, max_length, dtype, attention, layers,
+def main(task, model, name, init, seed, data_dir, out, splits, batch_size, max_length, dtype, attention, layers,
          limit, device, shard_mb, resume, overwrite, quiet):
     """Run a frozen backbone once over every split of a GLUE task and cache its activations."""
     from .job import run  # heavy imports (torch, transformers) only once the arguments are fine
@@ -56,7 +57,7 @@ def main(task, model, init, seed, data_dir, out, splits, batch_size, max_length,
         if resume and overwrite:
             raise InputError("--resume and --overwrite exclude each other")
         config = CacheConfig(
-            task=task, model=model, init=init, seed=seed, data_dir=data_dir, out=out,
+            task=task, model=model, name=name, init=init, seed=seed, data_dir=data_dir, out=out,
             splits=tuple(s for s in splits.split(",") if s), batch_size=batch_size, max_length=max_length,
             dtype=dtype, attention=attention, layers=_int_list(layers, "--layers"), limit=limit, device=device,
             mode="resume" if resume else "overwrite" if overwrite else "new", shard_mb=shard_mb,

@@ -19,6 +19,9 @@ MODES = ("new", "resume", "overwrite")
 class CacheConfig:
     task: str  # a name from the task registry
     model: str = documented("t5-base", "Hub id or local folder (save_pretrained layout).")
+    name: str | None = documented(None, "What the cache folder and manifest call the backbone (default: the "
+                                        "folder's name, or for a folder called model/ and the like the hub id "
+                                        "its config.json records; else the hub id).")
     init: str = documented("pretrained", "random: seeded random weights built from the model's config "
                                          "(no weights needed).")
     seed: int = documented(0, "Seeds the split protocol and --init random.")
@@ -60,7 +63,7 @@ class CacheConfig:
     @property
     def cache_dir(self) -> Path:
         suffix = "-random" if self.init == "random" else ""
-        return Path(self.out) / f"{backbone_name(self.model)}{suffix}" / self.task
+        return Path(self.out) / f"{backbone_name(self.model, self.name)}{suffix}" / self.task
 
     @property
     def shard_bytes(self) -> int:

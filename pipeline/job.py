@@ -185,7 +185,7 @@ def prepare(config: CacheConfig, progress: bool = True) -> Prepared:
     task = get_task(config.task)
     protocol, splits = make_splits(task.name, load_source_splits(task, config.data_dir), config.seed)
     backbone = load_backbone(config.model, config.init, config.seed, config.device, progress=progress,
-                             attentions=config.attention != "none")
+                             attentions=config.attention != "none", name=config.name)
     layers = stored_layers(backbone, config.layers)
     plans = {}
     for name in config.splits:

