@@ -121,7 +121,7 @@ class SplitReader:
         except Exception as exc:  # a checksum or decode failure: never hand garbage to training
             raise CacheError(f"{self.cache.path}/{array.path} is corrupted ({type(exc).__name__}: {exc}); "
                              "run `cache-inspect --verify` and re-create the cache") from None
-        return from_storage(values, self.cache.dtype)
+        return from_storage(values, array.attrs.get("logical_dtype", self.cache.dtype))
 
     def load_layers(self, paths: list[str]) -> dict[str, torch.Tensor]:
         """Whole arrays in memory: what stage two holds when they fit."""

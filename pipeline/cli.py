@@ -38,6 +38,7 @@ def _int_list(value: str, name: str) -> tuple[int, ...] | None:
 @field_option(CacheConfig, "max_length", type=int)
 @field_option(CacheConfig, "dtype", type=click.Choice(list(STORAGE_DTYPES)))
 @field_option(CacheConfig, "attention", type=click.Choice(ATTENTION_MODES))
+@field_option(CacheConfig, "quantize", default="")
 @field_option(CacheConfig, "layers", default="all")
 @field_option(CacheConfig, "limit", type=int)
 @field_option(CacheConfig, "device")
@@ -45,7 +46,7 @@ def _int_list(value: str, name: str) -> tuple[int, ...] | None:
 @click.option("--resume", is_flag=True, help="Continue a killed run.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(task, model, name, init, seed, data_dir, out, splits, batch_size, max_length, dtype, attention, layers,
+def main(task, model, name, init, seed, data_dir, out, splits, batch_size, max_length, dtype, attention, quantize, layers,
          limit, device, shard_mb, resume, overwrite, quiet):
     """Run a frozen backbone once over every split of a GLUE task and cache its activations."""
     from .job import run  # heavy imports (torch, transformers) only once the arguments are fine
@@ -59,7 +60,8 @@ def main(task, model, name, init, seed, data_dir, out, splits, batch_size, max_l
         config = CacheConfig(
             task=task, model=model, name=name, init=init, seed=seed, data_dir=data_dir, out=out,
             splits=tuple(s for s in splits.split(",") if s), batch_size=batch_size, max_length=max_length,
-            dtype=dtype, attention=attention, layers=_int_list(layers, "--layers"), limit=limit, device=device,
+            dtype=dtype, attention=attention, quantize=tuple(sorted({k for k in quantize.split(",") if k})),
+            layers=_int_list(layers, "--layers"), limit=limit, device=device,
             mode="resume" if resume else "overwrite" if overwrite else "new", shard_mb=shard_mb,
         )
         reports = run(config, progress=not quiet, log=lambda line: click.echo(line, err=True))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cache_store import ATTENTION_MODES, SPLITS, STORAGE_DTYPES
 from cache_store.commands import documented
-from cache_store.format import DEFAULT_SHARD_BYTES
+from cache_store.format import DEFAULT_SHARD_BYTES, QUANTIZED
 
 from .backbones import INITS, backbone_name
 from .errors import InputError
@@ -33,6 +33,9 @@ class CacheConfig:
     max_length: int = documented(128, "Truncate inputs to this many tokens.")
     dtype: str = documented("bfloat16", "Storage dtype of every float array.")
     attention: str = documented("heads", "Store attention maps per head, as the head mean, or not at all.")
+    quantize: tuple[str, ...] = documented((), "Array kinds to store quantized, comma-separated: hidden (int8, one "
+                                               "absmax scale per token) and attention (uint8 units of 1/255, "
+                                               "each row's sum kept).")
     layers: tuple[int, ...] | None = documented(None, "Stored layer indices, encoder and decoder: 'all' or "
                                                       "comma-separated integers.")
     limit: int | None = documented(None, "Keep at most N examples of each split.")
@@ -49,6 +52,10 @@ class CacheConfig:
             (self.max_length > 0, f"--max-length must be positive, got {self.max_length}"),
             (self.dtype in STORAGE_DTYPES, f"--dtype must be one of {', '.join(STORAGE_DTYPES)}"),
             (self.attention in ATTENTION_MODES, f"--attention must be one of {', '.join(ATTENTION_MODES)}"),
+            (set(self.quantize) <= set(QUANTIZED),
+             f"--quantize takes {', '.join(QUANTIZED)}, got {','.join(self.quantize)}"),
+            ("attention" not in self.quantize or self.attention != "none",
+             "--quantize attention needs attention maps (--attention heads or mean)"),
             (bool(self.splits) and set(self.splits) <= set(SPLITS), f"--splits must be drawn from {', '.join(SPLITS)}"),
             (self.limit is None or self.limit > 0, f"--limit must be positive, got {self.limit}"),
             (self.layers is None or (bool(self.layers) and min(self.layers) >= 0),

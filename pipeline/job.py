@@ -14,7 +14,10 @@ from tqdm.auto import tqdm
 from cache_store import (
     ArraySpec, BackgroundWriter, CacheWriter, SplitPlan, attention_path, cross_attention_path, hidden_path,
 )
-from cache_store.format import EXAMPLES, PAIRS, STORAGE_DTYPES, TOKENS, to_storage
+from cache_store.format import (
+    ARRAY_DTYPES, EXAMPLES, PAIRS, QUANTIZED, STORAGE_DTYPES, TOKENS, quantize_probabilities, quantize_rows,
+    scale_path, to_storage,
+)
 from cache_store.lock import WriteLock
 
 from .backbones import Backbone, BackboneOutput, load_backbone
@@ -41,15 +44,25 @@ def stored_layers(backbone: Backbone, layers: tuple[int, ...] | None) -> dict[st
             for stack, n in wanted.items()}
 
 
-def array_specs(backbone: Backbone, attention: str, layers: dict[str, list[int]]) -> list[ArraySpec]:
+def array_specs(backbone: Backbone, attention: str, layers: dict[str, list[int]],
+                quantize: tuple[str, ...] = ()) -> list[ArraySpec]:
+    """Every backbone array a split stores; quantized kinds in their QUANTIZED dtype (None: the storage
+    dtype), int8 hidden states with a float32 scale array beside each."""
     d, heads = backbone.d_model, backbone.n_heads
     att_row, att_axis = ((heads,), 1) if attention == "heads" else ((), 0)
-    specs = [ArraySpec(hidden_path("encoder", k), TOKENS, (d,), 0) for k in layers["encoder"]]
+    hidden = QUANTIZED["hidden"] if "hidden" in quantize else None
+    maps = QUANTIZED["attention"] if "attention" in quantize else None
+
+    def hidden_specs(stack, grows):
+        out = [ArraySpec(hidden_path(stack, k), grows, (d,), 0, hidden) for k in layers[stack]]
+        return out + ([ArraySpec(scale_path(s.path), grows, (), 0, "float32") for s in out] if hidden else [])
+
+    specs = hidden_specs("encoder", TOKENS)
     if attention != "none":
-        specs += [ArraySpec(attention_path(k), PAIRS, att_row, att_axis) for k in layers["encoder"] if k]
-    specs += [ArraySpec(hidden_path("decoder", k), EXAMPLES, (d,), 0) for k in layers["decoder"]]
+        specs += [ArraySpec(attention_path(k), PAIRS, att_row, att_axis, maps) for k in layers["encoder"] if k]
+    specs += hidden_specs("decoder", EXAMPLES)
     if attention != "none":
-        specs += [ArraySpec(cross_attention_path(k), TOKENS, att_row, att_axis) for k in layers["decoder"] if k]
+        specs += [ArraySpec(cross_attention_path(k), TOKENS, att_row, att_axis, maps) for k in layers["decoder"] if k]
     return specs
 
 
@@ -81,6 +94,7 @@ def build_manifest(config: CacheConfig, backbone: Backbone, task: TaskSpec, prot
         # predict-side batch the same way.
         "batch_size": config.batch_size,
         "storage_dtype": config.dtype,
+        "quantize": list(config.quantize),
         "attention": config.attention,
         "layers": layers,
         "splits": {name: {"n_examples": plan.n_examples, "n_tokens": int(plan.lengths.sum()),
@@ -126,22 +140,33 @@ def _unpad(value: torch.Tensor, lengths: list[int], kind: str, dtype: torch.dtyp
 
 @torch.inference_mode()
 def extract(out: BackboneOutput, lengths: list[int], specs: list[ArraySpec], dtype: str) -> dict[str, np.ndarray]:
-    """Drop padding and convert to the storage dtype (on the backbone's device, before the copy out)."""
+    """Drop padding and convert to each array's stored dtype (`dtype`, the storage dtype, unless the spec
+    says int8 or uint8), on the backbone's device, before the copy out. Quantization sees the unrounded
+    float32 values; attention rows are quantized before the padding goes, as whole rows."""
     logical = STORAGE_DTYPES[dtype][1]
     arrays = {}
     for spec in specs:
         stack, kind, layer = spec.path.split("/")  # e.g. encoder/attention/3
+        if kind.endswith("_scale"):
+            continue  # written with its hidden array
         layer = int(layer)
-        if kind == "hidden" and stack == "encoder":
-            value = _unpad(out.encoder_hidden[layer], lengths, "tokens", logical)  # [Tb, d]
-        elif kind == "hidden":
-            value = out.decoder_hidden[layer].to(logical)  # [B, d]
+        stored = spec.dtype or dtype
+        wide = torch.float32 if spec.dtype else logical
+        if kind == "hidden":
+            value = (_unpad(out.encoder_hidden[layer], lengths, "tokens", wide) if stack == "encoder"
+                     else out.decoder_hidden[layer].to(wide))  # [Tb, d] | [B, d]
+            if spec.dtype:
+                value, scale = quantize_rows(value)
+                arrays[scale_path(spec.path)] = to_storage(scale, "float32")
         else:
             maps = out.encoder_attention[layer - 1] if kind == "attention" else out.cross_attention[layer - 1]
             if not spec.axis:  # head mean, computed before rounding
                 maps = maps.mean(1)
-            value = _unpad(maps, lengths, "pairs" if kind == "attention" else "cross", logical)
-        arrays[spec.path] = to_storage(value, dtype)  # [Tb, d] | [B, d] | [A, Sb] | [Sb] | [A, Tb] | [Tb]
+            if spec.dtype:
+                maps = quantize_probabilities(maps)
+            value = _unpad(maps, lengths, "pairs" if kind == "attention" else "cross",
+                           maps.dtype if spec.dtype else logical)
+        arrays[spec.path] = to_storage(value, stored)  # [Tb, d] | [B, d] | [A, Sb] | [Sb] | [A, Tb] | [Tb]
     return arrays
 
 
@@ -165,8 +190,8 @@ def directory_bytes(path: Path) -> int:
 
 
 def logical_bytes(specs: list[ArraySpec], plan: SplitPlan, dtype: str) -> int:
-    item = STORAGE_DTYPES[dtype][0].itemsize
-    return sum(int(np.prod(s.row, dtype=np.int64)) * int(plan.extent(s.grows_along)[-1]) * item for s in specs)
+    return sum(int(np.prod(s.row, dtype=np.int64)) * int(plan.extent(s.grows_along)[-1])
+               * ARRAY_DTYPES[s.dtype or dtype][0].itemsize for s in specs)
 
 
 @dataclass
@@ -195,7 +220,7 @@ def prepare(config: CacheConfig, progress: bool = True) -> Prepared:
         plans[name] = plan_split(backbone, task, split, config.max_length)
     head = backbone.label_head(task)
     manifest = build_manifest(config, backbone, task, protocol, plans, layers, head[0] if head else None)
-    return Prepared(task, backbone, plans, array_specs(backbone, config.attention, layers), manifest,
+    return Prepared(task, backbone, plans, array_specs(backbone, config.attention, layers, config.quantize), manifest,
                     head[1] if head else None)
 
 

@@ -8,9 +8,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from cache_store import (
-    STORAGE_DTYPES, CacheError, CacheReader, SplitReader, attention_path, cross_attention_path, hidden_path,
-)
+from cache_store import CacheError, CacheReader, SplitReader, attention_path, cross_attention_path, hidden_path
+from cache_store.format import dequantize_probabilities, scale_path
 
 from .read_model import ReadInputs, ReadSpec
 
@@ -32,12 +31,25 @@ def read_spec(cache: CacheReader, width: int, cell: str, recurrence: bool = True
                     width=width, cell=cell, recurrence=recurrence, pooling=pooling, dropout=dropout)
 
 
-def array_paths(spec: ReadSpec, attention: bool) -> list[str]:
-    paths = [hidden_path("encoder", k) for k in range(1, spec.n_layers + 1)]
+def array_paths(spec: ReadSpec, manifest: dict) -> list[str]:
+    """The stored arrays READ reads: every layer's hidden states (and their scales when quantized), and
+    its attention maps unless the cache has none."""
+    attention = manifest["attention"] != "none"
+    hidden = [hidden_path("encoder", k) for k in range(1, spec.n_layers + 1)]
+    hidden += [hidden_path("decoder", k) for k in range(1, spec.n_decoder_layers + 1)]
+    paths = hidden + ([scale_path(p) for p in hidden] if "hidden" in manifest.get("quantize", ()) else [])
     paths += [attention_path(k) for k in range(1, spec.n_layers + 1)] if attention else []
-    paths += [hidden_path("decoder", k) for k in range(1, spec.n_decoder_layers + 1)]
     paths += [cross_attention_path(k) for k in range(1, spec.n_decoder_layers + 1)] if attention else []
     return paths
+
+
+@dataclass
+class QuantizedRows:
+    """Hidden states as a cache made with --quantize hidden stores them: int8 values [..., d] and one
+    float32 scale per row [...] (0 on padding). They stay so until they reach the device (to_device)."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
 
 
 @dataclass
@@ -48,18 +60,18 @@ class TrainBatch:
 
 
 def split_bytes(reader: SplitReader, spec: ReadSpec) -> int:
-    """Bytes the arrays READ needs from a split take in memory (in the stored dtype)."""
-    item = STORAGE_DTYPES[reader.cache.dtype][0].itemsize
-    attention = reader.cache.manifest["attention"] != "none"
-    return sum(int(np.prod(reader.group[p].shape, dtype=np.int64)) * item for p in array_paths(spec, attention))
+    """Bytes the arrays READ needs from a split take in memory (in their stored dtypes)."""
+    return sum(int(np.prod(reader.group[p].shape, dtype=np.int64)) * reader.group[p].dtype.itemsize
+               for p in array_paths(spec, reader.cache.manifest))
 
 
 def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: torch.Tensor,
              attention_offsets: torch.Tensor, index: torch.Tensor, spec: ReadSpec, attention: bool,
              per_head: bool) -> ReadInputs:
     """Padded READ inputs for examples `index` of ragged arrays laid out as in the cache
-    (offsets and attention_offsets: int64 [n], where each example starts). Hidden states are float32;
-    self-attention maps, the largest inputs by far, stay in the stored dtype and are widened layer by layer."""
+    (offsets and attention_offsets: int64 [n], where each example starts). Hidden states are float32, or
+    QuantizedRows when stored as int8; attention maps, the largest inputs by far, stay in the stored dtype
+    (bfloat16, or uint8 units) and are widened layer by layer (read_model.mix)."""
     lengths = lengths[index]
     width = int(lengths.max())
     pos = torch.arange(width)
@@ -71,7 +83,17 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
                         + rows * lengths[:, None, None] + cols, 0)  # [B, L, L] into S
 
     def tokens_of(path):  # [T, d] -> [B, L, d]
-        return arrays[path].index_select(0, tokens.reshape(-1)).view(*tokens.shape, -1).float() * mask[..., None]
+        values = arrays[path].index_select(0, tokens.reshape(-1)).view(*tokens.shape, -1)
+        if scale_path(path) in arrays:  # int8: the scales say where the padding is
+            scale = arrays[scale_path(path)].index_select(0, tokens.reshape(-1)).view(tokens.shape)
+            return QuantizedRows(values, scale * mask)
+        return values.float() * mask[..., None]
+
+    def examples_of(path):  # [n, d] -> [B, 1, d]
+        values = arrays[path].index_select(0, index)[:, None]
+        if scale_path(path) in arrays:
+            return QuantizedRows(values, arrays[scale_path(path)].index_select(0, index)[:, None])
+        return values.float()
 
     def attention_of(path):  # [A, S] -> [B, A, L, L], or [S] -> [B, L, L]; kept in the stored dtype (see mix_states)
         flat = arrays[path].index_select(-1, pairs.reshape(-1))
@@ -80,7 +102,8 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
         return flat.view(pairs.shape) * pair_mask
 
     def cross_of(path):  # [A, T] -> [B, A, 1, L], or [T] -> [B, 1, L]
-        flat = arrays[path].index_select(-1, tokens.reshape(-1)).float()
+        flat = arrays[path].index_select(-1, tokens.reshape(-1))
+        flat = dequantize_probabilities(flat) if flat.dtype == torch.uint8 else flat.float()
         if per_head:
             return (flat.view(-1, *tokens.shape).transpose(0, 1) * mask[:, None]).unsqueeze(2)
         return (flat.view(tokens.shape) * mask).unsqueeze(1)
@@ -90,8 +113,7 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
         mask=mask,
         encoder_hidden=[tokens_of(hidden_path("encoder", k)) for k in range(1, n + 1)],
         encoder_attention=[attention_of(attention_path(k)) for k in range(1, n + 1)] if attention else None,
-        decoder_hidden=[arrays[hidden_path("decoder", k)].index_select(0, index).float()[:, None]
-                        for k in range(1, n_dec + 1)],
+        decoder_hidden=[examples_of(hidden_path("decoder", k)) for k in range(1, n_dec + 1)],
         cross_attention=([cross_of(cross_attention_path(k)) for k in range(1, n_dec + 1)]
                          if attention and n_dec else None),
     )
@@ -136,7 +158,7 @@ class InMemorySplit(BatchOrder):
         self.name, self.spec, self.start = reader.name, spec, start
         self.attention = manifest["attention"] != "none"
         self.per_head = manifest["attention"] == "heads"
-        self.arrays = {path: reader.load(path, start, stop) for path in array_paths(spec, self.attention)}
+        self.arrays = {path: reader.load(path, start, stop) for path in array_paths(spec, manifest)}
         self.lengths = torch.from_numpy(reader.lengths[start:stop].copy())
         self.offsets = torch.from_numpy(reader.offsets[start:stop] - reader.offsets[start])
         self.attention_offsets = torch.from_numpy(reader.attention_offsets[start:stop]
@@ -238,9 +260,10 @@ class OnlineSplit(BatchOrder):
 
 
 def assemble_computed(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, spec: ReadSpec, attention: bool,
-                      per_head: bool) -> ReadInputs:
-    """READ inputs from arrays a live backbone computed for examples of `lengths` (int64 [B]), in order."""
+                      per_head: bool, index: torch.Tensor | None = None) -> ReadInputs:
+    """READ inputs from arrays a live backbone computed for examples of `lengths` (int64 [B]), in order:
+    all of them, or those at positions `index`."""
     offsets = torch.cumsum(lengths, 0) - lengths
     attention_offsets = torch.cumsum(lengths**2, 0) - lengths**2
-    return assemble(arrays, lengths, offsets, attention_offsets, torch.arange(len(lengths)), spec, attention,
-                    per_head)
+    index = torch.arange(len(lengths)) if index is None else index
+    return assemble(arrays, lengths, offsets, attention_offsets, index, spec, attention, per_head)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from cache_store import UserError
+from cache_store.format import dequantize_probabilities
 
 # The cells READ can use: torch's, whose equations `Cell` computes for M members at once.
 CELLS: dict[str, type[nn.RNNCellBase]] = {"rnn": nn.RNNCell, "gru": nn.GRUCell, "lstm": nn.LSTMCell}
@@ -95,20 +96,24 @@ def build_head(d_model: int, num_labels: int, label_head: torch.Tensor | None) -
     return head
 
 
+def widen(attention: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cached attention maps as `dtype`: bfloat16 widens exactly; uint8 holds units of 1/255."""
+    return dequantize_probabilities(attention, dtype) if attention.dtype == torch.uint8 else attention.to(dtype)
+
+
 class _Mix(torch.autograd.Function):
-    """attention.float() @ values, keeping for backward the attention maps as given (bfloat16 from a
-    bfloat16 cache) rather than a float32 copy: the maps are most of a batch's memory. Exact, because
-    widening bfloat16 to float32 loses nothing."""
+    """widen(attention) @ values, keeping for backward the attention maps as given (bfloat16 or uint8
+    from the cache) rather than a float32 copy: the maps are most of a batch's memory."""
 
     @staticmethod
     def forward(ctx, attention, values):
         ctx.save_for_backward(attention, values)
-        return attention.to(values.dtype) @ values
+        return widen(attention, values.dtype) @ values
 
     @staticmethod
     def backward(ctx, grad):
         attention, values = ctx.saved_tensors
-        grad_values = attention.to(grad.dtype).transpose(-1, -2) @ grad if ctx.needs_input_grad[1] else None
+        grad_values = widen(attention, grad.dtype).transpose(-1, -2) @ grad if ctx.needs_input_grad[1] else None
         return None, grad_values  # the cached maps are data: they get no gradient
 
 

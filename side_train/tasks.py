@@ -13,7 +13,7 @@ from cache_store import CacheError, UserError
 from cache_store.format import differences
 
 # What one READ network's inputs depend on: caches that differ here cannot share a network.
-MUST_AGREE = ("backbone", "tokenizer", "format_version", "layers", "attention")
+MUST_AGREE = ("backbone", "tokenizer", "format_version", "layers", "attention", "storage_dtype", "quantize")
 SAMPLING = ("proportional", "temperature")
 
 
