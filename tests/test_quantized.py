@@ -82,8 +82,9 @@ def test_a_quantized_cache_stores_what_the_bounds_promise(pair):
     assert "attention uint8, hidden int8" in shown.output and "per token  attention" in shown.output
 
 
-def test_training_and_prediction_read_a_quantized_cache_the_same_way(pair, tiny_t5, glue_dir, tmp_path):
-    _, packed = pair
+@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "quantized"])
+def test_training_and_prediction_read_a_cache_the_same_way(pair, quantized, tiny_t5, glue_dir, tmp_path):
+    packed = pair[quantized]
     (result,) = train([packed.path], [RunConfig(width=6, lr=3e-3, epochs=2, batch_size=4)], tmp_path,
                       progress=False, log=lambda line: None)
     assert result["status"] == "ok" and result["best_validation"] is not None
