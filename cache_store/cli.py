@@ -9,7 +9,7 @@ import click
 import numpy as np
 
 from .errors import UserError
-from .format import MANIFEST_KEY, QUANTIZED, shard_files
+from .format import MANIFEST_KEY, QUANTIZED, shard_files, stored_topk
 from .reader import CacheReader
 from .commands import OneLineCommand
 
@@ -59,7 +59,9 @@ def main(cache: Path, verify: bool, as_json: bool):
                f"max_length {m['max_length']}")
     quantized = ", ".join(f"{k} {QUANTIZED[k]}" for k in m.get("quantize", ()))
     click.echo(f"storage      {m['storage_dtype']}" + (f" ({quantized})" if quantized else "")
-               + f", attention {m['attention']}, layers enc {m['layers']['encoder']} "
+               + f", attention {m['attention']}"
+               + (f" top-{stored_topk(m)} per row ({m['attention_topk']['residual']})" if stored_topk(m) else "")
+               + f", layers enc {m['layers']['encoder']} "
                f"dec {m['layers']['decoder']}, {m['storage']['compressor']['cname']} shards "
                f"{m['storage']['shard_bytes'] / 2**20:g} MiB")
     total_logical = total_disk = total_tokens = 0

@@ -33,7 +33,8 @@ STORAGE_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
 # is stored in. See quantize_rows and quantize_probabilities for what the stored integers mean.
 QUANTIZED = {"hidden": "int8", "attention": "uint8"}
 ARRAY_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
-    **STORAGE_DTYPES, "int8": (np.dtype(np.int8), torch.int8), "uint8": (np.dtype(np.uint8), torch.uint8)}
+    **STORAGE_DTYPES, "int8": (np.dtype(np.int8), torch.int8), "uint8": (np.dtype(np.uint8), torch.uint8),
+    "int16": (np.dtype(np.int16), torch.int16)}  # int16: top-k key positions past 255
 PROBABILITY_UNITS = 255  # a uint8 attention entry q stands for q / 255
 
 # Chosen by scripts/bench_compression.py on real-row T5 activations: bit shuffle groups the sign and
@@ -43,8 +44,29 @@ COMPRESSOR = {"codec": "blosc", "cname": "lz4", "clevel": 5, "shuffle": "bitshuf
 DEFAULT_SHARD_BYTES = 64 * 2**20  # whole shards are buffered in memory per array while writing
 DEFAULT_CHUNK_BYTES = 2**20
 
-# The ragged axis an array grows along, by what it is indexed with.
-TOKENS, PAIRS, EXAMPLES = "tokens", "pairs", "examples"
+# The ragged axis an array grows along, by what it is indexed with. TOPK: an example of m tokens owns
+# m * min(k, m) entries (its query rows' k largest attention entries, `--attention topk:K`).
+TOKENS, PAIRS, EXAMPLES, TOPK = "tokens", "pairs", "examples", "topk"
+
+
+def extent(grows_along: str, lengths: np.ndarray, k: int = 0) -> np.ndarray:
+    """int64 [n + 1]: where each example of `lengths` starts along an array's ragged axis."""
+    per_example = {TOKENS: lengths, PAIRS: lengths**2, EXAMPLES: np.ones_like(lengths),
+                   TOPK: lengths * np.minimum(k, lengths)}[grows_along]
+    return np.concatenate([[0], np.cumsum(per_example)]).astype(np.int64)
+
+
+def parse_attention(mode: str) -> tuple[str, int]:
+    """--attention heads | mean | none | topk:K -> (heads | mean | none, K or 0). topk:K keeps each query
+    row's K largest entries per head, renormalised to sum to 1, with their key positions."""
+    if mode.startswith("topk:"):
+        k = mode.split(":", 1)[1]
+        if not k.isdigit() or int(k) < 1:
+            raise CacheError(f"--attention topk:K needs a positive integer K, got {mode!r}")
+        return "heads", int(k)
+    if mode not in ATTENTION_MODES:
+        raise CacheError(f"--attention must be one of {', '.join(ATTENTION_MODES)} or topk:K, got {mode!r}")
+    return mode, 0
 
 
 def hidden_path(stack: str, layer: int) -> str:
@@ -53,6 +75,16 @@ def hidden_path(stack: str, layer: int) -> str:
 
 def attention_path(layer: int) -> str:
     return f"encoder/attention/{layer}"
+
+
+def stored_topk(manifest: Mapping[str, Any]) -> int:
+    """K of a cache made with --attention topk:K, else 0 (dense maps)."""
+    return int((manifest.get("attention_topk") or {}).get("k", 0))
+
+
+def attention_keys_path(layer: int) -> str:
+    """--attention topk:K: the key position of each stored entry of encoder/attention/{layer}."""
+    return f"encoder/attention_keys/{layer}"
 
 
 def cross_attention_path(layer: int) -> str:
@@ -126,6 +158,7 @@ class ArraySpec:
     row: tuple[int, ...]  # e.g. (d,) for [T, d]; (A,) for [A, S]; () for [S]
     axis: int  # where the ragged axis sits: 0, or 1 for [A, S] / [A, T]
     dtype: str | None = None  # a key of ARRAY_DTYPES; None: the cache's storage_dtype
+    k: int = 0  # TOPK arrays: entries kept per query row
 
     def shape(self, length: int) -> tuple[int, ...]:
         return (*self.row[: self.axis], length, *self.row[self.axis:])

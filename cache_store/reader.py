@@ -12,7 +12,7 @@ import zarr
 
 from .errors import CacheError
 from .format import (
-    EXAMPLES, MANIFEST_KEY, PAIRS, TOKENS, check_format_version, from_storage, lookup, shard_files,
+    EXAMPLES, MANIFEST_KEY, PAIRS, TOKENS, check_format_version, extent, from_storage, lookup, shard_files,
 )
 
 METADATA_ARRAYS = ("offsets", "attention_offsets", "input_ids", "labels", "example_index")
@@ -104,8 +104,7 @@ class SplitReader:
             return self.offsets
         if grows == PAIRS:
             return self.attention_offsets
-        assert grows == EXAMPLES
-        return np.arange(self.n_examples + 1)
+        return extent(grows, self.lengths, array.attrs.get("k", 0))
 
     def load(self, path: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Examples [start, stop) of one array, concatenated along its ragged axis, in the logical dtype."""

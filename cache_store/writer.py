@@ -21,8 +21,8 @@ import zarr
 from . import faults
 from .errors import CacheError
 from .format import (
-    ARRAY_DTYPES, DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, COMPRESSOR, FORMAT_VERSION, MANIFEST_KEY, PAIRS,
-    TOKENS, ArraySpec, block_digest, check_format_version, chunk_grid, combined_digest,
+    ARRAY_DTYPES, DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, COMPRESSOR, FORMAT_VERSION, MANIFEST_KEY,
+    ArraySpec, extent, block_digest, check_format_version, chunk_grid, combined_digest,
     compressors, differences, manifest_identity, shard_elements,
 )
 from .shards import ShardEncoder
@@ -49,13 +49,9 @@ class SplitPlan:
     def attention_offsets(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum(self.lengths**2)]).astype(np.int64)
 
-    def extent(self, grows_along: str) -> np.ndarray:
+    def extent(self, grows_along: str, k: int = 0) -> np.ndarray:
         """int64 [n + 1]: where each example starts along an array's ragged axis."""
-        if grows_along == TOKENS:
-            return self.offsets
-        if grows_along == PAIRS:
-            return self.attention_offsets
-        return np.arange(self.n_examples + 1, dtype=np.int64)
+        return extent(grows_along, self.lengths, k)
 
 
 def cache_exists(path: Path) -> bool:
@@ -136,7 +132,7 @@ class SplitWriter:
 
     def __init__(self, cache: CacheWriter, name: str, plan: SplitPlan, specs: list[ArraySpec]):
         self.cache, self.name, self.plan = cache, name, plan
-        self.ends = {s.path: plan.extent(s.grows_along)[1:] for s in specs}
+        self.ends = {s.path: plan.extent(s.grows_along, s.k)[1:] for s in specs}
         self.specs = {s.path: s for s in specs}
         root = cache.root
         if name in root:
@@ -167,7 +163,7 @@ class SplitWriter:
             group.create_array(key, data=values, compressors=compressors())
         logical = {p: s.dtype or cache.dtype for p, s in self.specs.items()}
         storage = {p: ARRAY_DTYPES[dtype][0] for p, dtype in logical.items()}
-        lengths = {p: int(plan.extent(s.grows_along)[-1]) for p, s in self.specs.items()}
+        lengths = {p: int(plan.extent(s.grows_along, s.k)[-1]) for p, s in self.specs.items()}
         row_bytes = {p: int(np.prod(s.row, dtype=np.int64)) * storage[p].itemsize for p, s in self.specs.items()}
         shard_lengths = shard_elements(lengths, row_bytes, plan.n_examples, cache.shard_bytes)
         for path, spec in self.specs.items():
@@ -176,7 +172,8 @@ class SplitWriter:
                 path, shape=spec.shape(lengths[path]), dtype=storage[path], chunks=spec.shape(chunk),
                 shards=spec.shape(shard),
                 compressors=compressors(), fill_value=0, config={"write_empty_chunks": True},
-                attributes={"logical_dtype": logical[path], "grows_along": spec.grows_along, "axis": spec.axis},
+                attributes={"logical_dtype": logical[path], "grows_along": spec.grows_along, "axis": spec.axis,
+                            **({"k": spec.k} if spec.k else {})},
             )
         return group
 
@@ -189,7 +186,7 @@ class SplitWriter:
         if example > self.start_example():
             raise ValueError("cannot begin past the committed examples")
         for path, spec in self.specs.items():
-            position = int(self.plan.extent(spec.grows_along)[example])
+            position = int(self.plan.extent(spec.grows_along, spec.k)[example])
             encoder = ShardEncoder(self.group[path], self.cache.path, spec.axis)
             self.buffers[path] = _ShardBuffer(self.group[path], encoder, position, self.digests[path])
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cache_store import ATTENTION_MODES, SPLITS, STORAGE_DTYPES, UserError
+from cache_store import SPLITS, STORAGE_DTYPES, UserError
 from cache_store.commands import OneLineCommand, field_option
 
 from .backbones import INITS
@@ -37,7 +37,7 @@ def _int_list(value: str, name: str) -> tuple[int, ...] | None:
 @field_option(CacheConfig, "batch_size", type=int)
 @field_option(CacheConfig, "max_length", type=int)
 @field_option(CacheConfig, "dtype", type=click.Choice(list(STORAGE_DTYPES)))
-@field_option(CacheConfig, "attention", type=click.Choice(ATTENTION_MODES))
+@field_option(CacheConfig, "attention", metavar="heads|mean|none|topk:K")
 @field_option(CacheConfig, "quantize", default="")
 @field_option(CacheConfig, "layers", default="all")
 @field_option(CacheConfig, "limit", type=int)

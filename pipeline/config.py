@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cache_store import ATTENTION_MODES, SPLITS, STORAGE_DTYPES
 from cache_store.commands import documented
-from cache_store.format import DEFAULT_SHARD_BYTES, QUANTIZED
+from cache_store.format import DEFAULT_SHARD_BYTES, QUANTIZED, parse_attention
 
 from .backbones import INITS, backbone_name
 from .errors import InputError
@@ -32,7 +32,9 @@ class CacheConfig:
     batch_size: int = documented(32, "Examples per backbone batch.")
     max_length: int = documented(128, "Truncate inputs to this many tokens.")
     dtype: str = documented("bfloat16", "Storage dtype of every float array.")
-    attention: str = documented("heads", "Store attention maps per head, as the head mean, or not at all.")
+    attention: str = documented("heads", "Store attention maps per head, as the head mean, or not at all; "
+                                         "topk:K keeps each query row's K largest entries per head, "
+                                         "renormalised to sum to 1, with their key positions.")
     quantize: tuple[str, ...] = documented((), "Array kinds to store quantized, comma-separated: hidden (int8, one "
                                                "absmax scale per token) and attention (uint8 units of 1/255, "
                                                "each row's sum kept).")
@@ -51,7 +53,8 @@ class CacheConfig:
             (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
             (self.max_length > 0, f"--max-length must be positive, got {self.max_length}"),
             (self.dtype in STORAGE_DTYPES, f"--dtype must be one of {', '.join(STORAGE_DTYPES)}"),
-            (self.attention in ATTENTION_MODES, f"--attention must be one of {', '.join(ATTENTION_MODES)}"),
+            (self.attention in ATTENTION_MODES or self.attention.startswith("topk:"),
+             f"--attention must be one of {', '.join(ATTENTION_MODES)} or topk:K"),
             (set(self.quantize) <= set(QUANTIZED),
              f"--quantize takes {', '.join(QUANTIZED)}, got {','.join(self.quantize)}"),
             ("attention" not in self.quantize or self.attention != "none",
@@ -66,6 +69,19 @@ class CacheConfig:
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
+        try:
+            parse_attention(self.attention)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+
+    @property
+    def attention_mode(self) -> str:
+        """heads | mean | none: what the backbone's maps are reduced to (topk:K keeps heads)."""
+        return parse_attention(self.attention)[0]
+
+    @property
+    def topk(self) -> int:
+        return parse_attention(self.attention)[1]
 
     @property
     def cache_dir(self) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_store.format import differences, from_storage
+from cache_store.format import differences, from_storage, stored_topk
 from cache_store.writer import SplitPlan
 
 from .backbones import Backbone, load_backbone
@@ -62,7 +62,7 @@ class LiveSource:
         self.ready = prepare(config)
         self.manifest = {**self.ready.manifest, "storage_dtype": "float32", "format_version": None}
         self.path = Path(f"online:{self.manifest['backbone']['name']}/{config.task}")
-        self.attentions = config.attention != "none"
+        self.attentions = config.attention_mode != "none"
 
     def label_head(self) -> torch.Tensor | None:
         head = self.ready.label_head
@@ -96,7 +96,7 @@ class Predictor:
                              + "; ".join(d.replace("cache has", "--model has").replace("asked for", "training had")
                                          for d in found[:3]) + "); give the model folder that made its cache")
         self.specs = array_specs(self.backbone, manifest["attention"], manifest["layers"],
-                                 tuple(manifest.get("quantize", ())))
+                                 tuple(manifest.get("quantize", ())), stored_topk(manifest), manifest["max_length"])
         self.batch_size = manifest.get("batch_size", 32)  # the cache's backbone batches
         self.forward_passes = 0
         self.examples_forwarded = 0

@@ -57,8 +57,12 @@ def test_existing_cache_is_refused_untouched(tiny_t5, glue_dir, tmp_path):
 @pytest.mark.parametrize("extra, message", [  # the other refusals: test_reliability.py
     (["--layers", "1,x"], "--layers must be"),
     (["--layers", "9"], "past the backbone"),
+    (["--attention", "topk:0"], "positive integer K"),
+    (["--attention", "sparse"], "--attention must be one of"),
+    (["--quantize", "weights"], "--quantize takes"),
+    (["--attention", "none", "--quantize", "attention"], "needs attention maps"),
 ])
-def test_bad_layers_are_one_line_errors(tiny_t5, glue_dir, tmp_path, extra, message):
+def test_bad_storage_options_are_one_line_errors(tiny_t5, glue_dir, tmp_path, extra, message):
     result = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path, *extra))
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / tiny_t5.name / "rte" / "train").exists()

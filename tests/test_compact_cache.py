@@ -1,11 +1,13 @@
-"""Quantized caches (format v2, `cache-activations --quantize`): the stored integers meet their stated
-bounds, training reads them through the same path, predict-side reproduces training's test predictions
-bit for bit, and a version 1 cache still reads."""
+"""Compact caches (format v2): quantized arrays (`--quantize`) meet their stated bounds, top-k attention
+(`--attention topk:K`) keeps each row's largest entries renormalised, training reads both through the
+same path, predict-side reproduces training's test predictions bit for bit, and a version 1 cache still
+reads."""
 from __future__ import annotations
 
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import zarr
@@ -21,6 +23,7 @@ from pipeline.live import Predictor
 from pipeline.splits import make_splits
 from pipeline.tasks import get_task
 from side_train.config import RunConfig
+from side_train.data import InMemorySplit, read_spec
 from side_train.predict import load_checkpoint, predict
 from side_train.train import train
 
@@ -52,12 +55,19 @@ def test_uint8_attention_keeps_every_row_sum_and_each_entry_within_one_unit():
     assert torch.equal(units, quantize_probabilities(p.clone()))  # deterministic (predict-side relies on it)
 
 
+STORAGE = {"float32": {}, "quantized": {"quantize": ("attention", "hidden")}, "topk": {"attention": "topk:3"},
+           "topk-quantized": {"attention": "topk:3", "quantize": ("attention", "hidden")}}
+
+
 @pytest.fixture(scope="module")
-def pair(tiny_t5, make_cache):
-    exact = make_cache(tiny_t5, task="rte", limit=LIMIT, dtype="float32", splits=ALL_SPLITS)
-    packed = make_cache(tiny_t5, task="rte", limit=LIMIT, dtype="float32", quantize=("attention", "hidden"),
-                        splits=ALL_SPLITS)
-    return CacheReader(exact), CacheReader(packed)
+def caches(tiny_t5, make_cache):
+    return {name: CacheReader(make_cache(tiny_t5, task="rte", limit=LIMIT, dtype="float32", splits=ALL_SPLITS,
+                                         **options)) for name, options in STORAGE.items()}
+
+
+@pytest.fixture(scope="module")
+def pair(caches):
+    return caches["float32"], caches["quantized"]
 
 
 def test_a_quantized_cache_stores_what_the_bounds_promise(pair):
@@ -82,9 +92,9 @@ def test_a_quantized_cache_stores_what_the_bounds_promise(pair):
     assert "attention uint8, hidden int8" in shown.output and "per token  attention" in shown.output
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "quantized"])
-def test_training_and_prediction_read_a_cache_the_same_way(pair, quantized, tiny_t5, glue_dir, tmp_path):
-    packed = pair[quantized]
+@pytest.mark.parametrize("storage", list(STORAGE))
+def test_training_and_prediction_read_a_cache_the_same_way(caches, storage, tiny_t5, glue_dir, tmp_path):
+    packed = caches[storage]
     (result,) = train([packed.path], [RunConfig(width=6, lr=3e-3, epochs=2, batch_size=4)], tmp_path,
                       progress=False, log=lambda line: None)
     assert result["status"] == "ok" and result["best_validation"] is not None
@@ -112,3 +122,22 @@ def test_a_version_1_cache_reads_as_it_always_did(pair, tmp_path):
     assert a.array_paths() == b.array_paths()
     for path in a.array_paths():
         assert torch.equal(a.load(path), b.load(path))
+
+
+def test_topk_keeps_each_rows_largest_entries_renormalised(caches):
+    exact, sparse = caches["float32"], caches["topk"]
+    assert sparse.manifest["attention"] == "heads"
+    assert sparse.manifest["attention_topk"] == {"k": 3, "residual": "renormalised"}
+    stored = sparse.split("train").load("encoder/attention/1")
+    lengths = sparse.split("train").lengths
+    assert stored.shape[-1] == int((lengths * np.minimum(3, lengths)).sum())  # m * 3 entries per example
+    spec = read_spec(exact, 4, "gru")
+    index = torch.arange(exact.split("train").n_examples)
+    dense = InMemorySplit(exact.split("train"), spec).batch(index).inputs
+    kept = InMemorySplit(sparse.split("train"), spec).batch(index).inputs
+    rows = dense.mask[:, None, :, None]  # [B, 1, L, 1]: real query rows
+    for full, top in zip(dense.encoder_attention, kept.encoder_attention):
+        values, keys = full.topk(3, dim=-1)
+        reference = torch.zeros_like(full).scatter_(-1, keys, values / values.sum(-1, keepdim=True).clamp_min(1e-30))
+        torch.testing.assert_close(top, reference * rows)
+        torch.testing.assert_close(top.sum(-1), rows.squeeze(-1).expand_as(top.sum(-1)).float())
