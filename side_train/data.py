@@ -176,7 +176,7 @@ class InMemorySplit(BatchOrder):
         self.attention = manifest["attention"] != "none"
         self.per_head = manifest["attention"] == "heads"
         self.topk = stored_topk(manifest)
-        self.arrays = {path: reader.load(path, start, stop) for path in array_paths(spec, manifest)}
+        self.arrays = reader.load_many(array_paths(spec, manifest), start, stop)
         self.lengths = torch.from_numpy(reader.lengths[start:stop].copy())
         self.offsets = torch.from_numpy(reader.offsets[start:stop] - reader.offsets[start])
         self.attention_offsets = torch.from_numpy(reader.attention_offsets[start:stop]
