@@ -1,4 +1,5 @@
-"""The on-disk activation cache (format version 1): `pipeline` writes it, `side_train` reads it.
+"""The on-disk activation cache (format version 2; version 1 caches read too): `pipeline` writes it,
+`side_train` reads it.
 
 One zarr v3 group per (backbone, task), readable with plain `zarr`:
 
@@ -15,18 +16,27 @@ One zarr v3 group per (backbone, task), readable with plain `zarr`:
         example_index                 int64 [n]       row in the source split (provenance)
         encoder/hidden/{k}            [T, d]          k in the stored layers of 0..N; 0 = embeddings,
                                                       N = final layer-normed output
+        encoder/hidden_scale/{k}      float32 [T]     --quantize hidden only: one scale per token
         encoder/attention/{k}         [A, S] | [S]    k >= 1; S = sum of m_j^2: example j's [A, m, m]
                                                       block, row-major (heads mode; [S] = head mean)
         decoder/hidden/{k}            [n, d]          T5 only: the single start position, k in 0..N_dec
+        decoder/hidden_scale/{k}      float32 [n]     T5, --quantize hidden only
         decoder/cross_attention/{k}   [A, T] | [T]    T5 only: start position over the encoder tokens
 
 Examples are stored longest first (ties in source order): consecutive examples make length-bucketed
 batches; `example_index` maps each back to its source row.
 
 Storage. Float arrays are stored in the manifest's `storage_dtype`: bfloat16 (default; its bits as
-uint16, array attr `logical_dtype: bfloat16`), float16 or float32. Each array grows along one ragged
-axis (attr `grows_along`: tokens | pairs | examples, at attr `axis`) and is sharded along it
-into inner chunks of about 1 MiB, each compressed (blosc lz4 with bit shuffle) and carrying a crc32c
+uint16, array attr `logical_dtype: bfloat16`), float16 or float32. Version 2 adds the manifest's
+`quantize` (a list; empty, or version 1, stores everything in `storage_dtype`), each array's attr
+`logical_dtype` saying what it holds. With plain zarr and numpy, the activations are:
+  - `hidden` quantized: `logical_dtype: int8`; value = int8 * the `hidden_scale` array's entry for that
+    row (its largest magnitude / 127, so every value is within half a scale of the backbone's);
+  - `attention` quantized (self and cross): `logical_dtype: uint8`; probability = uint8 / 255, each
+    entry rounded down or up and each query row's units summing to round(255 * the row's sum), so a row
+    still sums to 1 (format.quantize_probabilities).
+Each array grows along one ragged axis (attr `grows_along`: tokens | pairs | examples, at attr `axis`)
+and is sharded along it into inner chunks of about 1 MiB, each compressed (blosc lz4 with bit shuffle) and carrying a crc32c
 that zarr checks on every read. Shards of the largest array hold about `storage.shard_bytes`
 (format.DEFAULT_SHARD_BYTES, 64 MiB); every array's shards span about as many examples, so `committed`
 advances once per shard. The split's
@@ -35,8 +45,8 @@ attrs hold an xxh3-128 digest of every shard's content; the manifest one digest 
 Manifest (attrs["read_cache"]): format_version, package_version, created_at, complete, backbone
 (name, family, revision, config_hash, init, init_seed, sizes), tokenizer (name, vocab_size, hash),
 task (name, version, template, label_words, metric), split_protocol (name, seed, sources), max_length,
-storage_dtype, attention (heads | mean | none), layers (encoder, decoder), splits (per-split counts),
-storage (compressor, shard and chunk sizes), checksums.
+storage_dtype, quantize (v2), attention (heads | mean | none), layers (encoder, decoder), splits
+(per-split counts), storage (compressor, shard and chunk sizes), checksums.
 
 Crash safety. Tokens, labels and offsets are written when a split is created; backbone arrays are
 written one whole shard at a time, and after each shard the split's `committed` moves to the number of

@@ -9,21 +9,28 @@ import click
 import numpy as np
 
 from .errors import UserError
-from .format import MANIFEST_KEY, STORAGE_DTYPES, shard_files
+from .format import MANIFEST_KEY, QUANTIZED, shard_files, stored_topk
 from .reader import CacheReader
 from .commands import OneLineCommand
 
 
-def _split_sizes(reader: CacheReader, name: str) -> tuple[int, int]:
-    """(logical bytes, bytes on disk) of a split's backbone arrays."""
+def _kind(path: str) -> str:
+    """hidden (with its scales) or attention (self and cross), by array path."""
+    return "attention" if "attention" in path.split("/")[1] else "hidden"
+
+
+def _split_sizes(reader: CacheReader, name: str) -> tuple[int, int, dict[str, int]]:
+    """(logical bytes, bytes on disk, bytes on disk per array kind) of a split's backbone arrays."""
     group = reader.root[name]
-    item = STORAGE_DTYPES[reader.dtype][0].itemsize
     logical = disk = 0
+    kinds: dict[str, int] = {}
     for path, node in group.members(max_depth=None):
         if "grows_along" in getattr(node, "attrs", {}):
-            logical += int(np.prod(node.shape, dtype=np.int64)) * item
-            disk += sum(f.stat().st_size for f in shard_files(node, reader.path) if f.is_file())
-    return logical, disk
+            logical += int(np.prod(node.shape, dtype=np.int64)) * node.dtype.itemsize
+            size = sum(f.stat().st_size for f in shard_files(node, reader.path) if f.is_file())
+            disk += size
+            kinds[_kind(path)] = kinds.get(_kind(path), 0) + size
+    return logical, disk, kinds
 
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,22 +57,31 @@ def main(cache: Path, verify: bool, as_json: bool):
     click.echo(f"task         {t['name']} v{t['version']} ({t['metric']}), labels {t['label_words'] or 'regression'}")
     click.echo(f"protocol     {m['split_protocol']['name']}, seed {m['split_protocol']['seed']}, "
                f"max_length {m['max_length']}")
-    click.echo(f"storage      {m['storage_dtype']}, attention {m['attention']}, layers enc {m['layers']['encoder']} "
+    quantized = ", ".join(f"{k} {QUANTIZED[k]}" for k in m.get("quantize", ()))
+    click.echo(f"storage      {m['storage_dtype']}" + (f" ({quantized})" if quantized else "")
+               + f", attention {m['attention']}"
+               + (f" top-{stored_topk(m)} per row ({m['attention_topk']['residual']})" if stored_topk(m) else "")
+               + f", layers enc {m['layers']['encoder']} "
                f"dec {m['layers']['decoder']}, {m['storage']['compressor']['cname']} shards "
                f"{m['storage']['shard_bytes'] / 2**20:g} MiB")
-    total_logical = total_disk = 0
+    total_logical = total_disk = total_tokens = 0
+    total_kinds: dict[str, int] = {}
     for name, counts in m["splits"].items():
         if name not in reader.root:
             click.echo(f"  {name:<10} not written")
             continue
         attrs = reader.root[name].attrs
-        logical, disk = _split_sizes(reader, name)
+        logical, disk, kinds = _split_sizes(reader, name)
         total_logical, total_disk = total_logical + logical, total_disk + disk
+        total_tokens += counts["n_tokens"]
+        total_kinds = {k: total_kinds.get(k, 0) + kinds.get(k, 0) for k in {*total_kinds, *kinds}}
         state = "complete" if attrs["complete"] else f"{attrs['committed']}/{attrs['n_examples']} committed"
         click.echo(f"  {name:<10} {counts['n_examples']:>7} examples {counts['n_tokens']:>9} tokens  "
                    f"{disk / 2**20:9.1f} MiB  {disk / max(counts['n_tokens'], 1):8.0f} B/token  "
                    f"compression {logical / max(disk, 1):.2f}x  {state}")
     click.echo(f"  {'total':<10} {total_disk / 2**20:44.1f} MiB  compression {total_logical / max(total_disk, 1):.2f}x")
+    click.echo("  per token  " + ", ".join(f"{k} {v / max(total_tokens, 1):.0f} B" for k, v in sorted(total_kinds.items()))
+               + " (on disk)")
     if verify:
         from tqdm.auto import tqdm
 

@@ -1,4 +1,5 @@
-"""Constants and helpers of cache format v1: names, storage dtypes, chunk grids, checksums, manifests."""
+"""Constants and helpers of the cache format (v2; v1 is read too): names, storage dtypes, quantization,
+chunk grids, checksums, manifests."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .errors import CacheError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # v1: every float array in storage_dtype; v2 adds the manifest's `quantize`
 MANIFEST_KEY = "read_cache"
 SPLITS = ("train", "validation", "test")
 ATTENTION_MODES = ("heads", "mean", "none")
@@ -27,6 +29,14 @@ STORAGE_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
     "float32": (np.dtype(np.float32), torch.float32),
 }
 
+# Quantized arrays (format v2, `cache-activations --quantize`): the array kinds that can be, and the dtype each
+# is stored in. See quantize_rows and quantize_probabilities for what the stored integers mean.
+QUANTIZED = {"hidden": "int8", "attention": "uint8"}
+ARRAY_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
+    **STORAGE_DTYPES, "int8": (np.dtype(np.int8), torch.int8), "uint8": (np.dtype(np.uint8), torch.uint8),
+    "int16": (np.dtype(np.int16), torch.int16)}  # int16: top-k key positions past 255
+PROBABILITY_UNITS = 255  # a uint8 attention entry q stands for q / 255
+
 # Chosen by scripts/bench_compression.py on real-row T5 activations: bit shuffle groups the sign and
 # exponent bits, which is what compresses in float activations; lz4 keeps within ~6% of zstd's ratio
 # at 3-4x its speed, so the writer keeps up with the backbone on two cores.
@@ -34,8 +44,29 @@ COMPRESSOR = {"codec": "blosc", "cname": "lz4", "clevel": 5, "shuffle": "bitshuf
 DEFAULT_SHARD_BYTES = 64 * 2**20  # whole shards are buffered in memory per array while writing
 DEFAULT_CHUNK_BYTES = 2**20
 
-# The ragged axis an array grows along, by what it is indexed with.
-TOKENS, PAIRS, EXAMPLES = "tokens", "pairs", "examples"
+# The ragged axis an array grows along, by what it is indexed with. TOPK: an example of m tokens owns
+# m * min(k, m) entries (its query rows' k largest attention entries, `--attention topk:K`).
+TOKENS, PAIRS, EXAMPLES, TOPK = "tokens", "pairs", "examples", "topk"
+
+
+def extent(grows_along: str, lengths: np.ndarray, k: int = 0) -> np.ndarray:
+    """int64 [n + 1]: where each example of `lengths` starts along an array's ragged axis."""
+    per_example = {TOKENS: lengths, PAIRS: lengths**2, EXAMPLES: np.ones_like(lengths),
+                   TOPK: lengths * np.minimum(k, lengths)}[grows_along]
+    return np.concatenate([[0], np.cumsum(per_example)]).astype(np.int64)
+
+
+def parse_attention(mode: str) -> tuple[str, int]:
+    """--attention heads | mean | none | topk:K -> (heads | mean | none, K or 0). topk:K keeps each query
+    row's K largest entries per head, renormalised to sum to 1, with their key positions."""
+    if mode.startswith("topk:"):
+        k = mode.split(":", 1)[1]
+        if not k.isdigit() or int(k) < 1:
+            raise CacheError(f"--attention topk:K needs a positive integer K, got {mode!r}")
+        return "heads", int(k)
+    if mode not in ATTENTION_MODES:
+        raise CacheError(f"--attention must be one of {', '.join(ATTENTION_MODES)} or topk:K, got {mode!r}")
+    return mode, 0
 
 
 def hidden_path(stack: str, layer: int) -> str:
@@ -46,8 +77,54 @@ def attention_path(layer: int) -> str:
     return f"encoder/attention/{layer}"
 
 
+def stored_topk(manifest: Mapping[str, Any]) -> int:
+    """K of a cache made with --attention topk:K, else 0 (dense maps)."""
+    return int((manifest.get("attention_topk") or {}).get("k", 0))
+
+
+def attention_keys_path(layer: int) -> str:
+    """--attention topk:K: the key position of each stored entry of encoder/attention/{layer}."""
+    return f"encoder/attention_keys/{layer}"
+
+
 def cross_attention_path(layer: int) -> str:
     return f"decoder/cross_attention/{layer}"
+
+
+def scale_path(path: str) -> str:
+    """Where an int8 hidden array's per-row scales live: encoder/hidden/3 -> encoder/hidden_scale/3."""
+    stack, kind, layer = path.split("/")
+    return f"{stack}/{kind}_scale/{layer}"
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., d] floats -> (int8 [..., d], float32 scale [...]) with x ~ values * scale, scale = the row's
+    largest magnitude / 127; rounding to nearest puts every value within scale / 2 of x."""
+    x = x.float()
+    scale = x.abs().amax(-1) / 127
+    values = torch.round(x / torch.where(scale > 0, scale, 1)[..., None]).clamp_(-127, 127)
+    return values.to(torch.int8), scale
+
+
+def dequantize_rows(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return values.float() * scale[..., None]
+
+
+def quantize_probabilities(p: torch.Tensor) -> torch.Tensor:
+    """[..., m] probabilities -> uint8 [..., m] in units of 1/255. Each entry is its value rounded down or
+    up (so within 1/255 of it), and each row's units sum to round(255 * the row's sum): the entries with
+    the largest remainders round up (ties to the earlier key), so a row summing to 1 still sums to 1."""
+    scaled = p.float() * PROBABILITY_UNITS
+    units = scaled.floor()
+    missing = scaled.sum(-1, keepdim=True).round() - units.sum(-1, keepdim=True)  # [..., 1], 0 <= missing < m
+    order = torch.argsort(scaled - units, dim=-1, descending=True, stable=True)
+    positions = torch.arange(p.shape[-1], device=p.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)  # rank of each entry's remainder
+    return (units + (rank < missing)).clamp_(0, PROBABILITY_UNITS).to(torch.uint8)
+
+
+def dequantize_probabilities(units: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return units.to(dtype) / PROBABILITY_UNITS
 
 
 def compressors() -> list:
@@ -57,12 +134,13 @@ def compressors() -> list:
 
 
 def to_storage(tensor: torch.Tensor, dtype: str) -> np.ndarray:
-    """A float tensor (any device) -> numpy array in the storage dtype, rounding to nearest even."""
-    logical = STORAGE_DTYPES[dtype][1]
+    """A tensor (any device) -> numpy array in the storage dtype, floats rounding to nearest even (an
+    int8 or uint8 tensor is already quantized: it is copied out as it is)."""
+    logical = ARRAY_DTYPES[dtype][1]
     tensor = tensor.detach().to(logical)
     if dtype == "bfloat16":
         tensor = tensor.view(torch.int16)
-    return tensor.cpu().numpy().view(STORAGE_DTYPES[dtype][0])
+    return tensor.cpu().numpy().view(ARRAY_DTYPES[dtype][0])
 
 
 def from_storage(array: np.ndarray, dtype: str) -> torch.Tensor:
@@ -79,6 +157,8 @@ class ArraySpec:
     grows_along: str  # TOKENS | PAIRS | EXAMPLES
     row: tuple[int, ...]  # e.g. (d,) for [T, d]; (A,) for [A, S]; () for [S]
     axis: int  # where the ragged axis sits: 0, or 1 for [A, S] / [A, T]
+    dtype: str | None = None  # a key of ARRAY_DTYPES; None: the cache's storage_dtype
+    k: int = 0  # TOPK arrays: entries kept per query row
 
     def shape(self, length: int) -> tuple[int, ...]:
         return (*self.row[: self.axis], length, *self.row[self.axis:])
@@ -142,12 +222,12 @@ def differences(actual: Mapping[str, Any], expected: Mapping[str, Any], prefix: 
     return out
 
 
-def check_format_version(manifest: Mapping[str, Any], where: str) -> None:
+def check_format_version(manifest: Mapping[str, Any], where: str, versions=READABLE_VERSIONS) -> None:
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in versions:
         raise CacheError(
-            f"{where} is cache format version {version}, this reader knows version {FORMAT_VERSION}; "
-            "re-create it with this version's cache-activations (--overwrite)"
+            f"{where} is cache format version {version}, this reader knows version(s) "
+            f"{', '.join(map(str, versions))}; re-create it with this version's cache-activations (--overwrite)"
         )
 
 

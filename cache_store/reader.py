@@ -2,6 +2,7 @@
 splits by example, by length-bucketed batch, or whole layers as torch tensors."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -9,10 +10,11 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 import zarr
+from zarr.core.sync import sync
 
 from .errors import CacheError
 from .format import (
-    EXAMPLES, MANIFEST_KEY, PAIRS, TOKENS, check_format_version, from_storage, lookup, shard_files,
+    EXAMPLES, MANIFEST_KEY, PAIRS, TOKENS, check_format_version, extent, from_storage, lookup, shard_files,
 )
 
 METADATA_ARRAYS = ("offsets", "attention_offsets", "input_ids", "labels", "example_index")
@@ -86,6 +88,7 @@ class SplitReader:
         self.example_index: np.ndarray = meta["example_index"]  # int64 [n]
         self.lengths: np.ndarray = np.diff(self.offsets)
         self.n_examples = len(self.lengths)
+        self._arrays: dict[str, zarr.Array] = {}
         # A deleted shard would read back as zeros: refuse it here, cheaply (crc32c catches altered bytes).
         missing = [str(f) for p in self.array_paths() for f in shard_files(self.group[p], cache.path)
                    if not f.is_file()]
@@ -104,24 +107,45 @@ class SplitReader:
             return self.offsets
         if grows == PAIRS:
             return self.attention_offsets
-        assert grows == EXAMPLES
-        return np.arange(self.n_examples + 1)
+        return extent(grows, self.lengths, array.attrs.get("k", 0))
+
+    def _array(self, path: str) -> zarr.Array:
+        """The opened array (kept: opening one reads its metadata from the store)."""
+        if path not in self._arrays:
+            if path not in self.group:
+                raise CacheError(f"split {self.name} of {self.cache.path} has no array {path} "
+                                 f"(stored: {', '.join(self.array_paths())})")
+            self._arrays[path] = self.group[path]
+        return self._arrays[path]
+
+    def _region(self, array: zarr.Array, start: int, stop: int | None) -> tuple:
+        extent = self._extent(array)
+        stop = self.n_examples if stop is None else stop
+        return (slice(None),) * array.attrs["axis"] + (slice(int(extent[start]), int(extent[stop])),)
+
+    def _corrupted(self, array: zarr.Array, exc: Exception) -> CacheError:
+        return CacheError(f"{self.cache.path}/{array.path} is corrupted ({type(exc).__name__}: {exc}); "
+                          "run `cache-inspect --verify` and re-create the cache")
 
     def load(self, path: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Examples [start, stop) of one array, concatenated along its ragged axis, in the logical dtype."""
-        stop = self.n_examples if stop is None else stop
-        if path not in self.group:
-            raise CacheError(f"split {self.name} of {self.cache.path} has no array {path} "
-                             f"(stored: {', '.join(self.array_paths())})")
-        array = self.group[path]
-        extent = self._extent(array)
-        region = (slice(None),) * array.attrs["axis"] + (slice(int(extent[start]), int(extent[stop])),)
-        try:
-            values = array[region]
-        except Exception as exc:  # a checksum or decode failure: never hand garbage to training
-            raise CacheError(f"{self.cache.path}/{array.path} is corrupted ({type(exc).__name__}: {exc}); "
-                             "run `cache-inspect --verify` and re-create the cache") from None
-        return from_storage(values, self.cache.dtype)
+        return self.load_many([path], start, stop)[path]
+
+    def load_many(self, paths: list[str], start: int = 0, stop: int | None = None) -> dict[str, torch.Tensor]:
+        """load() of several arrays, their reads issued together (zarr decodes their chunks concurrently,
+        and a window of a few examples does not pay one round trip per array)."""
+        arrays = [self._array(path) for path in paths]
+
+        async def read_all():
+            return await asyncio.gather(*(a._async_array.getitem(self._region(a, start, stop)) for a in arrays),
+                                        return_exceptions=True)
+
+        out = {}
+        for path, array, values in zip(paths, arrays, sync(read_all())):
+            if isinstance(values, Exception):  # a checksum or decode failure: never hand garbage to training
+                raise self._corrupted(array, values) from None
+            out[path] = from_storage(np.asarray(values), array.attrs.get("logical_dtype", self.cache.dtype))
+        return out
 
     def load_layers(self, paths: list[str]) -> dict[str, torch.Tensor]:
         """Whole arrays in memory: what stage two holds when they fit."""

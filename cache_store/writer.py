@@ -21,8 +21,8 @@ import zarr
 from . import faults
 from .errors import CacheError
 from .format import (
-    DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, COMPRESSOR, FORMAT_VERSION, MANIFEST_KEY, PAIRS,
-    STORAGE_DTYPES, TOKENS, ArraySpec, block_digest, check_format_version, chunk_grid, combined_digest,
+    ARRAY_DTYPES, DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, COMPRESSOR, FORMAT_VERSION, MANIFEST_KEY,
+    ArraySpec, extent, block_digest, check_format_version, chunk_grid, combined_digest,
     compressors, differences, manifest_identity, shard_elements,
 )
 from .shards import ShardEncoder
@@ -49,13 +49,9 @@ class SplitPlan:
     def attention_offsets(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum(self.lengths**2)]).astype(np.int64)
 
-    def extent(self, grows_along: str) -> np.ndarray:
+    def extent(self, grows_along: str, k: int = 0) -> np.ndarray:
         """int64 [n + 1]: where each example starts along an array's ragged axis."""
-        if grows_along == TOKENS:
-            return self.offsets
-        if grows_along == PAIRS:
-            return self.attention_offsets
-        return np.arange(self.n_examples + 1, dtype=np.int64)
+        return extent(grows_along, self.lengths, k)
 
 
 def cache_exists(path: Path) -> bool:
@@ -89,7 +85,7 @@ class CacheWriter:
             shutil.rmtree(self.path)
             existing = None
         if existing is not None:  # resume
-            check_format_version(existing, str(self.path))
+            check_format_version(existing, str(self.path), (FORMAT_VERSION,))
             diffs = differences(manifest_identity(existing), manifest_identity(manifest))
             if diffs:
                 raise CacheError(f"cannot resume {self.path}: it was made with other settings ("
@@ -136,7 +132,7 @@ class SplitWriter:
 
     def __init__(self, cache: CacheWriter, name: str, plan: SplitPlan, specs: list[ArraySpec]):
         self.cache, self.name, self.plan = cache, name, plan
-        self.ends = {s.path: plan.extent(s.grows_along)[1:] for s in specs}
+        self.ends = {s.path: plan.extent(s.grows_along, s.k)[1:] for s in specs}
         self.specs = {s.path: s for s in specs}
         root = cache.root
         if name in root:
@@ -165,17 +161,19 @@ class SplitWriter:
                             ("input_ids", plan.input_ids.astype(np.int32)), ("labels", plan.labels),
                             ("example_index", plan.example_index.astype(np.int64))):
             group.create_array(key, data=values, compressors=compressors())
-        storage = STORAGE_DTYPES[cache.dtype][0]
-        lengths = {p: int(plan.extent(s.grows_along)[-1]) for p, s in self.specs.items()}
-        row_bytes = {p: int(np.prod(s.row, dtype=np.int64)) * storage.itemsize for p, s in self.specs.items()}
+        logical = {p: s.dtype or cache.dtype for p, s in self.specs.items()}
+        storage = {p: ARRAY_DTYPES[dtype][0] for p, dtype in logical.items()}
+        lengths = {p: int(plan.extent(s.grows_along, s.k)[-1]) for p, s in self.specs.items()}
+        row_bytes = {p: int(np.prod(s.row, dtype=np.int64)) * storage[p].itemsize for p, s in self.specs.items()}
         shard_lengths = shard_elements(lengths, row_bytes, plan.n_examples, cache.shard_bytes)
         for path, spec in self.specs.items():
             chunk, shard = chunk_grid(lengths[path], row_bytes[path], cache.chunk_bytes, shard_lengths[path])
             group.create_array(
-                path, shape=spec.shape(lengths[path]), dtype=storage, chunks=spec.shape(chunk),
+                path, shape=spec.shape(lengths[path]), dtype=storage[path], chunks=spec.shape(chunk),
                 shards=spec.shape(shard),
                 compressors=compressors(), fill_value=0, config={"write_empty_chunks": True},
-                attributes={"logical_dtype": cache.dtype, "grows_along": spec.grows_along, "axis": spec.axis},
+                attributes={"logical_dtype": logical[path], "grows_along": spec.grows_along, "axis": spec.axis,
+                            **({"k": spec.k} if spec.k else {})},
             )
         return group
 
@@ -188,7 +186,7 @@ class SplitWriter:
         if example > self.start_example():
             raise ValueError("cannot begin past the committed examples")
         for path, spec in self.specs.items():
-            position = int(self.plan.extent(spec.grows_along)[example])
+            position = int(self.plan.extent(spec.grows_along, spec.k)[example])
             encoder = ShardEncoder(self.group[path], self.cache.path, spec.axis)
             self.buffers[path] = _ShardBuffer(self.group[path], encoder, position, self.digests[path])
 

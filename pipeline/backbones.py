@@ -182,14 +182,29 @@ FAMILIES: dict[str, tuple[type[Backbone], str]] = {
 INITS = ("pretrained", "random")
 
 
-def backbone_name(model: str) -> str:
-    """What a cache folder and manifest call the model: a local folder's name, or the hub id."""
+GENERIC_FOLDERS = {"model", "models", "checkpoint", "weights", "snapshot", "pretrained", "hf_model"}
+
+
+def backbone_name(model: str, name: str | None = None) -> str:
+    """What a cache folder and manifest call the model: `name` when given; a local folder's name, unless
+    it says nothing (model/, as in packaged models), then the hub id its config.json records; the hub id."""
+    if name:
+        return name.replace("/", "--")
     path = Path(model)
-    return path.resolve().name if path.exists() else model.replace("/", "--")
+    if not path.exists():
+        return model.replace("/", "--")
+    folder = path.resolve().name
+    if folder.lower() in GENERIC_FOLDERS and (path / "config.json").is_file():
+        import json
+
+        recorded = json.loads((path / "config.json").read_text()).get("_name_or_path") or ""
+        if recorded and not Path(recorded).is_absolute() and not recorded.startswith("."):
+            return recorded.replace("/", "--")
+    return folder
 
 
 def load_backbone(model: str, init: str = "pretrained", seed: int = 0, device: str = "auto",
-                  attentions: bool = True, progress: bool = True) -> Backbone:
+                  attentions: bool = True, progress: bool = True, name: str | None = None) -> Backbone:
     import transformers
 
     if not progress:  # transformers draws its own bars while loading weights
@@ -225,4 +240,4 @@ def load_backbone(model: str, init: str = "pretrained", seed: int = 0, device: s
         raise InputError(f"--init must be one of {INITS}")
     target = runtime.resolve_device(device)
     net = net.to(target).eval().requires_grad_(False)
-    return family(backbone_name(model), net, tokenizer, target, init, seed if init == "random" else None)
+    return family(backbone_name(model, name), net, tokenizer, target, init, seed if init == "random" else None)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cache_store import ATTENTION_MODES, SPLITS, STORAGE_DTYPES, UserError
+from cache_store import SPLITS, STORAGE_DTYPES, UserError
 from cache_store.commands import OneLineCommand, field_option
 
 from .backbones import INITS
@@ -28,6 +28,7 @@ def _int_list(value: str, name: str) -> tuple[int, ...] | None:
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--task", required=True, type=click.Choice(list(TASKS)), help="GLUE task.")
 @field_option(CacheConfig, "model")
+@field_option(CacheConfig, "name")
 @field_option(CacheConfig, "init", type=click.Choice(INITS))
 @field_option(CacheConfig, "seed", type=int)
 @field_option(CacheConfig, "data_dir", type=click.Path(path_type=Path))
@@ -36,7 +37,8 @@ def _int_list(value: str, name: str) -> tuple[int, ...] | None:
 @field_option(CacheConfig, "batch_size", type=int)
 @field_option(CacheConfig, "max_length", type=int)
 @field_option(CacheConfig, "dtype", type=click.Choice(list(STORAGE_DTYPES)))
-@field_option(CacheConfig, "attention", type=click.Choice(ATTENTION_MODES))
+@field_option(CacheConfig, "attention", metavar="heads|mean|none|topk:K")
+@field_option(CacheConfig, "quantize", default="")
 @field_option(CacheConfig, "layers", default="all")
 @field_option(CacheConfig, "limit", type=int)
 @field_option(CacheConfig, "device")
@@ -44,7 +46,7 @@ def _int_list(value: str, name: str) -> tuple[int, ...] | None:
 @click.option("--resume", is_flag=True, help="Continue a killed run.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(task, model, init, seed, data_dir, out, splits, batch_size, max_length, dtype, attention, layers,
+def main(task, model, name, init, seed, data_dir, out, splits, batch_size, max_length, dtype, attention, quantize, layers,
          limit, device, shard_mb, resume, overwrite, quiet):
     """Run a frozen backbone once over every split of a GLUE task and cache its activations."""
     from .job import run  # heavy imports (torch, transformers) only once the arguments are fine
@@ -56,9 +58,10 @@ def main(task, model, init, seed, data_dir, out, splits, batch_size, max_length,
         if resume and overwrite:
             raise InputError("--resume and --overwrite exclude each other")
         config = CacheConfig(
-            task=task, model=model, init=init, seed=seed, data_dir=data_dir, out=out,
+            task=task, model=model, name=name, init=init, seed=seed, data_dir=data_dir, out=out,
             splits=tuple(s for s in splits.split(",") if s), batch_size=batch_size, max_length=max_length,
-            dtype=dtype, attention=attention, layers=_int_list(layers, "--layers"), limit=limit, device=device,
+            dtype=dtype, attention=attention, quantize=tuple(sorted({k for k in quantize.split(",") if k})),
+            layers=_int_list(layers, "--layers"), limit=limit, device=device,
             mode="resume" if resume else "overwrite" if overwrite else "new", shard_mb=shard_mb,
         )
         reports = run(config, progress=not quiet, log=lambda line: click.echo(line, err=True))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cache_store import ATTENTION_MODES, SPLITS, STORAGE_DTYPES
 from cache_store.commands import documented
-from cache_store.format import DEFAULT_SHARD_BYTES
+from cache_store.format import DEFAULT_SHARD_BYTES, QUANTIZED, parse_attention
 
 from .backbones import INITS, backbone_name
 from .errors import InputError
@@ -19,6 +19,9 @@ MODES = ("new", "resume", "overwrite")
 class CacheConfig:
     task: str  # a name from the task registry
     model: str = documented("t5-base", "Hub id or local folder (save_pretrained layout).")
+    name: str | None = documented(None, "What the cache folder and manifest call the backbone (default: the "
+                                        "folder's name, or for a folder called model/ and the like the hub id "
+                                        "its config.json records; else the hub id).")
     init: str = documented("pretrained", "random: seeded random weights built from the model's config "
                                          "(no weights needed).")
     seed: int = documented(0, "Seeds the split protocol and --init random.")
@@ -29,7 +32,12 @@ class CacheConfig:
     batch_size: int = documented(32, "Examples per backbone batch.")
     max_length: int = documented(128, "Truncate inputs to this many tokens.")
     dtype: str = documented("bfloat16", "Storage dtype of every float array.")
-    attention: str = documented("heads", "Store attention maps per head, as the head mean, or not at all.")
+    attention: str = documented("heads", "Store attention maps per head, as the head mean, or not at all; "
+                                         "topk:K keeps each query row's K largest entries per head, "
+                                         "renormalised to sum to 1, with their key positions.")
+    quantize: tuple[str, ...] = documented((), "Array kinds to store quantized, comma-separated: hidden (int8, one "
+                                               "absmax scale per token) and attention (uint8 units of 1/255, "
+                                               "each row's sum kept).")
     layers: tuple[int, ...] | None = documented(None, "Stored layer indices, encoder and decoder: 'all' or "
                                                       "comma-separated integers.")
     limit: int | None = documented(None, "Keep at most N examples of each split.")
@@ -45,7 +53,12 @@ class CacheConfig:
             (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
             (self.max_length > 0, f"--max-length must be positive, got {self.max_length}"),
             (self.dtype in STORAGE_DTYPES, f"--dtype must be one of {', '.join(STORAGE_DTYPES)}"),
-            (self.attention in ATTENTION_MODES, f"--attention must be one of {', '.join(ATTENTION_MODES)}"),
+            (self.attention in ATTENTION_MODES or self.attention.startswith("topk:"),
+             f"--attention must be one of {', '.join(ATTENTION_MODES)} or topk:K"),
+            (set(self.quantize) <= set(QUANTIZED),
+             f"--quantize takes {', '.join(QUANTIZED)}, got {','.join(self.quantize)}"),
+            ("attention" not in self.quantize or self.attention != "none",
+             "--quantize attention needs attention maps (--attention heads or mean)"),
             (bool(self.splits) and set(self.splits) <= set(SPLITS), f"--splits must be drawn from {', '.join(SPLITS)}"),
             (self.limit is None or self.limit > 0, f"--limit must be positive, got {self.limit}"),
             (self.layers is None or (bool(self.layers) and min(self.layers) >= 0),
@@ -56,11 +69,24 @@ class CacheConfig:
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
+        try:
+            parse_attention(self.attention)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+
+    @property
+    def attention_mode(self) -> str:
+        """heads | mean | none: what the backbone's maps are reduced to (topk:K keeps heads)."""
+        return parse_attention(self.attention)[0]
+
+    @property
+    def topk(self) -> int:
+        return parse_attention(self.attention)[1]
 
     @property
     def cache_dir(self) -> Path:
         suffix = "-random" if self.init == "random" else ""
-        return Path(self.out) / f"{backbone_name(self.model)}{suffix}" / self.task
+        return Path(self.out) / f"{backbone_name(self.model, self.name)}{suffix}" / self.task
 
     @property
     def shard_bytes(self) -> int:

@@ -14,7 +14,10 @@ from tqdm.auto import tqdm
 from cache_store import (
     ArraySpec, BackgroundWriter, CacheWriter, SplitPlan, attention_path, cross_attention_path, hidden_path,
 )
-from cache_store.format import EXAMPLES, PAIRS, STORAGE_DTYPES, TOKENS, to_storage
+from cache_store.format import (
+    ARRAY_DTYPES, EXAMPLES, PAIRS, QUANTIZED, STORAGE_DTYPES, TOKENS, TOPK, attention_keys_path,
+    quantize_probabilities, quantize_rows, scale_path, to_storage,
+)
 from cache_store.lock import WriteLock
 
 from .backbones import Backbone, BackboneOutput, load_backbone
@@ -41,15 +44,30 @@ def stored_layers(backbone: Backbone, layers: tuple[int, ...] | None) -> dict[st
             for stack, n in wanted.items()}
 
 
-def array_specs(backbone: Backbone, attention: str, layers: dict[str, list[int]]) -> list[ArraySpec]:
+def array_specs(backbone: Backbone, attention: str, layers: dict[str, list[int]],
+                quantize: tuple[str, ...] = (), topk: int = 0, max_length: int = 128) -> list[ArraySpec]:
+    """Every backbone array a split stores; quantized kinds in their QUANTIZED dtype (None: the storage
+    dtype), int8 hidden states with a float32 scale array beside each, top-k attention entries with an
+    array of their key positions (uint8 while positions fit, int16 beyond)."""
     d, heads = backbone.d_model, backbone.n_heads
     att_row, att_axis = ((heads,), 1) if attention == "heads" else ((), 0)
-    specs = [ArraySpec(hidden_path("encoder", k), TOKENS, (d,), 0) for k in layers["encoder"]]
+    hidden = QUANTIZED["hidden"] if "hidden" in quantize else None
+    maps = QUANTIZED["attention"] if "attention" in quantize else None
+
+    def hidden_specs(stack, grows):
+        out = [ArraySpec(hidden_path(stack, k), grows, (d,), 0, hidden) for k in layers[stack]]
+        return out + ([ArraySpec(scale_path(s.path), grows, (), 0, "float32") for s in out] if hidden else [])
+
+    specs = hidden_specs("encoder", TOKENS)
+    if attention != "none" and topk:
+        keys = "uint8" if max_length <= 256 else "int16"
+        specs += [ArraySpec(attention_path(k), TOPK, att_row, att_axis, maps, topk) for k in layers["encoder"] if k]
+        specs += [ArraySpec(attention_keys_path(k), TOPK, att_row, att_axis, keys, topk) for k in layers["encoder"] if k]
+    elif attention != "none":
+        specs += [ArraySpec(attention_path(k), PAIRS, att_row, att_axis, maps) for k in layers["encoder"] if k]
+    specs += hidden_specs("decoder", EXAMPLES)
     if attention != "none":
-        specs += [ArraySpec(attention_path(k), PAIRS, att_row, att_axis) for k in layers["encoder"] if k]
-    specs += [ArraySpec(hidden_path("decoder", k), EXAMPLES, (d,), 0) for k in layers["decoder"]]
-    if attention != "none":
-        specs += [ArraySpec(cross_attention_path(k), TOKENS, att_row, att_axis) for k in layers["decoder"] if k]
+        specs += [ArraySpec(cross_attention_path(k), TOKENS, att_row, att_axis, maps) for k in layers["decoder"] if k]
     return specs
 
 
@@ -81,7 +99,9 @@ def build_manifest(config: CacheConfig, backbone: Backbone, task: TaskSpec, prot
         # predict-side batch the same way.
         "batch_size": config.batch_size,
         "storage_dtype": config.dtype,
-        "attention": config.attention,
+        "quantize": list(config.quantize),
+        "attention": config.attention_mode,
+        "attention_topk": {"k": config.topk, "residual": "renormalised"} if config.topk else None,
         "layers": layers,
         "splits": {name: {"n_examples": plan.n_examples, "n_tokens": int(plan.lengths.sum()),
                           "n_attention_pairs": int((plan.lengths**2).sum())} for name, plan in plans.items()},
@@ -124,24 +144,58 @@ def _unpad(value: torch.Tensor, lengths: list[int], kind: str, dtype: torch.dtyp
     return out
 
 
+def _top_entries(maps: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, A, L, L] -> the k largest entries of each row renormalised to sum to 1, and their key positions,
+    both [B, A, L, min(k, L)] in key order. Padded keys hold 0, so an example of m < k tokens finds its m
+    keys first (the rest is dropped by _unpad_topk)."""
+    values, keys = maps.float().topk(min(k, maps.shape[-1]), dim=-1)
+    keys, order = keys.sort(-1)
+    values = values.gather(-1, order)
+    return values / values.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny), keys
+
+
+def _unpad_topk(value: torch.Tensor, lengths: list[int], k: int) -> torch.Tensor:
+    """[B, A, L, K] -> [A, P]: each example's m query rows of min(k, m) entries, row-major."""
+    return torch.cat([value[j, :, :n, :min(k, n)].reshape(value.shape[1], -1) for j, n in enumerate(lengths)], -1)
+
+
 @torch.inference_mode()
 def extract(out: BackboneOutput, lengths: list[int], specs: list[ArraySpec], dtype: str) -> dict[str, np.ndarray]:
-    """Drop padding and convert to the storage dtype (on the backbone's device, before the copy out)."""
+    """Drop padding and convert to each array's stored dtype (`dtype`, the storage dtype, unless the spec
+    says int8 or uint8), on the backbone's device, before the copy out. Quantization sees the unrounded
+    float32 values; attention rows are quantized before the padding goes, as whole rows."""
     logical = STORAGE_DTYPES[dtype][1]
+    key_dtype = {spec.path: spec.dtype for spec in specs}
     arrays = {}
     for spec in specs:
         stack, kind, layer = spec.path.split("/")  # e.g. encoder/attention/3
+        if kind.endswith(("_scale", "_keys")):
+            continue  # written with their hidden or attention array
         layer = int(layer)
-        if kind == "hidden" and stack == "encoder":
-            value = _unpad(out.encoder_hidden[layer], lengths, "tokens", logical)  # [Tb, d]
-        elif kind == "hidden":
-            value = out.decoder_hidden[layer].to(logical)  # [B, d]
+        stored = spec.dtype or dtype
+        wide = torch.float32 if spec.dtype else logical
+        if kind == "hidden":
+            value = (_unpad(out.encoder_hidden[layer], lengths, "tokens", wide) if stack == "encoder"
+                     else out.decoder_hidden[layer].to(wide))  # [Tb, d] | [B, d]
+            if spec.dtype:
+                value, scale = quantize_rows(value)
+                arrays[scale_path(spec.path)] = to_storage(scale, "float32")
         else:
             maps = out.encoder_attention[layer - 1] if kind == "attention" else out.cross_attention[layer - 1]
             if not spec.axis:  # head mean, computed before rounding
                 maps = maps.mean(1)
-            value = _unpad(maps, lengths, "pairs" if kind == "attention" else "cross", logical)
-        arrays[spec.path] = to_storage(value, dtype)  # [Tb, d] | [B, d] | [A, Sb] | [Sb] | [A, Tb] | [Tb]
+            if spec.k:  # each query row's k largest entries, renormalised, in key order
+                maps, keys = _top_entries(maps, spec.k)
+                keys_spec = attention_keys_path(layer)
+                arrays[keys_spec] = to_storage(_unpad_topk(keys, lengths, spec.k), key_dtype[keys_spec])
+            if spec.dtype:
+                maps = quantize_probabilities(maps)
+            if spec.k:
+                arrays[spec.path] = to_storage(_unpad_topk(maps, lengths, spec.k), stored)
+                continue
+            value = _unpad(maps, lengths, "pairs" if kind == "attention" else "cross",
+                           maps.dtype if spec.dtype else logical)
+        arrays[spec.path] = to_storage(value, stored)  # [Tb, d] | [B, d] | [A, Sb] | [Sb] | [A, Tb] | [Tb]
     return arrays
 
 
@@ -165,8 +219,8 @@ def directory_bytes(path: Path) -> int:
 
 
 def logical_bytes(specs: list[ArraySpec], plan: SplitPlan, dtype: str) -> int:
-    item = STORAGE_DTYPES[dtype][0].itemsize
-    return sum(int(np.prod(s.row, dtype=np.int64)) * int(plan.extent(s.grows_along)[-1]) * item for s in specs)
+    return sum(int(np.prod(s.row, dtype=np.int64)) * int(plan.extent(s.grows_along, s.k)[-1])
+               * ARRAY_DTYPES[s.dtype or dtype][0].itemsize for s in specs)
 
 
 @dataclass
@@ -185,7 +239,7 @@ def prepare(config: CacheConfig, progress: bool = True) -> Prepared:
     task = get_task(config.task)
     protocol, splits = make_splits(task.name, load_source_splits(task, config.data_dir), config.seed)
     backbone = load_backbone(config.model, config.init, config.seed, config.device, progress=progress,
-                             attentions=config.attention != "none")
+                             attentions=config.attention_mode != "none", name=config.name)
     layers = stored_layers(backbone, config.layers)
     plans = {}
     for name in config.splits:
@@ -195,8 +249,8 @@ def prepare(config: CacheConfig, progress: bool = True) -> Prepared:
         plans[name] = plan_split(backbone, task, split, config.max_length)
     head = backbone.label_head(task)
     manifest = build_manifest(config, backbone, task, protocol, plans, layers, head[0] if head else None)
-    return Prepared(task, backbone, plans, array_specs(backbone, config.attention, layers), manifest,
-                    head[1] if head else None)
+    specs = array_specs(backbone, config.attention_mode, layers, config.quantize, config.topk, config.max_length)
+    return Prepared(task, backbone, plans, specs, manifest, head[1] if head else None)
 
 
 def run(config: CacheConfig, progress: bool = True, log=None) -> list[SplitReport]:
@@ -224,7 +278,7 @@ def _cache_split(writer: CacheWriter, backbone: Backbone, name: str, plan: Split
         split_writer.start_example() // config.batch_size * config.batch_size
     starts = range(first, plan.n_examples, config.batch_size)
     pad_id = backbone.tokenizer.pad_token_id or 0
-    attentions = config.attention != "none"
+    attentions = config.attention_mode != "none"
     began = time.perf_counter()
     if starts:
         split_writer.begin(first)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_store.format import differences, from_storage
+from cache_store.format import differences, from_storage, stored_topk
 from cache_store.writer import SplitPlan
 
 from .backbones import Backbone, load_backbone
@@ -32,7 +32,8 @@ def compute(backbone: Backbone, plan: SplitPlan, index, specs, attentions: bool,
     ids, mask = pad_examples(plan, index, backbone.tokenizer.pad_token_id or 0)
     out = backbone.forward(ids.to(backbone.device), mask.to(backbone.device), attentions)
     arrays = extract(out, plan.lengths[index].tolist(), specs, dtype)
-    return {path: from_storage(value, dtype) for path, value in arrays.items()}
+    stored = {spec.path: spec.dtype or dtype for spec in specs}
+    return {path: from_storage(value, stored[path]) for path, value in arrays.items()}
 
 
 class LiveSplit:
@@ -61,7 +62,7 @@ class LiveSource:
         self.ready = prepare(config)
         self.manifest = {**self.ready.manifest, "storage_dtype": "float32", "format_version": None}
         self.path = Path(f"online:{self.manifest['backbone']['name']}/{config.task}")
-        self.attentions = config.attention != "none"
+        self.attentions = config.attention_mode != "none"
 
     def label_head(self) -> torch.Tensor | None:
         head = self.ready.label_head
@@ -94,7 +95,9 @@ class Predictor:
             raise InputError(f"--model {model} is not the backbone this READ model was trained on ("
                              + "; ".join(d.replace("cache has", "--model has").replace("asked for", "training had")
                                          for d in found[:3]) + "); give the model folder that made its cache")
-        self.specs = array_specs(self.backbone, manifest["attention"], manifest["layers"])
+        self.specs = array_specs(self.backbone, manifest["attention"], manifest["layers"],
+                                 tuple(manifest.get("quantize", ())), stored_topk(manifest), manifest["max_length"])
+        self.batch_size = manifest.get("batch_size", 32)  # the cache's backbone batches
         self.forward_passes = 0
         self.examples_forwarded = 0
 
@@ -113,10 +116,9 @@ class Predictor:
         """Every array for examples `index`, the backbone run in the cache's batch size (so the values'
         last bits are the cache's), the parts joined along each array's ragged axis."""
         index = np.asarray(index)
-        step = self.manifest.get("batch_size", 32)
         parts = []
-        for start in range(0, len(index), step):
-            chunk = index[start:start + step]
+        for start in range(0, len(index), self.batch_size):
+            chunk = index[start:start + self.batch_size]
             parts.append(compute(self.backbone, plan, chunk, self.specs, self.attentions,
                                  self.manifest["storage_dtype"]))
             self.forward_passes += 1

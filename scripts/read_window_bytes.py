@@ -4,7 +4,7 @@ of one batch (32 examples, what the smallest budget gives) and of 512 (the least
 
 Splits are stored longest first, so the first two windows are the largest. The bytes are read off the
 stored arrays READ reads (side_train.data.array_paths): each array's extent over those examples along
-its ragged axis, times its row size, in the storage dtype.
+its ragged axis, times its row size, in its stored dtype.
 
     python scripts/read_window_bytes.py caches/all-MiniLM-L6-v2/{sst2,cola,stsb,mrpc,rte}
 """
@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from cache_store import STORAGE_DTYPES, CacheReader, SplitReader
+from cache_store import CacheReader, SplitReader
 from side_train.data import array_paths, read_spec
 
 WINDOWS = (32, 512)
@@ -25,13 +25,12 @@ def window_bytes(reader: SplitReader, examples: int) -> int:
     cache = reader.cache
     spec = read_spec(cache, cache.manifest["backbone"]["n_heads"], "gru")  # the width is irrelevant here
     extent = {"tokens": reader.offsets, "pairs": reader.attention_offsets}
-    item = STORAGE_DTYPES[cache.dtype][0].itemsize
     total = 0
-    for path in array_paths(spec, cache.manifest["attention"] != "none"):
+    for path in array_paths(spec, cache.manifest):
         array = reader.group[path]
         ends = extent.get(array.attrs["grows_along"])
         rows = int(ends[examples]) if ends is not None else examples  # EXAMPLES: one row per example
-        total += rows * int(np.prod(np.delete(array.shape, array.attrs["axis"]))) * item
+        total += rows * int(np.prod(np.delete(array.shape, array.attrs["axis"]))) * array.dtype.itemsize
     return total
 
 

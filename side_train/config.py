@@ -13,8 +13,9 @@ from .read_model import CELLS, POOLINGS
 @dataclass(frozen=True)
 class RunConfig:
     cell: str = documented("gru", f"The side network's cell: {', '.join(CELLS)}.")
-    width: int = documented(144, "Side width r, a multiple of the backbone's attention heads (144: 8, 12 and "
-                                 "16 heads, as t5-small, t5-base, all-MiniLM-L6-v2 and t5-large have).")
+    width: int = documented(144, "Side width r, any positive number: with per-head attention maps each head mixes "
+                                 "a slice of about r/A columns (144 splits evenly over the 8, 12 and 16 heads "
+                                 "of t5-small, t5-base, all-MiniLM-L6-v2 and t5-large).")
     lr: float = documented(3e-4, "Peak learning rate of AdamW.")
     seed: int = documented(0, "Seeds initialisation and batch order.")
     recurrence: bool = True  # share parameters across layers (False, --no-recurrence: the paper's Table 2 ablation)

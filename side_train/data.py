@@ -8,9 +8,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from cache_store import (
-    STORAGE_DTYPES, CacheError, CacheReader, SplitReader, attention_path, cross_attention_path, hidden_path,
-)
+from cache_store import CacheError, CacheReader, SplitReader, attention_path, cross_attention_path, hidden_path
+from cache_store.format import attention_keys_path, stored_topk
+from cache_store.format import TOPK, dequantize_probabilities, extent, scale_path
 
 from .read_model import ReadInputs, ReadSpec
 
@@ -32,12 +32,26 @@ def read_spec(cache: CacheReader, width: int, cell: str, recurrence: bool = True
                     width=width, cell=cell, recurrence=recurrence, pooling=pooling, dropout=dropout)
 
 
-def array_paths(spec: ReadSpec, attention: bool) -> list[str]:
-    paths = [hidden_path("encoder", k) for k in range(1, spec.n_layers + 1)]
+def array_paths(spec: ReadSpec, manifest: dict) -> list[str]:
+    """The stored arrays READ reads: every layer's hidden states (and their scales when quantized), and
+    its attention maps unless the cache has none."""
+    attention = manifest["attention"] != "none"
+    hidden = [hidden_path("encoder", k) for k in range(1, spec.n_layers + 1)]
+    hidden += [hidden_path("decoder", k) for k in range(1, spec.n_decoder_layers + 1)]
+    paths = hidden + ([scale_path(p) for p in hidden] if "hidden" in manifest.get("quantize", ()) else [])
     paths += [attention_path(k) for k in range(1, spec.n_layers + 1)] if attention else []
-    paths += [hidden_path("decoder", k) for k in range(1, spec.n_decoder_layers + 1)]
+    paths += [attention_keys_path(k) for k in range(1, spec.n_layers + 1)] if stored_topk(manifest) else []
     paths += [cross_attention_path(k) for k in range(1, spec.n_decoder_layers + 1)] if attention else []
     return paths
+
+
+@dataclass
+class QuantizedRows:
+    """Hidden states as a cache made with --quantize hidden stores them: int8 values [..., d] and one
+    float32 scale per row [...] (0 on padding). They stay so until they reach the device (to_device)."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
 
 
 @dataclass
@@ -48,18 +62,21 @@ class TrainBatch:
 
 
 def split_bytes(reader: SplitReader, spec: ReadSpec) -> int:
-    """Bytes the arrays READ needs from a split take in memory (in the stored dtype)."""
-    item = STORAGE_DTYPES[reader.cache.dtype][0].itemsize
-    attention = reader.cache.manifest["attention"] != "none"
-    return sum(int(np.prod(reader.group[p].shape, dtype=np.int64)) * item for p in array_paths(spec, attention))
+    """Bytes the arrays READ needs from a split take in memory (in their stored dtypes)."""
+    return sum(int(np.prod(reader.group[p].shape, dtype=np.int64)) * reader.group[p].dtype.itemsize
+               for p in array_paths(spec, reader.cache.manifest))
 
 
 def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: torch.Tensor,
              attention_offsets: torch.Tensor, index: torch.Tensor, spec: ReadSpec, attention: bool,
-             per_head: bool) -> ReadInputs:
+             per_head: bool, topk: int = 0) -> ReadInputs:
     """Padded READ inputs for examples `index` of ragged arrays laid out as in the cache
-    (offsets and attention_offsets: int64 [n], where each example starts). Hidden states are float32;
-    self-attention maps, the largest inputs by far, stay in the stored dtype and are widened layer by layer."""
+    (offsets and attention_offsets: int64 [n], where each example starts). Hidden states are float32, or
+    QuantizedRows when stored as int8; attention maps, the largest inputs by far, stay in the stored dtype
+    (bfloat16, or uint8 units) and are widened layer by layer (read_model.mix). With `topk` the stored
+    entries go back to their key positions in dense maps, the rest of each row 0."""
+    if topk:
+        kept = torch.from_numpy(extent(TOPK, lengths.numpy(), topk))[:-1][index]  # where each example starts
     lengths = lengths[index]
     width = int(lengths.max())
     pos = torch.arange(width)
@@ -71,16 +88,39 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
                         + rows * lengths[:, None, None] + cols, 0)  # [B, L, L] into S
 
     def tokens_of(path):  # [T, d] -> [B, L, d]
-        return arrays[path].index_select(0, tokens.reshape(-1)).view(*tokens.shape, -1).float() * mask[..., None]
+        values = arrays[path].index_select(0, tokens.reshape(-1)).view(*tokens.shape, -1)
+        if scale_path(path) in arrays:  # int8: the scales say where the padding is
+            scale = arrays[scale_path(path)].index_select(0, tokens.reshape(-1)).view(tokens.shape)
+            return QuantizedRows(values, scale * mask)
+        return values.float() * mask[..., None]
 
-    def attention_of(path):  # [A, S] -> [B, A, L, L], or [S] -> [B, L, L]; kept in the stored dtype (see mix_states)
+    def examples_of(path):  # [n, d] -> [B, 1, d]
+        values = arrays[path].index_select(0, index)[:, None]
+        if scale_path(path) in arrays:
+            return QuantizedRows(values, arrays[scale_path(path)].index_select(0, index)[:, None])
+        return values.float()
+
+    def topk_of(path, key_path):  # [A, P] values and keys -> [B, A, L, L]
+        k = torch.minimum(lengths, torch.tensor(topk))[:, None, None]  # [B, 1, 1]: entries per row
+        slot = torch.arange(min(topk, width))
+        valid = (rows < lengths[:, None, None]) & (slot < k)  # [B, L, K]
+        at = torch.where(valid, kept[:, None, None] + rows * k + slot, 0).reshape(-1)
+        values = arrays[path].index_select(-1, at).view(-1, *valid.shape).transpose(0, 1) * valid[:, None]
+        keys = arrays[key_path].index_select(-1, at).view(-1, *valid.shape).transpose(0, 1).long() * valid[:, None]
+        dense = values.new_zeros(len(lengths), values.shape[1], width, width)
+        return dense.scatter_add_(-1, keys, values)  # invalid slots add 0 at key 0
+
+    def attention_of(path):  # [A, S] -> [B, A, L, L], or [S] -> [B, L, L]; kept in the stored dtype (see mix)
+        if topk:
+            return topk_of(path, path.replace("/attention/", "/attention_keys/"))
         flat = arrays[path].index_select(-1, pairs.reshape(-1))
         if per_head:
             return flat.view(-1, *pairs.shape).transpose(0, 1) * pair_mask[:, None]
         return flat.view(pairs.shape) * pair_mask
 
     def cross_of(path):  # [A, T] -> [B, A, 1, L], or [T] -> [B, 1, L]
-        flat = arrays[path].index_select(-1, tokens.reshape(-1)).float()
+        flat = arrays[path].index_select(-1, tokens.reshape(-1))
+        flat = dequantize_probabilities(flat) if flat.dtype == torch.uint8 else flat.float()
         if per_head:
             return (flat.view(-1, *tokens.shape).transpose(0, 1) * mask[:, None]).unsqueeze(2)
         return (flat.view(tokens.shape) * mask).unsqueeze(1)
@@ -90,8 +130,7 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
         mask=mask,
         encoder_hidden=[tokens_of(hidden_path("encoder", k)) for k in range(1, n + 1)],
         encoder_attention=[attention_of(attention_path(k)) for k in range(1, n + 1)] if attention else None,
-        decoder_hidden=[arrays[hidden_path("decoder", k)].index_select(0, index).float()[:, None]
-                        for k in range(1, n_dec + 1)],
+        decoder_hidden=[examples_of(hidden_path("decoder", k)) for k in range(1, n_dec + 1)],
         cross_attention=([cross_of(cross_attention_path(k)) for k in range(1, n_dec + 1)]
                          if attention and n_dec else None),
     )
@@ -136,7 +175,8 @@ class InMemorySplit(BatchOrder):
         self.name, self.spec, self.start = reader.name, spec, start
         self.attention = manifest["attention"] != "none"
         self.per_head = manifest["attention"] == "heads"
-        self.arrays = {path: reader.load(path, start, stop) for path in array_paths(spec, self.attention)}
+        self.topk = stored_topk(manifest)
+        self.arrays = reader.load_many(array_paths(spec, manifest), start, stop)
         self.lengths = torch.from_numpy(reader.lengths[start:stop].copy())
         self.offsets = torch.from_numpy(reader.offsets[start:stop] - reader.offsets[start])
         self.attention_offsets = torch.from_numpy(reader.attention_offsets[start:stop]
@@ -148,7 +188,7 @@ class InMemorySplit(BatchOrder):
     def batch(self, index: torch.Tensor) -> TrainBatch:
         """Padded float32 inputs for examples `index` (any order; padding only up to this batch's longest)."""
         inputs = assemble(self.arrays, self.lengths, self.offsets, self.attention_offsets, index, self.spec,
-                          self.attention, self.per_head)
+                          self.attention, self.per_head, self.topk)
         return TrainBatch(index, self.labels[index], inputs)
 
 
@@ -226,6 +266,7 @@ class OnlineSplit(BatchOrder):
         self.source, self.spec, self.name = source, spec, source.name
         self.attention = manifest["attention"] != "none"
         self.per_head = manifest["attention"] == "heads"
+        self.topk = stored_topk(manifest)
         self.lengths = torch.as_tensor(source.lengths)
         self.labels = torch.as_tensor(source.labels)
         self.example_index = source.example_index
@@ -233,14 +274,15 @@ class OnlineSplit(BatchOrder):
 
     def batch(self, index: torch.Tensor) -> TrainBatch:
         inputs = assemble_computed(self.source.compute(index.numpy()), self.lengths[index], self.spec,
-                                   self.attention, self.per_head)
+                                   self.attention, self.per_head, topk=self.topk)
         return TrainBatch(index, self.labels[index], inputs)
 
 
 def assemble_computed(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, spec: ReadSpec, attention: bool,
-                      per_head: bool) -> ReadInputs:
-    """READ inputs from arrays a live backbone computed for examples of `lengths` (int64 [B]), in order."""
+                      per_head: bool, index: torch.Tensor | None = None, topk: int = 0) -> ReadInputs:
+    """READ inputs from arrays a live backbone computed for examples of `lengths` (int64 [B]), in order:
+    all of them, or those at positions `index`."""
     offsets = torch.cumsum(lengths, 0) - lengths
     attention_offsets = torch.cumsum(lengths**2, 0) - lengths**2
-    return assemble(arrays, lengths, offsets, attention_offsets, torch.arange(len(lengths)), spec, attention,
-                    per_head)
+    index = torch.arange(len(lengths)) if index is None else index
+    return assemble(arrays, lengths, offsets, attention_offsets, index, spec, attention, per_head, topk)

@@ -6,17 +6,25 @@ import resource
 
 import torch
 
-from .data import TrainBatch
+from cache_store.format import dequantize_rows
+
+from .data import QuantizedRows, TrainBatch
+from .read_model import ReadInputs
+
+
+def inputs_to(inputs: ReadInputs, device: torch.device) -> ReadInputs:
+    """READ inputs on the device, where int8 hidden states are widened to float32 (so that what crosses
+    to the device is the stored bytes); attention maps stay as stored until READ multiplies by them."""
+    move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
+    hidden = lambda xs: [dequantize_rows(move(x.values), move(x.scale)) if isinstance(x, QuantizedRows)  # noqa: E731
+                         else move(x) for x in xs]
+    maps = lambda xs: None if xs is None else [move(x) for x in xs]  # noqa: E731
+    return ReadInputs(move(inputs.mask), hidden(inputs.encoder_hidden), maps(inputs.encoder_attention),
+                      hidden(inputs.decoder_hidden), maps(inputs.cross_attention))
 
 
 def to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
-    if device.type == "cpu":
-        return batch
-    inputs = batch.inputs
-    move = lambda xs: None if xs is None else [x.to(device, non_blocking=True) for x in xs]  # noqa: E731
-    return TrainBatch(batch.index, batch.labels.to(device), type(inputs)(
-        inputs.mask.to(device), move(inputs.encoder_hidden), move(inputs.encoder_attention),
-        move(inputs.decoder_hidden), move(inputs.cross_attention)))
+    return TrainBatch(batch.index, batch.labels.to(device, non_blocking=True), inputs_to(batch.inputs, device))
 
 
 def peak_memory_bytes(device: torch.device) -> int:

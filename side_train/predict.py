@@ -14,6 +14,7 @@ recorded, bit for bit.
 from __future__ import annotations
 
 import csv
+import math
 import io
 import json
 from dataclasses import dataclass
@@ -26,8 +27,10 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from cache_store import UserError
+from cache_store.format import stored_topk
 
 from .data import assemble_computed
+from .devices import inputs_to
 from .read_model import ReadModel, ReadSpec
 
 
@@ -111,19 +114,26 @@ def predict(checkpoint: Checkpoint, predictor, rows: list[dict], batch_size: int
         if not positions:
             continue
         plan = predictor.plan(task["manifest"]["task"], [rows[i] for i in positions])
-        for start in range(0, plan.n_examples, read_batch):
-            index = np.arange(start, min(start + read_batch, plan.n_examples))
-            arrays = predictor.compute(plan, index)  # the backbone in the cache's batch size
-            inputs = assemble_computed(arrays, torch.from_numpy(plan.lengths[index]), model.spec, attention, per_head)
-            with torch.no_grad():
-                features = model.features(inputs)  # [1, B, d]: the checkpoint is a model of one member
-                outputs = {t["name"]: model.heads[t["name"]](features)[0].float() for t in checkpoint.tasks}
-            for k, j in enumerate(index):
-                position = positions[int(plan.example_index[j])]
-                records[position] = {"index": position, "task": task["name"],
-                                     "predictions": {t["name"]: _prediction(t, outputs[t["name"]][k])
-                                                     for t in checkpoint.tasks}}
-            bar.update(len(index))
+        # The backbone runs in the cache's batches and READ in training's evaluation batches, both counted
+        # from the first example, as when the cache was made and training evaluated: blocks of a common
+        # multiple of the two keep both sets of boundaries, so the values are training's to the last bit.
+        block = math.lcm(read_batch, predictor.batch_size)
+        for start in range(0, plan.n_examples, block):
+            index = np.arange(start, min(start + block, plan.n_examples))
+            arrays = predictor.compute(plan, index)
+            lengths = torch.from_numpy(plan.lengths[index])
+            for part in torch.arange(len(index)).split(read_batch):
+                inputs = inputs_to(assemble_computed(arrays, lengths, model.spec, attention, per_head, part,
+                                                     stored_topk(manifest)), torch.device("cpu"))
+                with torch.no_grad():
+                    features = model.features(inputs)  # [1, B, d]: the checkpoint is a model of one member
+                    outputs = {t["name"]: model.heads[t["name"]](features)[0].float() for t in checkpoint.tasks}
+                for k, j in enumerate(index[part.numpy()]):
+                    position = positions[int(plan.example_index[j])]
+                    records[position] = {"index": position, "task": task["name"],
+                                         "predictions": {t["name"]: _prediction(t, outputs[t["name"]][k])
+                                                         for t in checkpoint.tasks}}
+                bar.update(len(part))
     bar.close()
     yield from records
 

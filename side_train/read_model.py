@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from cache_store import UserError
+from cache_store.format import dequantize_probabilities
 
 # The cells READ can use: torch's, whose equations `Cell` computes for M members at once.
 CELLS: dict[str, type[nn.RNNCellBase]] = {"rnn": nn.RNNCell, "gru": nn.GRUCell, "lstm": nn.LSTMCell}
@@ -60,8 +61,8 @@ class ReadSpec:
             raise UserError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
         if self.cell not in CELLS:
             raise UserError(f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
-        if self.width <= 0 or self.width % self.heads:
-            raise UserError(f"side width {self.width} must be a positive multiple of the {self.heads} heads")
+        if self.width <= 0:
+            raise UserError(f"side width must be positive, got {self.width}")
 
 
 @dataclass
@@ -95,39 +96,57 @@ def build_head(d_model: int, num_labels: int, label_head: torch.Tensor | None) -
     return head
 
 
+def widen(attention: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cached attention maps as `dtype`: bfloat16 widens exactly; uint8 holds units of 1/255."""
+    return dequantize_probabilities(attention, dtype) if attention.dtype == torch.uint8 else attention.to(dtype)
+
+
 class _Mix(torch.autograd.Function):
-    """attention.float() @ values, keeping for backward the attention maps as given (bfloat16 from a
-    bfloat16 cache) rather than a float32 copy: the maps are most of a batch's memory. Exact, because
-    widening bfloat16 to float32 loses nothing."""
+    """widen(attention) @ values, keeping for backward the attention maps as given (bfloat16 or uint8
+    from the cache) rather than a float32 copy: the maps are most of a batch's memory."""
 
     @staticmethod
     def forward(ctx, attention, values):
         ctx.save_for_backward(attention, values)
-        return attention.to(values.dtype) @ values
+        return widen(attention, values.dtype) @ values
 
     @staticmethod
     def backward(ctx, grad):
         attention, values = ctx.saved_tensors
-        grad_values = attention.to(grad.dtype).transpose(-1, -2) @ grad if ctx.needs_input_grad[1] else None
+        grad_values = widen(attention, grad.dtype).transpose(-1, -2) @ grad if ctx.needs_input_grad[1] else None
         return None, grad_values  # the cached maps are data: they get no gradient
+
+
+def head_columns(width: int, heads: int) -> torch.Tensor:
+    """int64 [A, c], c = ceil(r/A): the side-state columns each head mixes. Head slices are contiguous and
+    as even as they can be: the first r mod A heads take c columns, the others c - 1, the last entry of
+    their row then being r, a zero column (so r = 128 works with 12 heads: 8 slices of 11, 4 of 10)."""
+    c, extra = -(-width // heads), width % heads
+    sizes = [c if not extra or a < extra else c - 1 for a in range(heads)]
+    starts = [sum(sizes[:a]) for a in range(heads)]
+    return torch.tensor([[starts[a] + j if j < sizes[a] else width for j in range(c)] for a in range(heads)])
 
 
 def mix(attention: torch.Tensor | None, values: torch.Tensor, heads: int) -> torch.Tensor | None:
     """Attention-weighted side states. attention: [B, A, Lq, Lk] per head or [B, Lq, Lk] head mean, in any
     float dtype, shared; values: [M, B, Lk, r]; returns [M, B, Lq, r] (per head, each head mixes its own
-    r/A slice). The members' values go side by side in the last axis, so the maps are multiplied (and
-    widened from bfloat16) once for all members."""
+    slice of the r columns, see head_columns). The members' values go side by side in the last axis, so
+    the maps are multiplied (and widened from bfloat16) once for all members."""
     if attention is None:
         return None
     members, batch, keys, width = values.shape
     if attention.dim() == 3:
         side = values.permute(1, 2, 0, 3).reshape(batch, keys, members * width)  # [B, Lk, M*r]
         return _Mix.apply(attention, side).view(batch, -1, members, width).permute(2, 0, 1, 3)
-    c = width // heads
-    side = values.view(members, batch, keys, heads, c).permute(1, 3, 2, 0, 4).reshape(batch, heads, keys, -1)
+    c, uneven = -(-width // heads), width % heads
+    if uneven:  # gather each head's columns, a zero column filling the shorter slices
+        columns = head_columns(width, heads).flatten().to(values.device)
+        values = torch.cat([values, values.new_zeros(*values.shape[:-1], 1)], -1)[..., columns]
+    side = values.reshape(members, batch, keys, heads, c).permute(1, 3, 2, 0, 4).reshape(batch, heads, keys, -1)
     mixed = _Mix.apply(attention, side)  # [B, A, Lq, M*c]
     queries = mixed.shape[2]
-    return mixed.view(batch, heads, queries, members, c).permute(3, 0, 2, 1, 4).reshape(members, batch, queries, width)
+    mixed = mixed.view(batch, heads, queries, members, c).permute(3, 0, 2, 1, 4).reshape(members, batch, queries, -1)
+    return mixed[..., columns < width] if uneven else mixed
 
 
 def shared_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ from cache_store import CacheError, UserError
 from cache_store.format import differences
 
 # What one READ network's inputs depend on: caches that differ here cannot share a network.
-MUST_AGREE = ("backbone", "tokenizer", "format_version", "layers", "attention")
+MUST_AGREE = ("backbone", "tokenizer", "format_version", "layers", "attention", "attention_topk", "storage_dtype",
+              "quantize")
 SAMPLING = ("proportional", "temperature")
 
 
@@ -61,7 +62,7 @@ def check_compatible(caches: list) -> None:
             shown = "; ".join(d.replace("cache has", "it has").replace("asked for", f"{first.path} has")
                               for d in found[:4])
             raise CacheError(f"{cache.path} cannot share a READ network with {first.path}: {shown}. Cache every "
-                             "task with the same --model, --init, --attention and --layers")
+                             "task with the same --model, --init, --attention, --layers, --dtype and --quantize")
 
 
 def task_weights(sizes: dict[str, int], sampling: str, temperature: float) -> dict[str, float]:

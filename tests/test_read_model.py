@@ -8,7 +8,7 @@ from transformers import T5ForConditionalGeneration
 
 from cache_store import CacheReader
 from side_train.data import InMemorySplit, StreamingSplit, open_splits, read_spec
-from side_train.read_model import CELLS, Cell, ReadAdamW, ReadModel
+from side_train.read_model import CELLS, Cell, ReadAdamW, ReadModel, head_columns, mix
 from side_train.tasks import TaskInfo, loss_of
 from side_train.evaluation import evaluate
 from side_train.stacks import member_losses
@@ -220,3 +220,28 @@ def test_read_adamw_trains_each_member_as_torch_adamw_alone(caches, cell):
     for m, one in enumerate(alone):
         for key, value in one.member_state(0).items():
             torch.testing.assert_close(model.member_state(m)[key], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("width, heads", [(128, 12), (13, 4), (12, 4), (3, 4)])
+def test_each_head_mixes_its_own_slice_for_any_width(width, heads):
+    columns = head_columns(width, heads)
+    real = [row[row < width].tolist() for row in columns]
+    assert sum(real, []) == list(range(width))  # every column once, in order, in contiguous slices
+    assert max(map(len, real)) - min(map(len, real)) <= 1  # as even as they can be
+    torch.manual_seed(0)
+    attention = torch.softmax(torch.randn(2, heads, 5, 5), -1).to(torch.bfloat16)
+    values = torch.randn(3, 2, 5, width, requires_grad=True)  # 3 members
+    reference = torch.cat([attention[:, a].float() @ values[..., cols] for a, cols in enumerate(real)], -1)
+    torch.testing.assert_close(mix(attention, values, heads), reference)
+    mix(attention, values, heads).sum().backward()
+    assert values.grad.abs().min() > 0 or width < heads  # every column is mixed (one head each)
+
+
+def test_the_papers_width_trains_on_a_backbone_whose_heads_do_not_divide_it(t5_cache):
+    cache = CacheReader(t5_cache)  # 4 heads
+    task, model = model_of(cache, 10, "gru")
+    torch.nn.init.normal_(model.decoder.up.weight, std=0.1)  # a fresh Up is zero: nothing would reach the layers
+    split = InMemorySplit(cache.split("train"), model.spec)
+    batch = split.batch(torch.arange(split.n_examples))
+    loss_of(task, model(batch.inputs, task.name)[0], batch.labels).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.layers.parameters())

@@ -1,0 +1,161 @@
+"""What each compact storage choice (format v2) costs READ, against the bfloat16 version 1 layout.
+
+For every task and storage choice it makes the cache (`cache-activations --limit N` with the choice's
+options, under --caches/<choice>/), measures its bytes per token on disk (hidden states and attention
+maps apart), and trains READ from it over the seeds, with one fixed configuration for every choice (the
+side width, learning rate and epochs given). Every finished (task, choice, seed) is appended to
+--results (JSON lines) and skipped when run again, so the study can span sessions; the table is
+rebuilt from that file each time (--report-only: nothing trained).
+
+    python scripts/compact_study.py --model models/all-MiniLM-L6-v2 --data-dir ../shared/data/glue \\
+        --tasks sst2,mrpc,cola,stsb,rte --seeds sst2=0,1,2 --seeds mrpc=0,1,2 --limit 2000
+
+Choices (`CHOICES`): the name, then cache-activations' options. `bf16` is the reference: what version 1
+stored.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CHOICES = {
+    "bf16": [],
+    "int8-hidden": ["--quantize", "hidden"],
+    "uint8-attention": ["--quantize", "attention"],
+    "int8+uint8": ["--quantize", "attention,hidden"],
+    "top16+int8+uint8": ["--attention", "topk:16", "--quantize", "attention,hidden"],
+    "top8+int8+uint8": ["--attention", "topk:8", "--quantize", "attention,hidden"],
+}
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--init", default="pretrained", help="cache-activations --init (random: code checks only)")
+    p.add_argument("--name", default=None, help="the backbone's name in the cache folders (cache-activations --name)")
+    p.add_argument("--tasks", default="sst2,mrpc,cola,stsb,rte")
+    p.add_argument("--choices", default=",".join(CHOICES))
+    p.add_argument("--seeds", action="append", default=[], help="TASK=s,s,...; tasks not named use --default-seeds")
+    p.add_argument("--default-seeds", default="0")
+    p.add_argument("--limit", type=int, default=2000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--width", type=int, default=144)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--caches", type=Path, default=Path("caches/compact"))
+    p.add_argument("--runs", type=Path, default=Path("runs/compact"))
+    p.add_argument("--results", type=Path, default=Path("scripts/results/compact-minilm.jsonl"))
+    p.add_argument("--report-only", action="store_true")
+    return p.parse_args(argv)
+
+
+def bytes_per_token(cache: Path) -> dict[str, float]:
+    """Bytes on disk per token of the backbone arrays, by kind (hidden with its scales; attention with
+    its key positions, self and cross), over every split."""
+    from cache_store import CacheReader
+    from cache_store.format import shard_files
+
+    reader = CacheReader(cache)
+    sizes = {"hidden": 0, "attention": 0}
+    tokens = 0
+    for name in reader.split_names:
+        split = reader.split(name)
+        tokens += int(split.lengths.sum())
+        for path in split.array_paths():
+            kind = "attention" if "attention" in path.split("/")[1] else "hidden"
+            sizes[kind] += sum(f.stat().st_size for f in shard_files(split.group[path], reader.path))
+    return {kind: size / tokens for kind, size in sizes.items()}
+
+
+def ensure_cache(args, task: str, choice: str) -> Path:
+    out = args.caches / choice
+    command = [sys.executable, "-m", "pipeline.cli", "--task", task, "--model", args.model, "--data-dir", args.data_dir,
+               "--limit", str(args.limit), "--init", args.init, "--out", str(out), "--quiet", *CHOICES[choice]]
+    if args.name:
+        command += ["--name", args.name]
+    found = [p for p in out.glob(f"*/{task}") if (p / "zarr.json").is_file()] if out.is_dir() else []
+    if not found:
+        subprocess.run(command, check=True)
+        found = [p for p in out.glob(f"*/{task}") if (p / "zarr.json").is_file()]
+    return found[0]
+
+
+def train_once(args, cache: Path, task: str, choice: str, seed: int) -> dict:
+    from side_train.config import RunConfig
+    from side_train.train import train
+
+    config = RunConfig(width=args.width, lr=args.lr, epochs=args.epochs, patience=args.epochs, seed=seed)
+    began = time.perf_counter()
+    (result,) = train([cache], [config], args.runs / choice / task, progress=False, log=lambda line: None)
+    return {"task": task, "choice": choice, "seed": seed, "options": CHOICES[choice],
+            "config": {"width": args.width, "lr": args.lr, "epochs": args.epochs, "limit": args.limit},
+            "validation": result["best_validation"], "test": result["test"],
+            "bytes_per_token": bytes_per_token(cache), "seconds": round(time.perf_counter() - began, 1)}
+
+
+def key(row: dict) -> tuple:
+    return row["task"], row["choice"], row["seed"], json.dumps(row["config"], sort_keys=True)
+
+
+def report(rows: list[dict], choices: list[str]) -> str:
+    """Per choice: bytes per token over the tasks (and its share of bf16's), mean validation and test over
+    the seeds of each task, their average over the tasks that both it and bf16 have, and the difference."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["choice"], r["task"]), []).append(r)
+    tasks = sorted({t for _, t in by})
+    lines = ["| storage | tasks | hidden B/token | attention B/token | total | of bf16 | validation | test | "
+             "test - bf16 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    reference = {t: by[("bf16", t)] for t in tasks if ("bf16", t) in by}
+    for choice in choices:
+        have = [t for t in tasks if (choice, t) in by and t in reference]
+        if not have:
+            continue
+        hidden = np.mean([by[(choice, t)][0]["bytes_per_token"]["hidden"] for t in have])
+        attention = np.mean([by[(choice, t)][0]["bytes_per_token"]["attention"] for t in have])
+        base = np.mean([sum(reference[t][0]["bytes_per_token"].values()) for t in have])
+        val = np.mean([np.mean([r["validation"] for r in by[(choice, t)]]) for t in have])
+        test = np.mean([np.mean([r["test"] for r in by[(choice, t)]]) for t in have])
+        ref = np.mean([np.mean([r["test"] for r in reference[t]]) for t in have])
+        spread = ", ".join(f"{t} {np.mean([r['test'] for r in by[(choice, t)]]):.2f}"
+                           + (f" ± {np.std([r['test'] for r in by[(choice, t)]]):.2f}" if len(by[(choice, t)]) > 1 else "")
+                           for t in have)
+        lines.append(f"| {choice} ({spread}) | {len(have)} | {hidden:,.0f} | {attention:,.0f} | {hidden + attention:,.0f} | "
+                     f"{(hidden + attention) / base:.2f} | {val:.2f} | {test:.2f} | {test - ref:+.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    rows = [json.loads(line) for line in args.results.open()] if args.results.is_file() else []
+    done = {key(r) for r in rows}
+    choices = [c for c in args.choices.split(",") if c]
+    unknown = [c for c in choices if c not in CHOICES]
+    if unknown:
+        sys.exit(f"error: unknown choice(s) {', '.join(unknown)}; choose from {', '.join(CHOICES)}")
+    seeds = {t: [int(s) for s in v.split(",")] for t, v in (item.split("=") for item in args.seeds)}
+    config = {"width": args.width, "lr": args.lr, "epochs": args.epochs, "limit": args.limit}
+    if not args.report_only:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        for task in [t for t in args.tasks.split(",") if t]:
+            for choice in choices:
+                for seed in seeds.get(task, [int(s) for s in args.default_seeds.split(",")]):
+                    if key({"task": task, "choice": choice, "seed": seed, "config": config}) in done:
+                        continue
+                    row = train_once(args, ensure_cache(args, task, choice), task, choice, seed)
+                    rows.append(row)
+                    with args.results.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(f"{task} {choice} seed {seed}: validation {row['validation']:.2f} test {row['test']:.2f} "
+                          f"({sum(row['bytes_per_token'].values()):,.0f} B/token, {row['seconds']:.0f} s)", flush=True)
+    print(report(rows, choices))
+
+
+if __name__ == "__main__":
+    main()

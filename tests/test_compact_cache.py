@@ -1,0 +1,143 @@
+"""Compact caches (format v2): quantized arrays (`--quantize`) meet their stated bounds, top-k attention
+(`--attention topk:K`) keeps each row's largest entries renormalised, training reads both through the
+same path, predict-side reproduces training's test predictions bit for bit, and a version 1 cache still
+reads."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from cache_store import CacheReader
+from cache_store.cli import main as inspect_main
+from cache_store.format import (
+    MANIFEST_KEY, dequantize_probabilities, dequantize_rows, quantize_probabilities, quantize_rows,
+)
+from pipeline.glue_data import load_source_splits
+from pipeline.live import Predictor
+from pipeline.splits import make_splits
+from pipeline.tasks import get_task
+from side_train.config import RunConfig
+from side_train.data import InMemorySplit, read_spec
+from side_train.predict import load_checkpoint, predict
+from side_train.train import train
+
+LIMIT = 12
+ALL_SPLITS = ("train", "validation", "test")
+
+
+def test_each_row_is_within_half_a_step_of_its_int8_value():
+    torch.manual_seed(0)
+    x = torch.randn(500, 64) * torch.logspace(-3, 3, 500)[:, None]  # rows over six orders of magnitude
+    x[7] = 0
+    values, scale = quantize_rows(x)
+    assert values.dtype == torch.int8 and int(values.abs().max()) == 127
+    error = (dequantize_rows(values, scale) - x).abs()
+    assert (error <= scale[:, None] / 2 * (1 + 1e-6)).all()
+    assert not dequantize_rows(values, scale)[7].any()
+
+
+def test_uint8_attention_keeps_every_row_sum_and_each_entry_within_one_unit():
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(3, 4, 40, 40) * 3, -1)
+    p[..., 30:] = 0  # padded keys
+    p = p / p.sum(-1, keepdim=True)
+    units = quantize_probabilities(p)
+    assert units.dtype == torch.uint8
+    assert (dequantize_probabilities(units) - p).abs().max() < 1 / 255
+    assert (units.long().sum(-1) == 255).all()  # every row still sums to one
+    assert not units[..., 30:].any()  # padding stays zero
+    assert torch.equal(units, quantize_probabilities(p.clone()))  # deterministic (predict-side relies on it)
+
+
+STORAGE = {"float32": {}, "quantized": {"quantize": ("attention", "hidden")}, "topk": {"attention": "topk:3"},
+           "topk-quantized": {"attention": "topk:3", "quantize": ("attention", "hidden")}}
+
+
+@pytest.fixture(scope="module")
+def caches(tiny_t5, make_cache):
+    return {name: CacheReader(make_cache(tiny_t5, task="rte", limit=LIMIT, dtype="float32", splits=ALL_SPLITS,
+                                         **options)) for name, options in STORAGE.items()}
+
+
+@pytest.fixture(scope="module")
+def pair(caches):
+    return caches["float32"], caches["quantized"]
+
+
+def test_a_quantized_cache_stores_what_the_bounds_promise(pair):
+    exact, packed = pair
+    assert packed.manifest["format_version"] == 2 and packed.manifest["quantize"] == ["attention", "hidden"]
+    a, b = exact.split("train"), packed.split("train")
+    for layer in (1, 2):
+        values, scale = b.load(f"encoder/hidden/{layer}"), b.load(f"encoder/hidden_scale/{layer}")
+        assert values.dtype == torch.int8 and scale.dtype == torch.float32
+        error = (dequantize_rows(values, scale) - a.load(f"encoder/hidden/{layer}")).abs()
+        assert (error <= scale[:, None] / 2 * (1 + 1e-6) + 1e-7).all()
+        units = b.load(f"encoder/attention/{layer}")
+        assert units.dtype == torch.uint8
+        assert (dequantize_probabilities(units) - a.load(f"encoder/attention/{layer}")).abs().max() < 1 / 255
+        for j in range(b.n_examples):  # every query row of every example keeps its sum
+            m, start = int(b.lengths[j]), int(b.attention_offsets[j])
+            assert (units[:, start:start + m * m].view(-1, m, m).long().sum(-1) == 255).all()
+    decoder = b.load("decoder/hidden/1"), b.load("decoder/hidden_scale/1")
+    assert decoder[0].dtype == torch.int8 and decoder[1].shape == (b.n_examples,)
+    shown = CliRunner().invoke(inspect_main, [str(packed.path), "--verify"])
+    assert shown.exit_code == 0, shown.output
+    assert "attention uint8, hidden int8" in shown.output and "per token  attention" in shown.output
+
+
+@pytest.mark.parametrize("storage", list(STORAGE))
+def test_training_and_prediction_read_a_cache_the_same_way(caches, storage, tiny_t5, glue_dir, tmp_path):
+    packed = caches[storage]
+    (result,) = train([packed.path], [RunConfig(width=6, lr=3e-3, epochs=2, batch_size=4)], tmp_path,
+                      progress=False, log=lambda line: None)
+    assert result["status"] == "ok" and result["best_validation"] is not None
+    run = tmp_path / result["name"]
+    checkpoint = load_checkpoint(run)
+    task = get_task("rte")
+    _, splits = make_splits(task.name, load_source_splits(task, glue_dir), 0)
+    rows = [{f: row[f] for f in task.fields} for row in splits["test"].rows[:LIMIT]]
+    out = list(predict(checkpoint, Predictor(str(tiny_t5), checkpoint.manifest), rows, progress=False))
+    recorded = {r["example_index"]: r for r in map(json.loads, (run / "test_predictions.jsonl").open())}
+    for record, index in zip(out, splits["test"].example_index[:LIMIT].tolist()):
+        assert record["predictions"]["rte"]["probabilities"] == recorded[index]["probabilities"]  # bit for bit
+
+
+def test_a_version_1_cache_reads_as_it_always_did(pair, tmp_path):
+    exact, _ = pair
+    old = tmp_path / "v1"
+    shutil.copytree(exact.path, old)
+    group = zarr.open_group(str(old), mode="r+")
+    manifest = dict(group.attrs[MANIFEST_KEY])
+    manifest["format_version"] = 1
+    del manifest["quantize"]
+    group.attrs[MANIFEST_KEY] = manifest
+    a, b = exact.split("train"), CacheReader(old).split("train")
+    assert a.array_paths() == b.array_paths()
+    for path in a.array_paths():
+        assert torch.equal(a.load(path), b.load(path))
+
+
+def test_topk_keeps_each_rows_largest_entries_renormalised(caches):
+    exact, sparse = caches["float32"], caches["topk"]
+    assert sparse.manifest["attention"] == "heads"
+    assert sparse.manifest["attention_topk"] == {"k": 3, "residual": "renormalised"}
+    stored = sparse.split("train").load("encoder/attention/1")
+    lengths = sparse.split("train").lengths
+    assert stored.shape[-1] == int((lengths * np.minimum(3, lengths)).sum())  # m * 3 entries per example
+    spec = read_spec(exact, 4, "gru")
+    index = torch.arange(exact.split("train").n_examples)
+    dense = InMemorySplit(exact.split("train"), spec).batch(index).inputs
+    kept = InMemorySplit(sparse.split("train"), spec).batch(index).inputs
+    rows = dense.mask[:, None, :, None]  # [B, 1, L, 1]: real query rows
+    for full, top in zip(dense.encoder_attention, kept.encoder_attention):
+        values, keys = full.topk(3, dim=-1)
+        reference = torch.zeros_like(full).scatter_(-1, keys, values / values.sum(-1, keepdim=True).clamp_min(1e-30))
+        torch.testing.assert_close(top, reference * rows)
+        torch.testing.assert_close(top.sum(-1), rows.squeeze(-1).expand_as(top.sum(-1)).float())
