@@ -2,31 +2,52 @@
 same study with 512-example windows (scripts/results/minilm-512-windows.jsonl): per task, the learning rate with
 the best mean validation metric, its test mean ± std over seeds, peak memory and seconds per epoch.
 
-    python scripts/study_windows.py
+    python scripts/study_windows.py [RESULTS_FOLDER]
 """
-import json, sys
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
 import numpy as np
-def load(path):
-    rows = [json.loads(l) for l in open(path)]
-    return [r for r in rows if r["method"] == "read"]
-def best(rows, task):
-    by = {}
-    for r in rows:
-        if r["task"] == task: by.setdefault(r["config"]["lr"], []).append(r)
-    if not by: return None
-    lr, rs = max(by.items(), key=lambda kv: np.mean([r["validation"] for r in kv[1]]))
-    return lr, rs
-root = sys.argv[1] if len(sys.argv) > 1 else "scripts/results"  
-new, old = load(f"{root}/minilm.jsonl"), load(f"{root}/minilm-512-windows.jsonl")
-print("| task | windows | lr | seeds | validation | test | peak memory (MiB) | s / epoch |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-for task in ("sst2", "cola", "stsb", "mrpc", "rte"):
-    for name, rows in (("512 examples", old), ("one batch or more (new)", new)):
-        b = best(rows, task)
-        if not b: continue
-        lr, rs = b
-        v = [r["validation"] for r in rs]; t = [r["test"] for r in rs]
-        mem = np.mean([r["peak_memory_bytes"] for r in rs]) / 2**20
-        sec = np.mean([np.mean(r["epoch_seconds"]) for r in rs])
-        sd = f" ± {np.std(t):.2f}" if len(t) > 1 else ""
-        print(f"| {task} | {name} | {lr:g} | {len(rs)} | {np.mean(v):.2f} | {np.mean(t):.2f}{sd} | {mem:,.0f} | {sec:.1f} |")
+
+TASKS = ("sst2", "cola", "stsb", "mrpc", "rte")
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [row for row in map(json.loads, path.open()) if row["method"] == "read"]
+
+
+def best(rows: list[dict], task: str) -> tuple[float, list[dict]] | None:
+    """(learning rate, its rows over seeds) with the best mean validation metric on `task`."""
+    by_lr: dict[float, list[dict]] = {}
+    for row in rows:
+        if row["task"] == task:
+            by_lr.setdefault(row["config"]["lr"], []).append(row)
+    if not by_lr:
+        return None
+    return max(by_lr.items(), key=lambda item: np.mean([r["validation"] for r in item[1]]))
+
+
+def main(folder: Path) -> None:
+    studies = {"512 examples": read_rows(folder / "minilm-512-windows.jsonl"),
+               "whole batches (now)": read_rows(folder / "minilm.jsonl")}
+    print("| task | windows | lr | seeds | validation | test | peak memory (MiB) | s / epoch |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for task in TASKS:
+        for name, rows in studies.items():
+            found = best(rows, task)
+            if found is None:
+                continue
+            lr, runs = found
+            test = [r["test"] for r in runs]
+            spread = f" ± {np.std(test):.2f}" if len(test) > 1 else ""
+            memory = np.mean([r["peak_memory_bytes"] for r in runs]) / 2**20
+            seconds = np.mean([np.mean(r["epoch_seconds"]) for r in runs])
+            print(f"| {task} | {name} | {lr:g} | {len(runs)} | {np.mean([r['validation'] for r in runs]):.2f} | "
+                  f"{np.mean(test):.2f}{spread} | {memory:,.0f} | {seconds:.1f} |")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("scripts/results"))
