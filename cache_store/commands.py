@@ -13,16 +13,14 @@ def documented(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
-def field_option(config: type, name: str, *declarations: str, grid: bool = False, when: str = "", **options):
+def field_option(config: type, name: str, *declarations: str, grid: bool = False, **options):
     """A click option for field `name` of dataclass `config`, its default and help taken from the field.
-    grid=True: a comma-separated list of values (a sweep), the default written as text. when: the flag the
-    option depends on, named at the start of its help."""
+    grid=True: a comma-separated list of values (a sweep), the default written as text."""
     found = {f.name: f for f in fields(config)}[name]
     default = found.default if found.default is not MISSING else None
     if grid:
         default, options["type"] = f"{default:g}" if isinstance(default, float) else str(default), str
-    help_text = (f"{when}: " if when else "") + found.metadata.get("help", "") + (
-        " Comma-separated for a sweep." if grid else "")
+    help_text = found.metadata.get("help", "") + (" Comma-separated for a sweep." if grid else "")
     options.setdefault("default", default)
     options.setdefault("show_default", options["default"] is not None and options["default"] is not False)
     return click.option(*(declarations or (f"--{name.replace('_', '-')}",)), name, help=help_text, **options)

@@ -32,3 +32,20 @@ class ActivationSource(Protocol):
 
     def split(self, name: str) -> SplitSource:
         """train | validation | test."""
+
+
+LIVE_SOURCES = "read_side.sources"  # entry-point group (setup.cfg): the live backbones stage one provides
+
+
+def open_live(name: str, **options):
+    """A live backbone source that stage one registers under `name` in the `read_side.sources` entry points
+    (`online`: a task's splits for `train-side --online`; `predictor`: new rows for `predict-side`), so that
+    stage two reaches it through this package and never imports stage one."""
+    from importlib.metadata import entry_points
+
+    from .errors import UserError
+
+    found = list(entry_points(group=LIVE_SOURCES, name=name))
+    if not found:
+        raise UserError(f"no live backbone source {name!r} is installed; reinstall this package (pip install -e .)")
+    return found[0].load()(**options)

@@ -1,8 +1,7 @@
 """`train-side` and `predict-side`: parse, build the run configurations, train or predict.
 
-This is where the two stages meet, and the one file of stage two that may import stage one: `--online`
-and `predict-side` need a live backbone (pipeline/live.py), imported inside those paths only, so that
-training from a cache never loads backbone code (tests/test_architecture.py checks both)."""
+`--online` and `predict-side` need a live backbone: they open it through cache_store.source.open_live
+(the `read_side.sources` entry points, pipeline/live.py), so stage two never imports stage one."""
 from __future__ import annotations
 
 import json
@@ -13,10 +12,7 @@ import click
 
 from cache_store import UserError
 from cache_store.commands import OneLineCommand, field_option
-
-from pipeline.backbones import INITS
-from pipeline.config import CacheConfig
-from pipeline.tasks import TASKS
+from cache_store.source import open_live
 
 from .config import RunConfig
 from .read_model import POOLINGS
@@ -40,11 +36,11 @@ def _list(value: str, kind, name: str) -> list:
 @click.option("--temperature", type=float, default=2.0, show_default=True,
               help="--task-sampling temperature: 1 is proportional; larger is closer to uniform.")
 @click.option("--online", is_flag=True, help="Run the backbone live at every step instead (for comparisons).")
-@click.option("--task", type=click.Choice(list(TASKS)), default=None, help="--online: the GLUE task.")
-@field_option(CacheConfig, "model", when="--online")
-@field_option(CacheConfig, "data_dir", type=click.Path(path_type=Path), when="--online")
-@field_option(CacheConfig, "limit", type=int, when="--online")
-@field_option(CacheConfig, "init", type=click.Choice(INITS), when="--online")
+@click.option("--task", default=None, help="--online: the GLUE task.")
+@click.option("--model", default=None, help="--online: hub id or local folder.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="--online: GLUE's tsv layout.")
+@click.option("--limit", type=int, default=None, help="--online: at most N examples per split.")
+@click.option("--init", default="pretrained", show_default=True, help="--online: pretrained | random.")
 @field_option(RunConfig, "cell", "--rnn", grid=True)
 @field_option(RunConfig, "width", "--hidden", grid=True)
 @field_option(RunConfig, "lr", "--lr", grid=True)
@@ -89,11 +85,10 @@ def main(caches, multi_task, task_sampling, temperature, online, model, task, da
         if multi_task and len(caches) < 2:
             raise UserError("--multi-task needs at least two --from-cache caches (one per task)")
         if online:
-            if not task:
-                raise UserError("--online needs --task")
-            from pipeline.live import open_online
-
-            source = open_online(model=model, task=task, data_dir=data_dir, limit=limit, init=init, device=device)
+            if not (model and task):
+                raise UserError("--online needs --model and --task")
+            source = open_live("online", model=model, task=task, data_dir=data_dir, limit=limit, init=init,
+                               device=device)
             folder = out / f"online-{source.manifest['backbone']['name']}-{task}"
         else:
             source = list(caches)  # caches/<model>/<task>: runs/<model>-<task>[+<task>...]
@@ -146,9 +141,7 @@ def predict(model, checkpoint, input_file, output, batch_size, device, quiet):
             raise UserError(f"--input {input_file}: no such file")
         text = sys.stdin.read() if where == "stdin" else input_file.read_text()
         rows = read_rows(text, where)
-        from pipeline.live import Predictor
-
-        predictor = Predictor(model, ready.manifest, device=device, progress=not quiet)
+        predictor = open_live("predictor", model=model, manifest=ready.manifest, device=device, progress=not quiet)
         records = list(run_predict(ready, predictor, rows, batch_size, progress=not quiet))
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
