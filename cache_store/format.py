@@ -91,6 +91,27 @@ def cross_attention_path(layer: int) -> str:
     return f"decoder/cross_attention/{layer}"
 
 
+# --project K (format v2): what the heads read stays full width. Encoder-only backbones store the final
+# layer's mean over real tokens and its first token per example; READ pools one of them (its `pooling`).
+POOLINGS = ("mean", "first")
+
+
+def pooled_path(pooling: str, layer: int) -> str:
+    """--project only: encoder/pooled_mean/6 [n, d], the full-width final state the heads read."""
+    return f"encoder/pooled_{pooling}/{layer}"
+
+
+def projection_paths(layer: int) -> tuple[str, str]:
+    """--project K: where the cache's root keeps encoder layer `layer`'s mean float32 [d] and basis
+    float32 [K, d]; its hidden array then holds z [T, K], h ~ mean + z @ basis."""
+    return f"projection/mean/{layer}", f"projection/basis/{layer}"
+
+
+def stored_projection(manifest: Mapping[str, Any]) -> int:
+    """K of a cache made with --project K, else 0 (full-width hidden states)."""
+    return int((manifest.get("projection") or {}).get("k", 0))
+
+
 def scale_path(path: str) -> str:
     """Where an int8 hidden array's per-row scales live: encoder/hidden/3 -> encoder/hidden_scale/3."""
     stack, kind, layer = path.split("/")

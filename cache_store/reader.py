@@ -56,6 +56,14 @@ class CacheReader:
         return torch.from_numpy(self.root["label_head"][:]) if "label_head" in self.root else None
 
 
+    def projection_arrays(self) -> dict[str, np.ndarray] | None:
+        """--project K: every encoder layer's mean [d] and basis [K, d] by path (format.projection_paths),
+        or None."""
+        if "projection" not in self.root:
+            return None
+        return {f"projection/{path}": node[:] for path, node in self.root["projection"].members(max_depth=None)
+                if isinstance(node, zarr.Array)}
+
 @dataclass
 class Batch:
     """Consecutive examples [start, stop) of a split, each array concatenated along its ragged axis."""

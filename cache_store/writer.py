@@ -111,6 +111,11 @@ class CacheWriter:
         """[C, d] float32: the frozen LM-head rows of the task's label words."""
         self.root.create_array("label_head", data=np.asarray(matrix, dtype=np.float32), overwrite=True)
 
+    def write_projection(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """--project K: each encoder layer's mean and basis, float32, at format.projection_paths."""
+        for path, value in arrays.items():
+            self.root.create_array(path, data=np.asarray(value, dtype=np.float32), overwrite=True)
+
     def split(self, name: str, plan: SplitPlan, specs: list[ArraySpec]) -> "SplitWriter":
         return SplitWriter(self, name, plan, specs)
 

@@ -39,6 +39,7 @@ def _int_list(value: str, name: str) -> tuple[int, ...] | None:
 @field_option(CacheConfig, "dtype", type=click.Choice(list(STORAGE_DTYPES)))
 @field_option(CacheConfig, "attention", metavar="heads|mean|none|topk:K")
 @field_option(CacheConfig, "quantize", default="")
+@field_option(CacheConfig, "project", type=int)
 @field_option(CacheConfig, "layers", default="all")
 @field_option(CacheConfig, "limit", type=int)
 @field_option(CacheConfig, "device")
@@ -46,8 +47,8 @@ def _int_list(value: str, name: str) -> tuple[int, ...] | None:
 @click.option("--resume", is_flag=True, help="Continue a killed run.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(task, model, name, init, seed, data_dir, out, splits, batch_size, max_length, dtype, attention, quantize, layers,
-         limit, device, shard_mb, resume, overwrite, quiet):
+def main(task, model, name, init, seed, data_dir, out, splits, batch_size, max_length, dtype, attention, quantize, project,
+         layers, limit, device, shard_mb, resume, overwrite, quiet):
     """Run a frozen backbone once over every split of a GLUE task and cache its activations."""
     from .job import run  # heavy imports (torch, transformers) only once the arguments are fine
     from cache_store.runtime import keep_freed_memory
@@ -60,7 +61,7 @@ def main(task, model, name, init, seed, data_dir, out, splits, batch_size, max_l
         config = CacheConfig(
             task=task, model=model, name=name, init=init, seed=seed, data_dir=data_dir, out=out,
             splits=tuple(s for s in splits.split(",") if s), batch_size=batch_size, max_length=max_length,
-            dtype=dtype, attention=attention, quantize=tuple(sorted({k for k in quantize.split(",") if k})),
+            dtype=dtype, attention=attention, quantize=tuple(sorted({k for k in quantize.split(",") if k})), project=project,
             layers=_int_list(layers, "--layers"), limit=limit, device=device,
             mode="resume" if resume else "overwrite" if overwrite else "new", shard_mb=shard_mb,
         )

@@ -38,6 +38,9 @@ class CacheConfig:
     quantize: tuple[str, ...] = documented((), "Array kinds to store quantized, comma-separated: hidden (int8, one "
                                                "absmax scale per token) and attention (uint8 units of 1/255, "
                                                "each row's sum kept).")
+    project: int = documented(0, "Store each encoder layer's hidden states as K coordinates in a PCA basis fitted "
+                                 "on up to 1024 train examples (kept in the cache), and the final layer's pooled "
+                                 "states at full width; 0: full width.")
     layers: tuple[int, ...] | None = documented(None, "Stored layer indices, encoder and decoder: 'all' or "
                                                       "comma-separated integers.")
     limit: int | None = documented(None, "Keep at most N examples of each split.")
@@ -59,6 +62,7 @@ class CacheConfig:
              f"--quantize takes {', '.join(QUANTIZED)}, got {','.join(self.quantize)}"),
             ("attention" not in self.quantize or self.attention != "none",
              "--quantize attention needs attention maps (--attention heads or mean)"),
+            (self.project >= 0, f"--project must be a positive number of dimensions (0: none), got {self.project}"),
             (bool(self.splits) and set(self.splits) <= set(SPLITS), f"--splits must be drawn from {', '.join(SPLITS)}"),
             (self.limit is None or self.limit > 0, f"--limit must be positive, got {self.limit}"),
             (self.layers is None or (bool(self.layers) and min(self.layers) >= 0),

@@ -12,11 +12,11 @@ import torch
 from tqdm.auto import tqdm
 
 from cache_store import (
-    ArraySpec, BackgroundWriter, CacheWriter, SplitPlan, attention_path, cross_attention_path, hidden_path,
+    ArraySpec, BackgroundWriter, CacheReader, CacheWriter, SplitPlan, attention_path, cross_attention_path, hidden_path,
 )
 from cache_store.format import (
-    ARRAY_DTYPES, EXAMPLES, PAIRS, QUANTIZED, STORAGE_DTYPES, TOKENS, TOPK, attention_keys_path,
-    quantize_probabilities, quantize_rows, scale_path, to_storage,
+    ARRAY_DTYPES, EXAMPLES, PAIRS, POOLINGS, QUANTIZED, STORAGE_DTYPES, TOKENS, TOPK, attention_keys_path,
+    pooled_path, quantize_probabilities, quantize_rows, scale_path, stored_projection, to_storage,
 )
 from cache_store.lock import WriteLock
 
@@ -24,6 +24,8 @@ from .backbones import Backbone, BackboneOutput, load_backbone
 from .config import CacheConfig
 from .errors import InputError
 from .glue_data import load_source_splits
+from .padding import pad_batch
+from .projection import Projection, fit
 from .splits import Split, make_splits
 from .tasks import TaskSpec, get_task
 
@@ -45,27 +47,30 @@ def stored_layers(backbone: Backbone, layers: tuple[int, ...] | None) -> dict[st
 
 
 def array_specs(backbone: Backbone, attention: str, layers: dict[str, list[int]],
-                quantize: tuple[str, ...] = (), topk: int = 0, max_length: int = 128) -> list[ArraySpec]:
+                quantize: tuple[str, ...] = (), topk: int = 0, max_length: int = 128, project: int = 0) -> list[ArraySpec]:
     """Every backbone array a split stores; quantized kinds in their QUANTIZED dtype (None: the storage
     dtype), int8 hidden states with a float32 scale array beside each, top-k attention entries with an
-    array of their key positions (uint8 while positions fit, int16 beyond)."""
+    array of their key positions (uint8 while positions fit, int16 beyond), encoder hidden states K wide
+    with --project K (and an encoder-only backbone's pooled final states, full width)."""
     d, heads = backbone.d_model, backbone.n_heads
     att_row, att_axis = ((heads,), 1) if attention == "heads" else ((), 0)
     hidden = QUANTIZED["hidden"] if "hidden" in quantize else None
     maps = QUANTIZED["attention"] if "attention" in quantize else None
 
-    def hidden_specs(stack, grows):
-        out = [ArraySpec(hidden_path(stack, k), grows, (d,), 0, hidden) for k in layers[stack]]
-        return out + ([ArraySpec(scale_path(s.path), grows, (), 0, "float32") for s in out] if hidden else [])
+    def with_scales(out):
+        return out + ([ArraySpec(scale_path(s.path), s.grows_along, (), 0, "float32") for s in out] if hidden else [])
 
-    specs = hidden_specs("encoder", TOKENS)
+    width = project or d
+    specs = with_scales([ArraySpec(hidden_path("encoder", k), TOKENS, (width,), 0, hidden) for k in layers["encoder"]])
+    if project and not backbone.n_decoder_layers:
+        specs += with_scales([ArraySpec(pooled_path(p, backbone.n_layers), EXAMPLES, (d,), 0, hidden) for p in POOLINGS])
     if attention != "none" and topk:
         keys = "uint8" if max_length <= 256 else "int16"
         specs += [ArraySpec(attention_path(k), TOPK, att_row, att_axis, maps, topk) for k in layers["encoder"] if k]
         specs += [ArraySpec(attention_keys_path(k), TOPK, att_row, att_axis, keys, topk) for k in layers["encoder"] if k]
     elif attention != "none":
         specs += [ArraySpec(attention_path(k), PAIRS, att_row, att_axis, maps) for k in layers["encoder"] if k]
-    specs += hidden_specs("decoder", EXAMPLES)
+    specs += with_scales([ArraySpec(hidden_path("decoder", k), EXAMPLES, (d,), 0, hidden) for k in layers["decoder"]])
     if attention != "none":
         specs += [ArraySpec(cross_attention_path(k), TOKENS, att_row, att_axis, maps) for k in layers["decoder"] if k]
     return specs
@@ -85,7 +90,7 @@ def plan_split(backbone: Backbone, task: TaskSpec, split: Split, max_length: int
 
 def build_manifest(config: CacheConfig, backbone: Backbone, task: TaskSpec, protocol: str,
                    plans: dict[str, SplitPlan], layers: dict[str, list[int]],
-                   label_ids: list[int] | None) -> dict:
+                   label_ids: list[int] | None, projection: Projection | None = None) -> dict:
     return {
         "package_version": package_version(),
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -102,25 +107,11 @@ def build_manifest(config: CacheConfig, backbone: Backbone, task: TaskSpec, prot
         "quantize": list(config.quantize),
         "attention": config.attention_mode,
         "attention_topk": {"k": config.topk, "residual": "renormalised"} if config.topk else None,
+        "projection": projection.describe() if projection else None,
         "layers": layers,
         "splits": {name: {"n_examples": plan.n_examples, "n_tokens": int(plan.lengths.sum()),
                           "n_attention_pairs": int((plan.lengths**2).sum())} for name, plan in plans.items()},
     }
-
-
-def pad_examples(plan: SplitPlan, index: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input_ids and attention mask for examples `index` of a plan, in that order: [B, L] each."""
-    lengths = torch.from_numpy(plan.lengths[index])
-    mask = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
-    ids = torch.full(mask.shape, pad_id, dtype=torch.long)
-    offsets = plan.offsets
-    ids[mask] = torch.from_numpy(np.concatenate([plan.input_ids[offsets[j]:offsets[j + 1]] for j in index])).long()
-    return ids, mask.long()
-
-
-def pad_batch(plan: SplitPlan, start: int, stop: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input_ids and attention mask for examples [start, stop): [B, L] each."""
-    return pad_examples(plan, np.arange(start, stop), pad_id)
 
 
 def _unpad(value: torch.Tensor, lengths: list[int], kind: str, dtype: torch.dtype) -> torch.Tensor:
@@ -159,11 +150,22 @@ def _unpad_topk(value: torch.Tensor, lengths: list[int], k: int) -> torch.Tensor
     return torch.cat([value[j, :, :n, :min(k, n)].reshape(value.shape[1], -1) for j, n in enumerate(lengths)], -1)
 
 
+def _pooled(final: torch.Tensor, lengths: list[int], pooling: str) -> torch.Tensor:
+    """[B, L, d] -> [B, d] float32: the mean over each example's real tokens, or its first token."""
+    if pooling == "first":
+        return final[:, 0].float()
+    real = (torch.arange(final.shape[1], device=final.device)[None, :]
+            < torch.tensor(lengths, device=final.device)[:, None]).float()  # [B, L]
+    return (final.float() * real[..., None]).sum(1) / real.sum(1, keepdim=True)
+
+
 @torch.inference_mode()
-def extract(out: BackboneOutput, lengths: list[int], specs: list[ArraySpec], dtype: str) -> dict[str, np.ndarray]:
+def extract(out: BackboneOutput, lengths: list[int], specs: list[ArraySpec], dtype: str,
+            projection: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, np.ndarray]:
     """Drop padding and convert to each array's stored dtype (`dtype`, the storage dtype, unless the spec
-    says int8 or uint8), on the backbone's device, before the copy out. Quantization sees the unrounded
-    float32 values; attention rows are quantized before the padding goes, as whole rows."""
+    says int8 or uint8), on the backbone's device, before the copy out. Quantization and projection (layer
+    -> mean [d], basis [K, d], on the device) see the unrounded float32 values; attention rows are
+    quantized before the padding goes, as whole rows."""
     logical = STORAGE_DTYPES[dtype][1]
     key_dtype = {spec.path: spec.dtype for spec in specs}
     arrays = {}
@@ -173,10 +175,18 @@ def extract(out: BackboneOutput, lengths: list[int], specs: list[ArraySpec], dty
             continue  # written with their hidden or attention array
         layer = int(layer)
         stored = spec.dtype or dtype
-        wide = torch.float32 if spec.dtype else logical
-        if kind == "hidden":
-            value = (_unpad(out.encoder_hidden[layer], lengths, "tokens", wide) if stack == "encoder"
-                     else out.decoder_hidden[layer].to(wide))  # [Tb, d] | [B, d]
+        project = projection.get(layer) if projection and kind == "hidden" and stack == "encoder" else None
+        wide = torch.float32 if spec.dtype or project is not None else logical
+        if kind in ("hidden", "pooled_mean", "pooled_first"):
+            if kind != "hidden":  # pooled final state [B, d]
+                value = _pooled(out.encoder_hidden[layer], lengths, kind.removeprefix("pooled_"))
+            elif stack == "encoder":
+                value = _unpad(out.encoder_hidden[layer], lengths, "tokens", wide)  # [Tb, d]
+                if project is not None:
+                    mean, basis = project
+                    value = (value - mean) @ basis.T  # [Tb, K]
+            else:
+                value = out.decoder_hidden[layer].to(wide)  # [B, d]
             if spec.dtype:
                 value, scale = quantize_rows(value)
                 arrays[scale_path(spec.path)] = to_storage(scale, "float32")
@@ -233,6 +243,7 @@ class Prepared:
     specs: list[ArraySpec]
     manifest: dict
     label_head: np.ndarray | None  # [C, d]
+    projection: Projection | None = None  # --project K
 
 
 def prepare(config: CacheConfig, progress: bool = True) -> Prepared:
@@ -241,36 +252,58 @@ def prepare(config: CacheConfig, progress: bool = True) -> Prepared:
     backbone = load_backbone(config.model, config.init, config.seed, config.device, progress=progress,
                              attentions=config.attention_mode != "none", name=config.name)
     layers = stored_layers(backbone, config.layers)
-    plans = {}
-    for name in config.splits:
+
+    def plan(name: str) -> SplitPlan:
         split = splits[name]
         if config.limit is not None:
             split = Split(split.name, split.source, split.rows[: config.limit], split.example_index[: config.limit])
-        plans[name] = plan_split(backbone, task, split, config.max_length)
+        return plan_split(backbone, task, split, config.max_length)
+
+    plans = {name: plan(name) for name in config.splits}
+    projection = None
+    if config.project:  # fitted before anything is written; a resumed cache keeps the basis it has
+        projection = resumed_projection(config) or fit(
+            backbone, plans["train"] if "train" in plans else plan("train"),
+            layers["encoder"], config.project, config.batch_size, config.seed, progress)
     head = backbone.label_head(task)
-    manifest = build_manifest(config, backbone, task, protocol, plans, layers, head[0] if head else None)
-    specs = array_specs(backbone, config.attention_mode, layers, config.quantize, config.topk, config.max_length)
-    return Prepared(task, backbone, plans, specs, manifest, head[1] if head else None)
+    manifest = build_manifest(config, backbone, task, protocol, plans, layers, head[0] if head else None, projection)
+    specs = array_specs(backbone, config.attention_mode, layers, config.quantize, config.topk, config.max_length,
+                        config.project)
+    return Prepared(task, backbone, plans, specs, manifest, head[1] if head else None, projection)
+
+
+def resumed_projection(config: CacheConfig) -> Projection | None:
+    """The basis of the cache a --resume continues, when it was made with the same --project K."""
+    if config.mode != "resume" or not (config.cache_dir / "zarr.json").is_file():
+        return None
+    reader = CacheReader(config.cache_dir)
+    arrays = reader.projection_arrays()
+    if stored_projection(reader.manifest) != config.project or arrays is None:
+        return None
+    return Projection.from_arrays(arrays, reader.manifest["projection"])
 
 
 def run(config: CacheConfig, progress: bool = True, log=None) -> list[SplitReport]:
     """Cache every split. Bad input fails in `prepare`, before anything is written; then the cache's
     write lock is taken (a second writer is refused, naming this one)."""
     ready = prepare(config, progress)
+    projection = ready.projection.on(ready.backbone.device) if ready.projection else None
     with WriteLock(config.cache_dir) as lock:
         if lock.took_over and log:
             log(f"{config.cache_dir}: {lock.took_over}")
         writer = CacheWriter(config.cache_dir, ready.manifest, config.mode, shard_bytes=config.shard_bytes)
         if ready.label_head is not None:
             writer.write_label_head(ready.label_head)
-        reports = [_cache_split(writer, ready.backbone, name, plan, ready.specs, config, progress)
+        if ready.projection is not None:
+            writer.write_projection(ready.projection.arrays())
+        reports = [_cache_split(writer, ready.backbone, name, plan, ready.specs, config, progress, projection)
                    for name, plan in ready.plans.items()]
         writer.finish()
     return reports
 
 
 def _cache_split(writer: CacheWriter, backbone: Backbone, name: str, plan: SplitPlan, specs: list[ArraySpec],
-                 config: CacheConfig, progress: bool) -> SplitReport:
+                 config: CacheConfig, progress: bool, projection=None) -> SplitReport:
     split_writer = writer.split(name, plan, specs)
     # A resumed run restarts at the batch holding the first uncommitted example, so that every batch,
     # and so every value, is the one an uninterrupted run computes.
@@ -291,7 +324,7 @@ def _cache_split(writer: CacheWriter, backbone: Backbone, name: str, plan: Split
                 ids, mask = pad_batch(plan, start, stop, pad_id)
                 ids, mask = ids.to(backbone.device), mask.to(backbone.device)
                 lengths = plan.lengths[start:stop].tolist()
-                arrays = extract(backbone.forward(ids, mask, attentions), lengths, specs, config.dtype)
+                arrays = extract(backbone.forward(ids, mask, attentions), lengths, specs, config.dtype, projection)
                 background.put(arrays)
                 written += sum(a.nbytes for a in arrays.values())
                 bar.update(stop - start)

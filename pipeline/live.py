@@ -13,25 +13,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_store.format import differences, from_storage, stored_topk
+from cache_store.format import differences, from_storage, stored_projection, stored_topk
 from cache_store.writer import SplitPlan
 
 from .backbones import Backbone, load_backbone
 from .config import CacheConfig
 from .errors import InputError
-from .job import Prepared, array_specs, extract, pad_examples, plan_split, prepare
+from .job import Prepared, array_specs, extract, plan_split, prepare
+from .padding import pad_examples
+from .projection import Projection
 from .splits import Split
 from .tasks import get_task
 
 
 @torch.inference_mode()
-def compute(backbone: Backbone, plan: SplitPlan, index, specs, attentions: bool, dtype: str) -> dict[str, torch.Tensor]:
+def compute(backbone: Backbone, plan: SplitPlan, index, specs, attentions: bool, dtype: str,
+            projection=None) -> dict[str, torch.Tensor]:
     """Every array for examples `index` of a plan, from one backbone pass, concatenated in that order
-    along the ragged axis, rounded to `dtype` as a cache stores it."""
+    along the ragged axis, rounded to `dtype` (and projected) as a cache stores it."""
     index = np.asarray(index)
     ids, mask = pad_examples(plan, index, backbone.tokenizer.pad_token_id or 0)
     out = backbone.forward(ids.to(backbone.device), mask.to(backbone.device), attentions)
-    arrays = extract(out, plan.lengths[index].tolist(), specs, dtype)
+    arrays = extract(out, plan.lengths[index].tolist(), specs, dtype, projection)
     stored = {spec.path: spec.dtype or dtype for spec in specs}
     return {path: from_storage(value, stored[path]) for path, value in arrays.items()}
 
@@ -82,7 +85,8 @@ class Predictor:
     """The backbone a READ checkpoint was trained on, computing activations for new rows of text as its
     cache stored them. `forward_passes` and `examples_forwarded` count the backbone's work."""
 
-    def __init__(self, model: str, manifest: dict, device: str = "auto", progress: bool = True):
+    def __init__(self, model: str, manifest: dict, device: str = "auto", progress: bool = True,
+                 projection: dict[str, np.ndarray] | None = None):
         self.manifest = manifest
         self.attentions = manifest["attention"] != "none"
         backbone = manifest["backbone"]
@@ -96,7 +100,18 @@ class Predictor:
                              + "; ".join(d.replace("cache has", "--model has").replace("asked for", "training had")
                                          for d in found[:3]) + "); give the model folder that made its cache")
         self.specs = array_specs(self.backbone, manifest["attention"], manifest["layers"],
-                                 tuple(manifest.get("quantize", ())), stored_topk(manifest), manifest["max_length"])
+                                 tuple(manifest.get("quantize", ())), stored_topk(manifest), manifest["max_length"],
+                                 stored_projection(manifest))
+        self.projection = None
+        if stored_projection(manifest):  # the cache's basis, which training's checkpoint carries
+            if projection is None:
+                raise InputError("this READ model was trained on a --project cache; predict-side needs its basis "
+                                 "(projection.safetensors in the run folder)")
+            basis = Projection.from_arrays(projection, manifest["projection"])
+            if basis.describe()["digest"] != manifest["projection"]["digest"]:
+                raise InputError("projection.safetensors is not the basis of the cache this READ model was "
+                                 "trained on; retrain it")
+            self.projection = basis.on(self.backbone.device)
         self.batch_size = manifest.get("batch_size", 32)  # the cache's backbone batches
         self.forward_passes = 0
         self.examples_forwarded = 0
@@ -120,7 +135,7 @@ class Predictor:
         for start in range(0, len(index), self.batch_size):
             chunk = index[start:start + self.batch_size]
             parts.append(compute(self.backbone, plan, chunk, self.specs, self.attentions,
-                                 self.manifest["storage_dtype"]))
+                                 self.manifest["storage_dtype"], self.projection))
             self.forward_passes += 1
             self.examples_forwarded += len(chunk)
         return {spec.path: torch.cat([p[spec.path] for p in parts], dim=spec.axis) for spec in self.specs}

@@ -31,6 +31,9 @@ CHOICES = {
     "int8+uint8": ["--quantize", "attention,hidden"],
     "top16+int8+uint8": ["--attention", "topk:16", "--quantize", "attention,hidden"],
     "top8+int8+uint8": ["--attention", "topk:8", "--quantize", "attention,hidden"],
+    "p64+top8+int8+uint8": ["--project", "64", "--attention", "topk:8", "--quantize", "attention,hidden"],
+    "p32+top8+int8+uint8": ["--project", "32", "--attention", "topk:8", "--quantize", "attention,hidden"],
+    "p32+top4+int8+uint8": ["--project", "32", "--attention", "topk:4", "--quantize", "attention,hidden"],
 }
 
 

@@ -2,6 +2,8 @@
 
     <run>/config.json              the run's configuration, the READ spec, and per task its cache's manifest
     <run>/model.safetensors        the best-validation weights (ReadModel.member_state): what predict-side loads
+    <run>/projection.safetensors   caches made with --project only: the cache's basis (format.projection_paths),
+                                   with which predict-side projects new rows as the cache did
     <run>/test_predictions.jsonl   one line per test example: task, example_index, label, prediction
                                    (and probabilities for classification)
     <run>/metrics.json             validation curve, best epoch, test metric, status, parameters, time, memory
@@ -38,6 +40,9 @@ def write_run(run: Run, spec: ReadSpec, tasks: list, folder: Path, batch_size: i
     # The test split is scored by a model of one member with the best weights: what predict-side loads.
     model = ReadModel.from_member_state(spec, {t.info.name: t.info.num_labels for t in tasks}, run.best_state).to(device)
     save_file({k: v.contiguous().cpu() for k, v in run.best_state.items()}, folder / "model.safetensors")
+    if spec.projection:
+        save_file({k: torch.from_numpy(v) for k, v in tasks[0].cache.projection_arrays().items()},
+                  folder / "projection.safetensors")
     (folder / "config.json").write_text(json.dumps({
         "run": run.config.as_dict(), "read": spec.__dict__,
         "tasks": [{"name": t.info.name, "metric": t.info.metric, "num_labels": t.info.num_labels,

@@ -141,7 +141,8 @@ def predict(model, checkpoint, input_file, output, batch_size, device, quiet):
             raise UserError(f"--input {input_file}: no such file")
         text = sys.stdin.read() if where == "stdin" else input_file.read_text()
         rows = read_rows(text, where)
-        predictor = open_live("predictor", model=model, manifest=ready.manifest, device=device, progress=not quiet)
+        predictor = open_live("predictor", model=model, manifest=ready.manifest, device=device, progress=not quiet,
+                              projection=ready.projection)
         records = list(run_predict(ready, predictor, rows, batch_size, progress=not quiet))
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from cache_store import CacheError, CacheReader, SplitReader, attention_path, cross_attention_path, hidden_path
-from cache_store.format import attention_keys_path, stored_topk
-from cache_store.format import TOPK, dequantize_probabilities, extent, scale_path
+from cache_store.format import (
+    TOPK, attention_keys_path, dequantize_probabilities, extent, pooled_path, scale_path, stored_projection, stored_topk,
+)
 
 from .read_model import ReadInputs, ReadSpec
 
@@ -29,15 +30,18 @@ def read_spec(cache: CacheReader, width: int, cell: str, recurrence: bool = True
     return ReadSpec(family=backbone["family"], d_model=backbone["d_model"], n_layers=backbone["n_layers"],
                     n_decoder_layers=backbone["n_decoder_layers"],
                     heads=backbone["n_heads"] if m["attention"] == "heads" else 1,
-                    width=width, cell=cell, recurrence=recurrence, pooling=pooling, dropout=dropout)
+                    width=width, cell=cell, recurrence=recurrence, pooling=pooling, dropout=dropout,
+                    projection=stored_projection(m))
 
 
 def array_paths(spec: ReadSpec, manifest: dict) -> list[str]:
-    """The stored arrays READ reads: every layer's hidden states (and their scales when quantized), and
-    its attention maps unless the cache has none."""
+    """The stored arrays READ reads: every layer's hidden states (and their scales when quantized), the
+    pooled final state its heads read when they are projected (encoder-only), and its attention maps
+    unless the cache has none."""
     attention = manifest["attention"] != "none"
     hidden = [hidden_path("encoder", k) for k in range(1, spec.n_layers + 1)]
     hidden += [hidden_path("decoder", k) for k in range(1, spec.n_decoder_layers + 1)]
+    hidden += [pooled_path(spec.pooling, spec.n_layers)] if spec.projection and not spec.n_decoder_layers else []
     paths = hidden + ([scale_path(p) for p in hidden] if "hidden" in manifest.get("quantize", ()) else [])
     paths += [attention_path(k) for k in range(1, spec.n_layers + 1)] if attention else []
     paths += [attention_keys_path(k) for k in range(1, spec.n_layers + 1)] if stored_topk(manifest) else []
@@ -94,11 +98,16 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
             return QuantizedRows(values, scale * mask)
         return values.float() * mask[..., None]
 
-    def examples_of(path):  # [n, d] -> [B, 1, d]
-        values = arrays[path].index_select(0, index)[:, None]
+    def rows_of(path):  # [n, d] -> [B, d]
+        values = arrays[path].index_select(0, index)
         if scale_path(path) in arrays:
-            return QuantizedRows(values, arrays[scale_path(path)].index_select(0, index)[:, None])
+            return QuantizedRows(values, arrays[scale_path(path)].index_select(0, index))
         return values.float()
+
+    def examples_of(path):  # [n, d] -> [B, 1, d]
+        rows = rows_of(path)
+        return QuantizedRows(rows.values[:, None], rows.scale[:, None]) if isinstance(rows, QuantizedRows) \
+            else rows[:, None]
 
     def topk_of(path, key_path):  # [A, P] values and keys -> [B, A, L, L]
         k = torch.minimum(lengths, torch.tensor(topk))[:, None, None]  # [B, 1, 1]: entries per row
@@ -126,6 +135,7 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
         return (flat.view(tokens.shape) * mask).unsqueeze(1)
 
     n, n_dec = spec.n_layers, spec.n_decoder_layers
+    pooled = pooled_path(spec.pooling, n)
     return ReadInputs(
         mask=mask,
         encoder_hidden=[tokens_of(hidden_path("encoder", k)) for k in range(1, n + 1)],
@@ -133,6 +143,7 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
         decoder_hidden=[examples_of(hidden_path("decoder", k)) for k in range(1, n_dec + 1)],
         cross_attention=([cross_of(cross_attention_path(k)) for k in range(1, n_dec + 1)]
                          if attention and n_dec else None),
+        pooled=rows_of(pooled) if pooled in arrays else None,
     )
 
 

@@ -39,6 +39,7 @@ class Checkpoint:
     model: ReadModel
     tasks: list[dict]  # per task: name, metric, num_labels, manifest (of the cache it was trained from)
     batch_size: int  # training's evaluation batch size
+    projection: dict[str, np.ndarray] | None = None  # --project caches: the basis (format.projection_paths)
 
     @property
     def manifest(self) -> dict:
@@ -56,7 +57,14 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     # Checkpoints from before `pooling` existed read the first token.
     spec = ReadSpec(**{"pooling": "first", **config["read"]})
     model = ReadModel.from_member_state(spec, {t["name"]: t["num_labels"] for t in config["tasks"]}, load_file(weights))
-    return Checkpoint(model.eval(), config["tasks"], config["run"]["batch_size"] * 2)
+    projection = None
+    if spec.projection:
+        basis = Path(run_dir) / "projection.safetensors"
+        if not basis.is_file():
+            raise UserError(f"--checkpoint {run_dir} was trained on a --project cache but lacks projection.safetensors "
+                            "(the basis); retrain it")
+        projection = {k: v.numpy() for k, v in load_file(basis).items()}
+    return Checkpoint(model.eval(), config["tasks"], config["run"]["batch_size"] * 2, projection)
 
 
 def read_rows(text: str, where: str) -> list[dict]:

@@ -9,7 +9,14 @@ For each stack (encoder, and T5's decoder at its start position), over layers i 
     out   = phi_N + Up(h_N)                           # Up zero-initialised: a fresh network is the backbone
 
 The heads read T5's decoder side at its start position; an encoder-only backbone's corrected tokens are
-pooled (`pooling`: their mean over the real tokens, or the first token), after `dropout`.
+pooled (`pooling`: their mean over the real tokens, or the first token), after `dropout`. Pooling is
+linear, so the heads read pool(phi_N) + pool(Up(h_N)).
+
+Projected caches (`cache-activations --project K`) store phi_i as K coordinates z_i = (phi_i - mean_i)
+@ P_i.T. Down then reads z_i (K wide instead of d): on the span of P_i that is the same family of maps,
+Down(phi) = Down'(z) + a constant the bias takes up; what lies outside the span READ cannot see. The
+heads' pool(phi_N) is stored at full width (`ReadInputs.pooled`), so a fresh network still predicts
+what the backbone does, and Up still writes the full d-wide correction.
 Parameters are shared across layers (one ReadLayer), or one per layer with `recurrence=False`.
 
 Members. A `ReadModel` holds M networks of one spec side by side: every parameter is [M, ...], and the
@@ -34,11 +41,10 @@ import torch
 from torch import nn
 
 from cache_store import UserError
-from cache_store.format import dequantize_probabilities
+from cache_store.format import POOLINGS, dequantize_probabilities
 
 # The cells READ can use: torch's, whose equations `Cell` computes for M members at once.
 CELLS: dict[str, type[nn.RNNCellBase]] = {"rnn": nn.RNNCell, "gru": nn.GRUCell, "lstm": nn.LSTMCell}
-POOLINGS = ("mean", "first")
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class ReadSpec:
     recurrence: bool = True
     pooling: str = "mean"  # encoder-only backbones: mean | first (the corrected [CLS])
     dropout: float = 0.0  # on the features the heads read, while training
+    projection: int = 0  # K: the cache stores encoder hidden states as K PCA coordinates (0: full width)
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -74,6 +81,7 @@ class ReadInputs:
     encoder_attention: list[torch.Tensor] | None  # sigma_1..sigma_N, [B, A, L, L] or [B, L, L]
     decoder_hidden: list[torch.Tensor]  # T5: phi_1..phi_Ndec at the start position, [B, 1, d]; [] otherwise
     cross_attention: list[torch.Tensor] | None  # T5: [B, A, 1, L] or [B, 1, L]
+    pooled: torch.Tensor | None = None  # projected caches, encoder-only: pool(phi_N) at full width, [B, d]
 
 
 def pool(tokens: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -227,23 +235,23 @@ class Joiner(nn.Module):
 class ReadLayer(nn.Module):
     """One step of the recurrence: Joiner, Down and the Cell."""
 
-    def __init__(self, members: int, d_model: int, width: int, heads: int, cell: str):
+    def __init__(self, members: int, d_in: int, width: int, heads: int, cell: str):
         super().__init__()
-        self.d_model, self.is_lstm = d_model, cell == "lstm"
+        self.d_in, self.is_lstm = d_in, cell == "lstm"
         self.joiner = Joiner(members, width, heads)
-        self.down = Linear(members, d_model + width, width)
+        self.down = Linear(members, d_in + width, width)
         self.cell = Cell(members, width, cell)
 
     def forward(self, phi, attention, state, values=None):
-        """phi [B, L, d] (shared); state [M, B, L, r] or an (h, c) pair of them."""
+        """phi [B, L, d_in] (shared); state [M, B, L, r] or an (h, c) pair of them."""
         h_prev = state[0] if self.is_lstm else state
         shape = h_prev.shape
         psi = self.joiner(h_prev, attention, values)  # [M, B*L, r]
         # Down(concat(phi, psi)) as two products: no concatenated copy of phi is made and kept for backward,
         # and phi, the same for every member, is read once.
-        weight = self.down.weight  # [M, r, d + r]
-        x = shared_product(phi.reshape(-1, self.d_model), weight[:, :, :self.d_model]) + torch.baddbmm(
-            self.down.bias.unsqueeze(1), psi, weight[:, :, self.d_model:].transpose(1, 2))
+        weight = self.down.weight  # [M, r, d_in + r]
+        x = shared_product(phi.reshape(-1, self.d_in), weight[:, :, :self.d_in]) + torch.baddbmm(
+            self.down.bias.unsqueeze(1), psi, weight[:, :, self.d_in:].transpose(1, 2))
         flat = tuple(s.reshape(shape[0], -1, shape[-1]) for s in state) if self.is_lstm \
             else state.reshape(shape[0], -1, shape[-1])
         new = self.cell(x, flat)
@@ -251,14 +259,14 @@ class ReadLayer(nn.Module):
 
 
 class ReadStack(nn.Module):
-    """The recurrence over one stack's layers, then out = phi_N + Up(h_N). A T5 encoder stack has no Up:
-    its correction reaches the decoder side through h_N alone."""
+    """The recurrence over one stack's layers (reading phi d_in wide), then the correction Up(h_N), d_model
+    wide. A T5 encoder stack has no Up: its correction reaches the decoder side through h_N alone."""
 
-    def __init__(self, members: int, n_layers: int, d_model: int, width: int, heads: int, cell: str,
+    def __init__(self, members: int, n_layers: int, d_in: int, d_model: int, width: int, heads: int, cell: str,
                  recurrence: bool, output: bool = True):
         super().__init__()
         self.members, self.n_layers, self.width, self.is_lstm = members, n_layers, width, cell == "lstm"
-        self.layers = nn.ModuleList(ReadLayer(members, d_model, width, heads, cell)
+        self.layers = nn.ModuleList(ReadLayer(members, d_in, width, heads, cell)
                                     for _ in range(1 if recurrence else n_layers))
         self.up = Linear(members, width, d_model) if output else None
         if self.up is not None:
@@ -266,8 +274,8 @@ class ReadStack(nn.Module):
             nn.init.zeros_(self.up.bias)
 
     def forward(self, hidden, attention, values=None):
-        """hidden: phi_1..phi_N [B, L, d]; attention: sigma_1..sigma_N or None.
-        Returns (out [M, B, L, d] or None without Up, h_N [M, B, L, r])."""
+        """hidden: phi_1..phi_N [B, L, d_in]; attention: sigma_1..sigma_N or None.
+        Returns (Up(h_N) [M, B, L, d] or None without Up, h_N [M, B, L, r])."""
         zeros = hidden[0].new_zeros(self.members, *hidden[0].shape[:-1], self.width)
         state = (zeros, zeros) if self.is_lstm else zeros
         for i in range(self.n_layers):
@@ -277,7 +285,7 @@ class ReadStack(nn.Module):
         if self.up is None:
             return None, h_last
         members, batch, length, width = h_last.shape
-        return hidden[-1] + self.up(h_last.reshape(members, -1, width)).view(members, batch, length, -1), h_last
+        return self.up(h_last.reshape(members, -1, width)).view(members, batch, length, -1), h_last
 
 
 class ReadModel(nn.Module):
@@ -289,9 +297,9 @@ class ReadModel(nn.Module):
         self.spec, self.members = spec, members
         # The heads are drawn first, as they always were, so that a seed still gives the weights it gave.
         starts = {name: build_head(spec.d_model, outputs, rows) for name, (outputs, rows) in tasks.items()}
-        self.encoder = ReadStack(members, spec.n_layers, spec.d_model, spec.width, spec.heads, spec.cell,
-                                 spec.recurrence, output=not spec.n_decoder_layers)
-        self.decoder = (ReadStack(members, spec.n_decoder_layers, spec.d_model, spec.width, spec.heads,
+        self.encoder = ReadStack(members, spec.n_layers, spec.projection or spec.d_model, spec.d_model, spec.width,
+                                 spec.heads, spec.cell, spec.recurrence, output=not spec.n_decoder_layers)
+        self.decoder = (ReadStack(members, spec.n_decoder_layers, spec.d_model, spec.d_model, spec.width, spec.heads,
                                   spec.cell, spec.recurrence) if spec.n_decoder_layers else None)
         self.heads = nn.ModuleDict({name: Linear(members, spec.d_model, head.out_features, start=head)
                                     for name, head in starts.items()})
@@ -313,11 +321,13 @@ class ReadModel(nn.Module):
 
     def features(self, inputs: ReadInputs) -> torch.Tensor:
         """[M, B, d]: the corrected state each member's heads read."""
-        encoded, h_last = self.encoder(inputs.encoder_hidden, inputs.encoder_attention)  # [M, B, L, d], [M, B, L, r]
+        correction, h_last = self.encoder(inputs.encoder_hidden, inputs.encoder_attention)  # [M, B, L, d], [M, B, L, r]
         if self.decoder is None:
-            return self.dropout(pool(encoded, inputs.mask, self.spec.pooling))
-        decoded, _ = self.decoder(inputs.decoder_hidden, inputs.cross_attention, values=h_last)  # [M, B, 1, d]
-        return self.dropout(decoded[:, :, 0])
+            base = inputs.pooled if inputs.pooled is not None else pool(inputs.encoder_hidden[-1], inputs.mask,
+                                                                        self.spec.pooling)  # [B, d]
+            return self.dropout(base + pool(correction, inputs.mask, self.spec.pooling))
+        correction, _ = self.decoder(inputs.decoder_hidden, inputs.cross_attention, values=h_last)  # [M, B, 1, d]
+        return self.dropout(inputs.decoder_hidden[-1][:, 0] + correction[:, :, 0])
 
     def forward(self, inputs: ReadInputs, task: str) -> torch.Tensor:
         """[M, B, C] outputs of one task's heads."""

@@ -14,7 +14,7 @@ from cache_store.format import differences
 
 # What one READ network's inputs depend on: caches that differ here cannot share a network.
 MUST_AGREE = ("backbone", "tokenizer", "format_version", "layers", "attention", "attention_topk", "storage_dtype",
-              "quantize")
+              "quantize", "projection")
 SAMPLING = ("proportional", "temperature")
 
 
@@ -62,7 +62,8 @@ def check_compatible(caches: list) -> None:
             shown = "; ".join(d.replace("cache has", "it has").replace("asked for", f"{first.path} has")
                               for d in found[:4])
             raise CacheError(f"{cache.path} cannot share a READ network with {first.path}: {shown}. Cache every "
-                             "task with the same --model, --init, --attention, --layers, --dtype and --quantize")
+                             "task with the same --model, --init, --attention, --layers, --dtype and --quantize, and without "
+                             "--project (each cache fits its own basis)")
 
 
 def task_weights(sizes: dict[str, int], sampling: str, temperature: float) -> dict[str, float]:

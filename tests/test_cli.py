@@ -61,6 +61,8 @@ def test_existing_cache_is_refused_untouched(tiny_t5, glue_dir, tmp_path):
     (["--attention", "sparse"], "--attention must be one of"),
     (["--quantize", "weights"], "--quantize takes"),
     (["--attention", "none", "--quantize", "attention"], "needs attention maps"),
+    (["--project", "-1"], "--project must be"),
+    (["--project", "33"], "--project K must lie in 1..32"),
 ])
 def test_bad_storage_options_are_one_line_errors(tiny_t5, glue_dir, tmp_path, extra, message):
     result = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path, *extra))
@@ -68,8 +70,9 @@ def test_bad_storage_options_are_one_line_errors(tiny_t5, glue_dir, tmp_path, ex
     assert not (tmp_path / tiny_t5.name / "rte" / "train").exists()
 
 
-def test_sigkill_mid_split_then_resume_equals_uninterrupted(tiny_t5, glue_dir, tmp_path):
-    args = cache_args(tiny_t5, glue_dir, "OUT", "--shard-mb", "0.02", "--splits", "train,validation")
+@pytest.mark.parametrize("storage", [[], ["--project", "8", "--quantize", "hidden"]], ids=["v1", "projected"])
+def test_sigkill_mid_split_then_resume_equals_uninterrupted(tiny_t5, glue_dir, tmp_path, storage):
+    args = cache_args(tiny_t5, glue_dir, "OUT", "--shard-mb", "0.02", "--splits", "train,validation", *storage)
     command = [sys.executable, "-m", "pipeline.cli", *args]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 

@@ -13,7 +13,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from cache_store import CacheReader
+from cache_store import CacheError, CacheReader
 from cache_store.cli import main as inspect_main
 from cache_store.format import (
     MANIFEST_KEY, dequantize_probabilities, dequantize_rows, quantize_probabilities, quantize_rows,
@@ -24,6 +24,8 @@ from pipeline.splits import make_splits
 from pipeline.tasks import get_task
 from side_train.config import RunConfig
 from side_train.data import InMemorySplit, read_spec
+from side_train.devices import inputs_to
+from side_train.read_model import ReadModel
 from side_train.predict import load_checkpoint, predict
 from side_train.train import train
 
@@ -56,7 +58,8 @@ def test_uint8_attention_keeps_every_row_sum_and_each_entry_within_one_unit():
 
 
 STORAGE = {"float32": {}, "quantized": {"quantize": ("attention", "hidden")}, "topk": {"attention": "topk:3"},
-           "topk-quantized": {"attention": "topk:3", "quantize": ("attention", "hidden")}}
+           "topk-quantized": {"attention": "topk:3", "quantize": ("attention", "hidden")},
+           "projected": {"project": 6, "attention": "topk:3", "quantize": ("attention", "hidden")}}
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +97,12 @@ def test_a_quantized_cache_stores_what_the_bounds_promise(pair):
 
 @pytest.mark.parametrize("storage", list(STORAGE))
 def test_training_and_prediction_read_a_cache_the_same_way(caches, storage, tiny_t5, glue_dir, tmp_path):
-    packed = caches[storage]
-    (result,) = train([packed.path], [RunConfig(width=6, lr=3e-3, epochs=2, batch_size=4)], tmp_path,
+    _train_then_predict(caches[storage].path, tiny_t5, glue_dir, tmp_path)
+
+
+def _train_then_predict(cache, model, glue_dir, tmp_path):
+    """Train READ on a cache, then predict-side on its test rows equals training's test predictions."""
+    (result,) = train([cache], [RunConfig(width=6, lr=3e-3, epochs=2, batch_size=4)], tmp_path,
                       progress=False, log=lambda line: None)
     assert result["status"] == "ok" and result["best_validation"] is not None
     run = tmp_path / result["name"]
@@ -103,7 +110,8 @@ def test_training_and_prediction_read_a_cache_the_same_way(caches, storage, tiny
     task = get_task("rte")
     _, splits = make_splits(task.name, load_source_splits(task, glue_dir), 0)
     rows = [{f: row[f] for f in task.fields} for row in splits["test"].rows[:LIMIT]]
-    out = list(predict(checkpoint, Predictor(str(tiny_t5), checkpoint.manifest), rows, progress=False))
+    predictor = Predictor(str(model), checkpoint.manifest, projection=checkpoint.projection)
+    out = list(predict(checkpoint, predictor, rows, progress=False))
     recorded = {r["example_index"]: r for r in map(json.loads, (run / "test_predictions.jsonl").open())}
     for record, index in zip(out, splits["test"].example_index[:LIMIT].tolist()):
         assert record["predictions"]["rte"]["probabilities"] == recorded[index]["probabilities"]  # bit for bit
@@ -141,3 +149,77 @@ def test_topk_keeps_each_rows_largest_entries_renormalised(caches):
         reference = torch.zeros_like(full).scatter_(-1, keys, values / values.sum(-1, keepdim=True).clamp_min(1e-30))
         torch.testing.assert_close(top, reference * rows)
         torch.testing.assert_close(top.sum(-1), rows.squeeze(-1).expand_as(top.sum(-1)).float())
+
+
+@pytest.fixture(scope="module")
+def projected(tiny_bert, make_cache):
+    """tiny_bert (d=32) cached at full width in float32, and projected to 8 and to all 32 dimensions."""
+    make = lambda **o: CacheReader(make_cache(tiny_bert, task="rte", limit=LIMIT, dtype="float32",  # noqa: E731
+                                              splits=ALL_SPLITS, **o))
+    return make(), make(project=8), make(project=32)
+
+
+def test_projection_stores_pca_coordinates_and_full_width_pooled_states(projected):
+    exact, narrow, full = projected
+    a = exact.split("train")
+    for cache, k in ((narrow, 8), (full, 32)):
+        assert cache.manifest["projection"]["k"] == k and cache.manifest["projection"]["sample"]["examples"] == LIMIT
+        basis_arrays = cache.projection_arrays()
+        b = cache.split("train")
+        for layer in (0, 1, 2):
+            mean, basis = (torch.from_numpy(basis_arrays[f"projection/{kind}/{layer}"]) for kind in ("mean", "basis"))
+            assert basis.shape == (k, 32)
+            torch.testing.assert_close(basis @ basis.T, torch.eye(k), atol=1e-5, rtol=0)  # orthonormal rows
+            h, z = a.load(f"encoder/hidden/{layer}"), b.load(f"encoder/hidden/{layer}")
+            torch.testing.assert_close(z, (h - mean) @ basis.T, atol=1e-4, rtol=1e-4)
+            centred = h - h.mean(0)  # the basis was fitted on these very tokens (all 12 train examples)
+            kept = float(((centred @ basis.T) ** 2).sum() / (centred**2).sum())
+            assert kept == pytest.approx(cache.manifest["projection"]["explained_variance"][str(layer)], abs=1e-4)
+            axes = float((centred[:, :k] ** 2).sum() / (centred**2).sum())  # any other K directions keep less
+            assert kept >= axes - 1e-5 and (k < 32 or kept == pytest.approx(1, abs=1e-4))
+            if k == 32:  # a full basis loses nothing
+                torch.testing.assert_close(mean + z @ basis, h, atol=1e-4, rtol=1e-4)
+        final = a.load("encoder/hidden/2")
+        starts = a.offsets
+        means = torch.stack([final[starts[j]:starts[j + 1]].mean(0) for j in range(a.n_examples)])
+        torch.testing.assert_close(b.load("encoder/pooled_mean/2"), means, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.load("encoder/pooled_first/2"), final[torch.from_numpy(starts[:-1])])
+    variance = narrow.manifest["projection"]["explained_variance"]
+    assert set(variance) == {"0", "1", "2"} and all(0 < v <= 1 for v in variance.values())
+
+
+@pytest.mark.parametrize("pooling", ["mean", "first"])
+def test_a_fresh_read_network_reads_a_projected_cache_as_the_full_one(projected, pooling):
+    exact, narrow, _ = projected
+    spec = read_spec(exact, 6, "gru", pooling=pooling)
+    narrow_spec = read_spec(narrow, 6, "gru", pooling=pooling)
+    assert narrow_spec.projection == 8 and spec.projection == 0
+    torch.manual_seed(0)
+    full_model = ReadModel(spec, {"rte": (2, None)})
+    torch.manual_seed(0)
+    narrow_model = ReadModel(narrow_spec, {"rte": (2, None)})
+    assert narrow_model.encoder.layers[0].down.weight.shape[-1] == 8 + 6  # Down reads the K coordinates
+    index = torch.arange(exact.split("test").n_examples)
+    full = inputs_to(InMemorySplit(exact.split("test"), spec).batch(index).inputs, torch.device("cpu"))
+    small = inputs_to(InMemorySplit(narrow.split("test"), narrow_spec).batch(index).inputs, torch.device("cpu"))
+    assert small.encoder_hidden[0].shape[-1] == 8 and small.pooled.shape == (len(index), 32)
+    with torch.no_grad():  # Up starts at zero: the heads read the backbone's pooled state either way
+        torch.testing.assert_close(narrow_model.features(small), full_model.features(full), atol=1e-5, rtol=1e-5)
+
+
+def test_a_projected_bert_checkpoint_predicts_what_training_recorded(tiny_bert, make_cache, glue_dir, tmp_path):
+    cache = make_cache(tiny_bert, task="rte", limit=LIMIT, splits=ALL_SPLITS, project=8, quantize=("hidden",))
+    assert "encoder/pooled_mean_scale/2" in CacheReader(cache).split("train").array_paths()
+    _train_then_predict(cache, tiny_bert, glue_dir, tmp_path)
+    run = next(p for p in tmp_path.iterdir() if (p / "model.safetensors").is_file())
+    assert (run / "projection.safetensors").is_file()
+    with pytest.raises(Exception, match="projection.safetensors"):
+        (run / "projection.safetensors").unlink()
+        load_checkpoint(run)
+
+
+def test_multi_task_refuses_caches_with_their_own_bases(tiny_bert, make_cache, tmp_path):
+    rte = make_cache(tiny_bert, task="rte", limit=LIMIT, project=8)
+    mrpc = make_cache(tiny_bert, task="mrpc", limit=LIMIT, project=8)
+    with pytest.raises(CacheError, match="projection"):
+        train([rte, mrpc], [RunConfig(width=6, epochs=1, batch_size=4)], tmp_path, progress=False, log=lambda line: None)
