@@ -7,6 +7,8 @@ One zarr v3 group per (backbone, task), readable with plain `zarr`:
       label_head                      float32 [C, d]  T5 LM-head rows of the label words (scaled as T5
                                                       scales its decoder output), so that
                                                       logits = decoder/hidden/N_dec @ label_head.T
+      projection/mean/{k}             float32 [d]     --project K only: encoder layer k's PCA mean ...
+      projection/basis/{k}            float32 [K, d]  ... and basis (orthonormal rows, largest variance first)
       <split>/                        train | validation | test
                                       attrs: complete, n_examples, committed, source, checksums
         offsets                       int64 [n + 1]   example j owns tokens offsets[j]:offsets[j+1]
@@ -15,10 +17,18 @@ One zarr v3 group per (backbone, task), readable with plain `zarr`:
         labels                        int64 [n]       class index (float32 for regression)
         example_index                 int64 [n]       row in the source split (provenance)
         encoder/hidden/{k}            [T, d]          k in the stored layers of 0..N; 0 = embeddings,
-                                                      N = final layer-normed output
+                                                      N = final layer-normed output ([T, K] with --project K)
         encoder/hidden_scale/{k}      float32 [T]     --quantize hidden only: one scale per token
+        encoder/pooled_{p}/{N}        [n, d]          --project, encoder-only backbones: the final layer's
+                                                      mean over real tokens (p = mean) and first token
+                                                      (p = first), full width; with --quantize hidden
+                                                      int8 beside encoder/pooled_{p}_scale/{N} [n]
         encoder/attention/{k}         [A, S] | [S]    k >= 1; S = sum of m_j^2: example j's [A, m, m]
                                                       block, row-major (heads mode; [S] = head mean)
+                                      [A, P]          --attention topk:K: P = sum of m_j * min(K, m_j),
+                                                      example j's m query rows of min(K, m) entries each
+        encoder/attention_keys/{k}    uint8 [A, P]    --attention topk:K only: each entry's key position
+                                                      (int16 when max_length > 256)
         decoder/hidden/{k}            [n, d]          T5 only: the single start position, k in 0..N_dec
         decoder/hidden_scale/{k}      float32 [n]     T5, --quantize hidden only
         decoder/cross_attention/{k}   [A, T] | [T]    T5 only: start position over the encoder tokens
@@ -35,6 +45,12 @@ uint16, array attr `logical_dtype: bfloat16`), float16 or float32. Version 2 add
   - `attention` quantized (self and cross): `logical_dtype: uint8`; probability = uint8 / 255, each
     entry rounded down or up and each query row's units summing to round(255 * the row's sum), so a row
     still sums to 1 (format.quantize_probabilities).
+  - top-k attention (manifest `attention_topk`: {k, residual: renormalised}): each query row's K
+    largest entries per head, divided by their sum, in key order; the row's dense map has entry
+    attention[a, p] at key attention_keys[a, p] and 0 elsewhere.
+  - projected hidden states (manifest `projection`: {k, method: pca, sample, explained_variance per
+    layer, digest of the basis arrays}): hidden state ~ projection/mean/{k} + stored @ projection/basis/{k}
+    (after the int8 scale, if quantized); what lies outside the basis's span is not stored.
 Each array grows along one ragged axis (attr `grows_along`: tokens | pairs | examples, at attr `axis`)
 and is sharded along it into inner chunks of about 1 MiB, each compressed (blosc lz4 with bit shuffle) and carrying a crc32c
 that zarr checks on every read. Shards of the largest array hold about `storage.shard_bytes`
@@ -45,7 +61,8 @@ attrs hold an xxh3-128 digest of every shard's content; the manifest one digest 
 Manifest (attrs["read_cache"]): format_version, package_version, created_at, complete, backbone
 (name, family, revision, config_hash, init, init_seed, sizes), tokenizer (name, vocab_size, hash),
 task (name, version, template, label_words, metric), split_protocol (name, seed, sources), max_length,
-storage_dtype, quantize (v2), attention (heads | mean | none), layers (encoder, decoder), splits
+storage_dtype, quantize (v2), attention (heads | mean | none), attention_topk (v2), projection (v2),
+layers (encoder, decoder), splits
 (per-split counts), storage (compressor, shard and chunk sizes), checksums.
 
 Crash safety. Tokens, labels and offsets are written when a split is created; backbone arrays are

@@ -9,7 +9,7 @@ import click
 import numpy as np
 
 from .errors import UserError
-from .format import MANIFEST_KEY, QUANTIZED, shard_files, stored_topk
+from .format import MANIFEST_KEY, QUANTIZED, shard_files, stored_projection, stored_topk
 from .reader import CacheReader
 from .commands import OneLineCommand
 
@@ -61,6 +61,8 @@ def main(cache: Path, verify: bool, as_json: bool):
     click.echo(f"storage      {m['storage_dtype']}" + (f" ({quantized})" if quantized else "")
                + f", attention {m['attention']}"
                + (f" top-{stored_topk(m)} per row ({m['attention_topk']['residual']})" if stored_topk(m) else "")
+               + (f", encoder hidden states projected to {stored_projection(m)} PCA dimensions"
+                  if stored_projection(m) else "")
                + f", layers enc {m['layers']['encoder']} "
                f"dec {m['layers']['decoder']}, {m['storage']['compressor']['cname']} shards "
                f"{m['storage']['shard_bytes'] / 2**20:g} MiB")

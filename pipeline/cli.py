@@ -40,6 +40,7 @@ def _int_list(value: str, name: str) -> tuple[int, ...] | None:
 @field_option(CacheConfig, "attention", metavar="heads|mean|none|topk:K")
 @field_option(CacheConfig, "quantize", default="")
 @field_option(CacheConfig, "project", type=int)
+@field_option(CacheConfig, "project_from", type=click.Path(path_type=Path))
 @field_option(CacheConfig, "layers", default="all")
 @field_option(CacheConfig, "limit", type=int)
 @field_option(CacheConfig, "device")
@@ -48,7 +49,7 @@ def _int_list(value: str, name: str) -> tuple[int, ...] | None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(task, model, name, init, seed, data_dir, out, splits, batch_size, max_length, dtype, attention, quantize, project,
-         layers, limit, device, shard_mb, resume, overwrite, quiet):
+         project_from, layers, limit, device, shard_mb, resume, overwrite, quiet):
     """Run a frozen backbone once over every split of a GLUE task and cache its activations."""
     from .job import run  # heavy imports (torch, transformers) only once the arguments are fine
     from cache_store.runtime import keep_freed_memory
@@ -61,7 +62,7 @@ def main(task, model, name, init, seed, data_dir, out, splits, batch_size, max_l
         config = CacheConfig(
             task=task, model=model, name=name, init=init, seed=seed, data_dir=data_dir, out=out,
             splits=tuple(s for s in splits.split(",") if s), batch_size=batch_size, max_length=max_length,
-            dtype=dtype, attention=attention, quantize=tuple(sorted({k for k in quantize.split(",") if k})), project=project,
+            dtype=dtype, attention=attention, quantize=tuple(sorted({k for k in quantize.split(",") if k})), project=project, project_from=project_from,
             layers=_int_list(layers, "--layers"), limit=limit, device=device,
             mode="resume" if resume else "overwrite" if overwrite else "new", shard_mb=shard_mb,
         )

@@ -41,6 +41,9 @@ class CacheConfig:
     project: int = documented(0, "Store each encoder layer's hidden states as K coordinates in a PCA basis fitted "
                                  "on up to 1024 train examples (kept in the cache), and the final layer's pooled "
                                  "states at full width; 0: full width.")
+    project_from: Path | None = documented(None, "Reuse the --project basis of this cache (same backbone and K) "
+                                                 "instead of fitting one: caches that share a basis can train "
+                                                 "one multi-task READ network.")
     layers: tuple[int, ...] | None = documented(None, "Stored layer indices, encoder and decoder: 'all' or "
                                                       "comma-separated integers.")
     limit: int | None = documented(None, "Keep at most N examples of each split.")
@@ -63,6 +66,7 @@ class CacheConfig:
             ("attention" not in self.quantize or self.attention != "none",
              "--quantize attention needs attention maps (--attention heads or mean)"),
             (self.project >= 0, f"--project must be a positive number of dimensions (0: none), got {self.project}"),
+            (self.project_from is None or self.project > 0, "--project-from needs --project K"),
             (bool(self.splits) and set(self.splits) <= set(SPLITS), f"--splits must be drawn from {', '.join(SPLITS)}"),
             (self.limit is None or self.limit > 0, f"--limit must be positive, got {self.limit}"),
             (self.layers is None or (bool(self.layers) and min(self.layers) >= 0),

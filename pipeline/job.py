@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cache_store import (
-    ArraySpec, BackgroundWriter, CacheReader, CacheWriter, SplitPlan, attention_path, cross_attention_path, hidden_path,
+    ArraySpec, BackgroundWriter, CacheError, CacheReader, CacheWriter, SplitPlan, attention_path, cross_attention_path, hidden_path,
 )
 from cache_store.format import (
     ARRAY_DTYPES, EXAMPLES, PAIRS, POOLINGS, QUANTIZED, STORAGE_DTYPES, TOKENS, TOPK, attention_keys_path,
@@ -262,14 +262,31 @@ def prepare(config: CacheConfig, progress: bool = True) -> Prepared:
     plans = {name: plan(name) for name in config.splits}
     projection = None
     if config.project:  # fitted before anything is written; a resumed cache keeps the basis it has
-        projection = resumed_projection(config) or fit(
+        projection = resumed_projection(config) or shared_projection(config, backbone) or fit(
             backbone, plans["train"] if "train" in plans else plan("train"),
-            layers["encoder"], config.project, config.batch_size, config.seed, progress)
+            layers["encoder"], config.project, config.batch_size, config.seed, progress, task.name)
     head = backbone.label_head(task)
     manifest = build_manifest(config, backbone, task, protocol, plans, layers, head[0] if head else None, projection)
     specs = array_specs(backbone, config.attention_mode, layers, config.quantize, config.topk, config.max_length,
                         config.project)
     return Prepared(task, backbone, plans, specs, manifest, head[1] if head else None, projection)
+
+
+def shared_projection(config: CacheConfig, backbone: Backbone) -> Projection | None:
+    """--project-from CACHE: that cache's basis, when it is of this backbone and this K."""
+    if config.project_from is None:
+        return None
+    try:
+        reader = CacheReader(config.project_from)
+    except CacheError as exc:
+        raise InputError(f"--project-from: {exc}") from None
+    arrays, theirs = reader.projection_arrays(), reader.manifest["backbone"]
+    if arrays is None or stored_projection(reader.manifest) != config.project:
+        raise InputError(f"--project-from {config.project_from} has no --project {config.project} basis "
+                         f"(it has {stored_projection(reader.manifest) or 'none'})")
+    if theirs["config_hash"] != backbone.describe()["config_hash"] or theirs["init"] != config.init:
+        raise InputError(f"--project-from {config.project_from} was made from another backbone ({theirs['name']})")
+    return Projection.from_arrays(arrays, reader.manifest["projection"])
 
 
 def resumed_projection(config: CacheConfig) -> Projection | None:

@@ -70,9 +70,9 @@ class Projection:
 
 @torch.inference_mode()
 def fit(backbone: Backbone, plan: SplitPlan, layers: list[int], k: int, batch_size: int, seed: int,
-        progress: bool = True) -> Projection:
-    """PCA of each layer's hidden states over the real tokens of up to SAMPLE_EXAMPLES train examples,
-    drawn with `seed`; moments are summed in float64."""
+        progress: bool = True, plan_task: str | None = None) -> Projection:
+    """PCA of each layer's hidden states over the real tokens of up to SAMPLE_EXAMPLES train examples
+    (of task `plan_task`), drawn with `seed`; moments are summed in float64."""
     d = backbone.d_model
     if not 0 < k <= d:
         raise InputError(f"--project K must lie in 1..{d} (the backbone's width), got {k}")
@@ -99,5 +99,5 @@ def fit(backbone: Backbone, plan: SplitPlan, layers: list[int], k: int, batch_si
         top *= torch.sign(top.gather(1, top.abs().argmax(1, keepdim=True)))
         mean[layer], basis[layer] = mu.float().numpy(), top.float().contiguous().numpy()
         explained[layer] = float(variances[-k:].sum() / variances.clamp_min(0).sum())
-    return Projection(mean, basis, explained,
-                      {"split": "train", "examples": len(index), "tokens": tokens, "seed": seed})
+    return Projection(mean, basis, explained, {"task": plan_task, "split": "train", "examples": len(index),
+                                               "tokens": tokens, "seed": seed})

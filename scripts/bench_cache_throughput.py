@@ -6,6 +6,9 @@ the compressed, sharded cache on its background thread. Rounds alternate to spre
 
     python scripts/bench_cache_throughput.py --model ../shared/data/t5/t5-small --init random \
         --data-dir ../shared/data/glue --task rte --split validation --limit 128
+
+Compact storage choices take cache-activations' options (--quantize, --attention topk:K, --project K);
+the basis of --project is fitted before the rounds, untimed, as cache-activations fits it before writing.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from pipeline.config import CacheConfig
 from pipeline.glue_data import load_source_splits
 from cache_store.runtime import keep_freed_memory
 from pipeline.job import _cache_split, array_specs, build_manifest, pad_batch, plan_split, stored_layers
+from pipeline.projection import fit
 from pipeline.splits import Split, make_splits
 from pipeline.tasks import get_task
 
@@ -52,40 +56,45 @@ def bare_forward(backbone, plan, batch_size, attentions, order=None) -> float:
 @click.option("--batch-size", type=int, default=32)
 @click.option("--attention", default="heads")
 @click.option("--dtype", default="bfloat16")
+@click.option("--quantize", default="", help="cache-activations --quantize, e.g. attention,hidden")
+@click.option("--project", type=int, default=0, help="cache-activations --project K")
 @click.option("--rounds", type=int, default=5)
 @click.option("--shard-mb", type=float, default=64.0)
 @click.option("--device", default="auto")
 @click.option("--default-malloc", is_flag=True, help="Leave glibc's allocator as it is (see pipeline.runtime).")
-def main(model, init, data_dir, task, split, limit, batch_size, attention, dtype, rounds, shard_mb, device, default_malloc):
+def main(model, init, data_dir, task, split, limit, batch_size, attention, dtype, quantize, project, rounds, shard_mb,
+         device, default_malloc):
     if not default_malloc:
         keep_freed_memory()
     out = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     config = CacheConfig(task=task, model=model, init=init, data_dir=data_dir, out=out, splits=(split,),
                          batch_size=batch_size, dtype=dtype, attention=attention, limit=limit, device=device,
-                         shard_mb=shard_mb)
+                         shard_mb=shard_mb, quantize=tuple(sorted(k for k in quantize.split(",") if k)), project=project)
     spec = get_task(task)
     protocol, splits = make_splits(task, load_source_splits(spec, data_dir), 0)
     chosen = splits[split]
     chosen = Split(chosen.name, chosen.source, chosen.rows[:limit], chosen.example_index[:limit])
-    backbone = load_backbone(model, init, 0, device, attentions=attention != "none")
+    attentions = config.attention_mode != "none"
+    backbone = load_backbone(model, init, 0, device, attentions=attentions)
     plan = plan_split(backbone, spec, chosen, config.max_length)
     layers = stored_layers(backbone, None)
-    specs = array_specs(backbone, attention, layers)
-    attentions = attention != "none"
+    specs = array_specs(backbone, config.attention_mode, layers, config.quantize, config.topk, config.max_length, project)
+    projection = fit(backbone, plan, layers["encoder"], project, batch_size, 0, False) if project else None
+    on_device = projection.on(backbone.device) if projection else None
     print(f"{backbone.name}: {backbone.n_layers}+{backbone.n_decoder_layers} layers, d={backbone.d_model}, "
           f"{sum(p.numel() for p in backbone.model.parameters()) / 1e6:.1f}M params, device {backbone.device}, "
           f"torch threads {torch.get_num_threads()}")
     print(f"{plan.n_examples} {task}/{split} examples, {int(plan.lengths.sum())} tokens, batch {batch_size}, "
-          f"attention {attention}, dtype {dtype}")
+          f"attention {attention}, dtype {dtype}, quantize {quantize or 'none'}, project {project or 'none'}")
     bare_forward(backbone, plan, batch_size, attentions)  # warm-up
     bare, cached, disk = [], [], 0
     for r in range(rounds):
         bare.append(bare_forward(backbone, plan, batch_size, attentions))
         round_config = CacheConfig(**{**config.__dict__, "out": out / f"round{r}"})
-        manifest = build_manifest(round_config, backbone, spec, protocol, {split: plan}, layers, None)
+        manifest = build_manifest(round_config, backbone, spec, protocol, {split: plan}, layers, None, projection)
         writer = CacheWriter(round_config.cache_dir, manifest, "new", shard_bytes=config.shard_bytes)
         began = time.perf_counter()
-        report = _cache_split(writer, backbone, split, plan, specs, round_config, progress=False)
+        report = _cache_split(writer, backbone, split, plan, specs, round_config, progress=False, projection=on_device)
         cached.append(time.perf_counter() - began)
         disk = report.disk_bytes
         logical = report.logical_bytes

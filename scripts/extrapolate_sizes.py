@@ -24,12 +24,16 @@ BACKBONES = {  # d_model, encoder and decoder layers, heads
     "t5-large": (1024, 24, 24, 16),
 }
 # storage choice -> (bytes per hidden value, per attention value, per key position, keys kept per query
-# row: None = all m). Cross-attention (one row per example) stays dense.
+# row: None = all m, encoder hidden width: None = d with no projection). Cross-attention (one row per
+# example) stays dense; T5's decoder states (one per example) stay full width.
 CHOICES = {
-    "bf16 (v1)": (2, 2, 0, None),
-    "int8 hidden + uint8 attention": (1, 1, 0, None),
-    "int8 hidden + top-16 uint8 attention": (1, 1, 1, 16),
-    "int8 hidden + top-8 uint8 attention": (1, 1, 1, 8),
+    "bf16 (v1)": (2, 2, 0, None, None),
+    "int8 hidden + uint8 attention": (1, 1, 0, None, None),
+    "int8 hidden + top-16 uint8 attention": (1, 1, 1, 16, None),
+    "int8 hidden + top-8 uint8 attention": (1, 1, 1, 8, None),
+    "project 64 + int8 hidden + top-8 uint8 attention": (1, 1, 1, 8, 64),
+    "project 32 + int8 hidden + top-8 uint8 attention": (1, 1, 1, 8, 32),
+    "project 32 + int8 hidden + top-4 uint8 attention": (1, 1, 1, 4, 32),
 }
 SCALE_BYTES = 4  # float32 per token and layer with int8 hidden states
 
@@ -53,10 +57,10 @@ def lengths(tokenizer_path: str, glue: Path, task: str, max_length: int = 128) -
 
 def bytes_per_example(m: np.ndarray, backbone: str, choice: str) -> float:
     d, n_enc, n_dec, heads = BACKBONES[backbone]
-    hidden, value, key, kept = CHOICES[choice]
+    hidden, value, key, kept, project = CHOICES[choice]
     keys = m if kept is None else np.minimum(kept, m)
     scale = SCALE_BYTES if hidden == 1 else 0
-    encoder = (n_enc + 1) * m * (d * hidden + scale) + n_enc * heads * m * keys * (value + key)
+    encoder = (n_enc + 1) * m * ((project or d) * hidden + scale) + n_enc * heads * m * keys * (value + key)
     decoder = (n_dec + 1) * (d * hidden + scale) + n_dec * heads * m * value  # cross-attention: one row
     return float(np.mean(encoder + decoder))
 

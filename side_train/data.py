@@ -10,7 +10,8 @@ import torch
 
 from cache_store import CacheError, CacheReader, SplitReader, attention_path, cross_attention_path, hidden_path
 from cache_store.format import (
-    TOPK, attention_keys_path, dequantize_probabilities, extent, pooled_path, scale_path, stored_projection, stored_topk,
+    POOLINGS, TOPK, attention_keys_path, dequantize_probabilities, extent, pooled_path, scale_path, stored_projection,
+    stored_topk,
 )
 
 from .read_model import ReadInputs, ReadSpec
@@ -41,7 +42,8 @@ def array_paths(spec: ReadSpec, manifest: dict) -> list[str]:
     attention = manifest["attention"] != "none"
     hidden = [hidden_path("encoder", k) for k in range(1, spec.n_layers + 1)]
     hidden += [hidden_path("decoder", k) for k in range(1, spec.n_decoder_layers + 1)]
-    hidden += [pooled_path(spec.pooling, spec.n_layers)] if spec.projection and not spec.n_decoder_layers else []
+    # both pooled states: a sweep's runs may pool differently, and they are small (one row per example)
+    hidden += [pooled_path(p, spec.n_layers) for p in POOLINGS] if spec.projection and not spec.n_decoder_layers else []
     paths = hidden + ([scale_path(p) for p in hidden] if "hidden" in manifest.get("quantize", ()) else [])
     paths += [attention_path(k) for k in range(1, spec.n_layers + 1)] if attention else []
     paths += [attention_keys_path(k) for k in range(1, spec.n_layers + 1)] if stored_topk(manifest) else []
@@ -135,7 +137,6 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
         return (flat.view(tokens.shape) * mask).unsqueeze(1)
 
     n, n_dec = spec.n_layers, spec.n_decoder_layers
-    pooled = pooled_path(spec.pooling, n)
     return ReadInputs(
         mask=mask,
         encoder_hidden=[tokens_of(hidden_path("encoder", k)) for k in range(1, n + 1)],
@@ -143,7 +144,7 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
         decoder_hidden=[examples_of(hidden_path("decoder", k)) for k in range(1, n_dec + 1)],
         cross_attention=([cross_of(cross_attention_path(k)) for k in range(1, n_dec + 1)]
                          if attention and n_dec else None),
-        pooled=rows_of(pooled) if pooled in arrays else None,
+        pooled={p: rows_of(pooled_path(p, n)) for p in POOLINGS if pooled_path(p, n) in arrays} or None,
     )
 
 

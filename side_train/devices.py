@@ -19,7 +19,7 @@ def inputs_to(inputs: ReadInputs, device: torch.device) -> ReadInputs:
     hidden = lambda xs: [dequantize_rows(move(x.values), move(x.scale)) if isinstance(x, QuantizedRows)  # noqa: E731
                          else move(x) for x in xs]
     maps = lambda xs: None if xs is None else [move(x) for x in xs]  # noqa: E731
-    pooled = None if inputs.pooled is None else hidden([inputs.pooled])[0]
+    pooled = None if inputs.pooled is None else {p: hidden([x])[0] for p, x in inputs.pooled.items()}
     return ReadInputs(move(inputs.mask), hidden(inputs.encoder_hidden), maps(inputs.encoder_attention),
                       hidden(inputs.decoder_hidden), maps(inputs.cross_attention), pooled)
 

@@ -81,7 +81,7 @@ class ReadInputs:
     encoder_attention: list[torch.Tensor] | None  # sigma_1..sigma_N, [B, A, L, L] or [B, L, L]
     decoder_hidden: list[torch.Tensor]  # T5: phi_1..phi_Ndec at the start position, [B, 1, d]; [] otherwise
     cross_attention: list[torch.Tensor] | None  # T5: [B, A, 1, L] or [B, 1, L]
-    pooled: torch.Tensor | None = None  # projected caches, encoder-only: pool(phi_N) at full width, [B, d]
+    pooled: dict[str, torch.Tensor] | None = None  # projected caches, encoder-only: pooling -> pool(phi_N), [B, d]
 
 
 def pool(tokens: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -323,8 +323,8 @@ class ReadModel(nn.Module):
         """[M, B, d]: the corrected state each member's heads read."""
         correction, h_last = self.encoder(inputs.encoder_hidden, inputs.encoder_attention)  # [M, B, L, d], [M, B, L, r]
         if self.decoder is None:
-            base = inputs.pooled if inputs.pooled is not None else pool(inputs.encoder_hidden[-1], inputs.mask,
-                                                                        self.spec.pooling)  # [B, d]
+            base = inputs.pooled[self.spec.pooling] if inputs.pooled is not None else \
+                pool(inputs.encoder_hidden[-1], inputs.mask, self.spec.pooling)  # [B, d]
             return self.dropout(base + pool(correction, inputs.mask, self.spec.pooling))
         correction, _ = self.decoder(inputs.decoder_hidden, inputs.cross_attention, values=h_last)  # [M, B, 1, d]
         return self.dropout(inputs.decoder_hidden[-1][:, 0] + correction[:, :, 0])

@@ -62,8 +62,8 @@ def check_compatible(caches: list) -> None:
             shown = "; ".join(d.replace("cache has", "it has").replace("asked for", f"{first.path} has")
                               for d in found[:4])
             raise CacheError(f"{cache.path} cannot share a READ network with {first.path}: {shown}. Cache every "
-                             "task with the same --model, --init, --attention, --layers, --dtype and --quantize, and without "
-                             "--project (each cache fits its own basis)")
+                             "task with the same --model, --init, --attention, --layers, --dtype, --quantize and --project, "
+                             "one basis for all (--project-from the first task's cache)")
 
 
 def task_weights(sizes: dict[str, int], sampling: str, temperature: float) -> dict[str, float]:

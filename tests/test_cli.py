@@ -63,6 +63,8 @@ def test_existing_cache_is_refused_untouched(tiny_t5, glue_dir, tmp_path):
     (["--attention", "none", "--quantize", "attention"], "needs attention maps"),
     (["--project", "-1"], "--project must be"),
     (["--project", "33"], "--project K must lie in 1..32"),
+    (["--project-from", "nowhere"], "--project-from needs --project K"),
+    (["--project", "8", "--project-from", "nowhere"], "--project-from: no cache at nowhere"),
 ])
 def test_bad_storage_options_are_one_line_errors(tiny_t5, glue_dir, tmp_path, extra, message):
     result = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path, *extra))

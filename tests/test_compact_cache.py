@@ -18,6 +18,7 @@ from cache_store.cli import main as inspect_main
 from cache_store.format import (
     MANIFEST_KEY, dequantize_probabilities, dequantize_rows, quantize_probabilities, quantize_rows,
 )
+from pipeline.errors import InputError
 from pipeline.glue_data import load_source_splits
 from pipeline.live import Predictor
 from pipeline.splits import make_splits
@@ -186,6 +187,8 @@ def test_projection_stores_pca_coordinates_and_full_width_pooled_states(projecte
         torch.testing.assert_close(b.load("encoder/pooled_first/2"), final[torch.from_numpy(starts[:-1])])
     variance = narrow.manifest["projection"]["explained_variance"]
     assert set(variance) == {"0", "1", "2"} and all(0 < v <= 1 for v in variance.values())
+    shown = CliRunner().invoke(inspect_main, [str(narrow.path), "--verify"])
+    assert shown.exit_code == 0 and "projected to 8 PCA dimensions" in shown.output, shown.output
 
 
 @pytest.mark.parametrize("pooling", ["mean", "first"])
@@ -202,7 +205,7 @@ def test_a_fresh_read_network_reads_a_projected_cache_as_the_full_one(projected,
     index = torch.arange(exact.split("test").n_examples)
     full = inputs_to(InMemorySplit(exact.split("test"), spec).batch(index).inputs, torch.device("cpu"))
     small = inputs_to(InMemorySplit(narrow.split("test"), narrow_spec).batch(index).inputs, torch.device("cpu"))
-    assert small.encoder_hidden[0].shape[-1] == 8 and small.pooled.shape == (len(index), 32)
+    assert small.encoder_hidden[0].shape[-1] == 8 and small.pooled[pooling].shape == (len(index), 32)
     with torch.no_grad():  # Up starts at zero: the heads read the backbone's pooled state either way
         torch.testing.assert_close(narrow_model.features(small), full_model.features(full), atol=1e-5, rtol=1e-5)
 
@@ -218,8 +221,15 @@ def test_a_projected_bert_checkpoint_predicts_what_training_recorded(tiny_bert, 
         load_checkpoint(run)
 
 
-def test_multi_task_refuses_caches_with_their_own_bases(tiny_bert, make_cache, tmp_path):
+def test_multi_task_needs_one_basis_for_every_task(tiny_bert, make_cache, tmp_path):
     rte = make_cache(tiny_bert, task="rte", limit=LIMIT, project=8)
-    mrpc = make_cache(tiny_bert, task="mrpc", limit=LIMIT, project=8)
+    own = make_cache(tiny_bert, task="mrpc", limit=LIMIT, project=8)
+    config, quiet = [RunConfig(width=6, epochs=1, batch_size=4)], dict(progress=False, log=lambda line: None)
     with pytest.raises(CacheError, match="projection"):
-        train([rte, mrpc], [RunConfig(width=6, epochs=1, batch_size=4)], tmp_path, progress=False, log=lambda line: None)
+        train([rte, own], config, tmp_path / "own", **quiet)
+    shared = make_cache(tiny_bert, task="mrpc", limit=LIMIT, project=8, project_from=rte)
+    assert CacheReader(shared).manifest["projection"] == CacheReader(rte).manifest["projection"]
+    (result,) = train([rte, shared], config, tmp_path / "shared", **quiet)
+    assert result["status"] == "ok" and set(result["tasks"]) == {"rte", "mrpc"}
+    with pytest.raises(InputError, match="has no --project 4 basis"):
+        make_cache(tiny_bert, task="mrpc", limit=LIMIT, project=4, project_from=rte)
