@@ -38,7 +38,7 @@ def _int_list(value: str, name: str) -> tuple[int, ...] | None:
 @field_option(CacheConfig, "max_length", type=int)
 @field_option(CacheConfig, "dtype", type=click.Choice(list(STORAGE_DTYPES)))
 @field_option(CacheConfig, "attention", metavar="heads|mean|none|topk:K")
-@field_option(CacheConfig, "quantize", default="")
+@field_option(CacheConfig, "quantize", default="attention,hidden")
 @field_option(CacheConfig, "project", type=int)
 @field_option(CacheConfig, "project_from", type=click.Path(path_type=Path))
 @field_option(CacheConfig, "layers", default="all")
@@ -62,7 +62,7 @@ def main(task, model, name, init, seed, data_dir, out, splits, batch_size, max_l
         config = CacheConfig(
             task=task, model=model, name=name, init=init, seed=seed, data_dir=data_dir, out=out,
             splits=tuple(s for s in splits.split(",") if s), batch_size=batch_size, max_length=max_length,
-            dtype=dtype, attention=attention, quantize=tuple(sorted({k for k in quantize.split(",") if k})), project=project, project_from=project_from,
+            dtype=dtype, attention=attention, quantize=tuple(sorted({k for k in quantize.split(",") if k and k != "none"})), project=project, project_from=project_from,
             layers=_int_list(layers, "--layers"), limit=limit, device=device,
             mode="resume" if resume else "overwrite" if overwrite else "new", shard_mb=shard_mb,
         )

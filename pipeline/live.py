@@ -17,7 +17,7 @@ from cache_store.format import differences, from_storage, stored_projection, sto
 from cache_store.writer import SplitPlan
 
 from .backbones import Backbone, load_backbone
-from .config import CacheConfig
+from .config import LOSSLESS, CacheConfig
 from .errors import InputError
 from .job import Prepared, array_specs, extract, plan_split, prepare
 from .padding import pad_examples
@@ -78,7 +78,8 @@ class LiveSource:
 def open_online(model: str, task: str, data_dir=None, limit=None, init: str = "pretrained", seed: int = 0,
                 device: str = "auto", max_length: int = 128, attention: str = "heads") -> LiveSource:
     return LiveSource(CacheConfig(task=task, model=model, init=init, seed=seed, data_dir=data_dir, limit=limit,
-                                  device=device, max_length=max_length, attention=attention, dtype="float32"))
+                                  device=device, max_length=max_length, dtype="float32",
+                                  **{**LOSSLESS, "attention": attention}))
 
 
 class Predictor:

@@ -24,13 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-CHOICES = {
-    "bf16": [],
-    "int8-hidden": ["--quantize", "hidden"],
-    "uint8-attention": ["--quantize", "attention"],
-    "int8+uint8": ["--quantize", "attention,hidden"],
-    "top16+int8+uint8": ["--attention", "topk:16", "--quantize", "attention,hidden"],
-    "top8+int8+uint8": ["--attention", "topk:8", "--quantize", "attention,hidden"],
+LOSSLESS = ["--attention", "heads", "--quantize", "none", "--project", "0"]  # version 1's storage
+CHOICES = {  # each choice is given in full: cache-activations' defaults are one of them
+    "bf16": LOSSLESS,
+    "int8-hidden": [*LOSSLESS, "--quantize", "hidden"],
+    "uint8-attention": [*LOSSLESS, "--quantize", "attention"],
+    "int8+uint8": [*LOSSLESS, "--quantize", "attention,hidden"],
+    "top16+int8+uint8": [*LOSSLESS, "--attention", "topk:16", "--quantize", "attention,hidden"],
+    "top8+int8+uint8": [*LOSSLESS, "--attention", "topk:8", "--quantize", "attention,hidden"],
     "p64+top8+int8+uint8": ["--project", "64", "--attention", "topk:8", "--quantize", "attention,hidden"],
     "p32+top8+int8+uint8": ["--project", "32", "--attention", "topk:8", "--quantize", "attention,hidden"],
     "p32+top4+int8+uint8": ["--project", "32", "--attention", "topk:4", "--quantize", "attention,hidden"],

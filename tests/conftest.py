@@ -71,8 +71,9 @@ def tiny_bert(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def make_cache(glue_dir, tmp_path_factory):
     """make_cache(model, task=..., **CacheConfig options) -> the cache's folder, made once per session for
-    each distinct set of options and shared: a test that changes a cache makes its own."""
-    from pipeline.config import CacheConfig
+    each distinct set of options and shared: a test that changes a cache makes its own. Storage is
+    lossless (version 1's) unless the options say otherwise: tests compare against exact values."""
+    from pipeline.config import LOSSLESS, CacheConfig
     from pipeline.job import run
 
     made: dict[tuple, Path] = {}
@@ -80,7 +81,8 @@ def make_cache(glue_dir, tmp_path_factory):
     def make(model, **options) -> Path:
         key = (str(model), tuple(sorted(options.items())))
         if key not in made:
-            config = CacheConfig(model=str(model), data_dir=glue_dir, out=tmp_path_factory.mktemp("cache"), **options)
+            config = CacheConfig(model=str(model), data_dir=glue_dir, out=tmp_path_factory.mktemp("cache"),
+                                 **{**LOSSLESS, **options})
             run(config, progress=False)
             made[key] = config.cache_dir
         return made[key]
@@ -89,9 +91,13 @@ def make_cache(glue_dir, tmp_path_factory):
 
 
 def cache_args(model, glue_dir, out, *extra) -> list[str]:
-    """A small `cache-activations` command line (24 RTE rows, batches of 5)."""
+    """A small `cache-activations` command line (24 RTE rows, batches of 5), lossless storage unless `extra`
+    says otherwise (a later option wins)."""
     return ["--task", "rte", "--model", str(model), "--data-dir", str(glue_dir), "--out", str(out),
-            "--limit", "24", "--batch-size", "5", "--quiet", *extra]
+            "--limit", "24", "--batch-size", "5", "--quiet", *LOSSLESS_ARGS, *extra]
+
+
+LOSSLESS_ARGS = ["--attention", "heads", "--quantize", "none", "--project", "0"]
 
 
 def arrays_of(path: Path) -> dict:

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer, T5ForConditionalGeneration
 
 from cache_store import CacheReader
-from pipeline.config import CacheConfig
+from pipeline.config import LOSSLESS, CacheConfig
 from pipeline.glue_data import load_source_splits
 from pipeline.job import run
 from pipeline.tasks import get_task
@@ -30,7 +30,7 @@ def _close(cached, reference, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_t5_cache_equals_unpadded_forward(tiny_t5, glue_dir, tmp_path, dtype):
     config = CacheConfig(task="rte", model=str(tiny_t5), data_dir=glue_dir, out=tmp_path, limit=12,
-                         batch_size=5, dtype=dtype, splits=("validation",))
+                         batch_size=5, dtype=dtype, splits=("validation",), **LOSSLESS)
     run(config, progress=False)
     cache = CacheReader(config.cache_dir, expect={"storage_dtype": dtype, "task.name": "rte"})
     split = cache.split("validation")
@@ -63,7 +63,7 @@ def test_t5_cache_equals_unpadded_forward(tiny_t5, glue_dir, tmp_path, dtype):
 
 def test_t5_mean_attention_and_layer_subset(tiny_t5, glue_dir, tmp_path):
     config = CacheConfig(task="rte", model=str(tiny_t5), data_dir=glue_dir, out=tmp_path, limit=4,
-                         dtype="float32", attention="mean", layers=(0, 2), splits=("test",))
+                         dtype="float32", layers=(0, 2), splits=("test",), **{**LOSSLESS, "attention": "mean"})
     run(config, progress=False)
     split = CacheReader(config.cache_dir).split("test")
     assert split.array_paths() == ["decoder/cross_attention/2", "decoder/hidden/0", "decoder/hidden/2",
@@ -80,7 +80,7 @@ def test_t5_mean_attention_and_layer_subset(tiny_t5, glue_dir, tmp_path):
 
 def test_bert_cache_equals_unpadded_forward(tiny_bert, glue_dir, tmp_path):
     config = CacheConfig(task="mrpc", model=str(tiny_bert), data_dir=glue_dir, out=tmp_path, limit=6,
-                         batch_size=4, dtype="float32", splits=("test",))
+                         batch_size=4, dtype="float32", splits=("test",), **LOSSLESS)
     run(config, progress=False)
     cache = CacheReader(config.cache_dir, expect={"backbone.family": "bert"})
     assert cache.label_head() is None

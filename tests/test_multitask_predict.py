@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.config import CacheConfig
+from pipeline.config import LOSSLESS, CacheConfig
 from pipeline.glue_data import load_source_splits
 from pipeline.job import run as cache_run
 from pipeline.live import Predictor
@@ -52,7 +52,7 @@ def test_multi_task_sweep_writes_one_entry_per_task(multi_run):
 
 
 def test_caches_that_disagree_are_refused(caches, small_t5, glue_dir, tmp_path):
-    other = CacheConfig(task="mrpc", model=str(small_t5), data_dir=glue_dir, out=tmp_path, limit=8)
+    other = CacheConfig(task="mrpc", model=str(small_t5), data_dir=glue_dir, out=tmp_path, limit=8, **LOSSLESS)
     cache_run(other, progress=False)
     result = CliRunner().invoke(train_main, ["--multi-task", "--from-cache", str(caches["rte"]),
                                              "--from-cache", str(other.cache_dir), "--out", str(tmp_path)])

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from cache_store import ActivationSource, CacheReader
-from pipeline.config import CacheConfig
+from pipeline.config import LOSSLESS, CacheConfig
 from pipeline.job import run as cache_run
 from pipeline.live import open_online
 from side_train.cli import main as train_main
@@ -17,7 +17,8 @@ from side_train.train import train
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_float32_cache_and_online_training_agree(tiny_t5, glue_dir, tmp_path, cell):
-    config = CacheConfig(task="rte", model=str(tiny_t5), data_dir=glue_dir, out=tmp_path, limit=24, dtype="float32")
+    config = CacheConfig(task="rte", model=str(tiny_t5), data_dir=glue_dir, out=tmp_path, limit=24, dtype="float32",
+                         **LOSSLESS)
     cache_run(config, progress=False)
     cache = CacheReader(config.cache_dir)
     run = RunConfig(cell=cell, width=8, lr=3e-3, epochs=3, patience=3, batch_size=8)
