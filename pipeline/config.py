@@ -34,16 +34,16 @@ class CacheConfig:
     batch_size: int = documented(32, "Examples per backbone batch.")
     max_length: int = documented(128, "Truncate inputs to this many tokens.")
     dtype: str = documented("bfloat16", "Storage dtype of every float array.")
-    # The storage defaults (topk:8, int8 hidden and uint8 attention, --project 32) are the smallest choice
-    # that kept READ's mean metric within 0.3 points of full bfloat16 storage on all-MiniLM-L6-v2 over five
-    # GLUE tasks (README, "Compact storage"). LOSSLESS undoes them.
+    # The storage defaults (topk:8, int8 hidden and uint8 attention) are the smallest choice that kept READ's
+    # mean test metric within 0.3 points of full bfloat16 storage on all-MiniLM-L6-v2 over five GLUE tasks;
+    # --project 32 or 64 is smaller but cost about 1.7 points (README, "Compact storage"). LOSSLESS undoes them.
     attention: str = documented("topk:8", "Store attention maps per head (heads), as the head mean, or not at "
                                           "all; topk:K keeps each query row's K largest entries per head, "
                                           "renormalised to sum to 1, with their key positions.")
     quantize: tuple[str, ...] = documented(("attention", "hidden"), "Array kinds to store quantized, comma-separated "
                                            "(none: no kind): hidden (int8, one absmax scale per token) and "
                                            "attention (uint8 units of 1/255, each row's sum kept).")
-    project: int = documented(32, "Store each encoder layer's hidden states as K coordinates in a PCA basis "
+    project: int = documented(0, "Store each encoder layer's hidden states as K coordinates in a PCA basis "
                                   "fitted on up to 1024 train examples (kept in the cache), and the final layer's "
                                   "pooled states at full width; 0: full width.")
     project_from: Path | None = documented(None, "Reuse the --project basis of this cache (same backbone and K) "

@@ -40,7 +40,7 @@ def test_sst2_uses_a_train_holdout(tiny_bert, glue_dir, tmp_path):
     assert reader.split("test").cache.manifest["split_protocol"]["sources"]["test"] == "validation"
     assert not set(train.example_index) & set(validation.example_index)
     m = reader.manifest  # cache-activations' default storage: the compact choice the README measures
-    assert (m["attention_topk"]["k"], m["quantize"], m["projection"]["k"]) == (8, ["attention", "hidden"], 32)
+    assert (m["attention_topk"]["k"], m["quantize"], m["projection"]) == (8, ["attention", "hidden"], None)
 
 
 def test_read_learns_sst2_from_a_random_weight_t5(small_t5, glue_dir, tmp_path):
