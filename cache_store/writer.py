@@ -140,6 +140,13 @@ class SplitWriter:
         self.ends = {s.path: plan.extent(s.grows_along, s.k)[1:] for s in specs}
         self.specs = {s.path: s for s in specs}
         root = cache.root
+        if name in root and not self._created(root[name]):
+            # Killed while the split's arrays were being created: nothing of it was committed, so it is
+            # created again from the start.
+            if int(root[name].attrs.get("committed", 0)):
+                raise CacheError(f"split {name} of {cache.path} lacks arrays it has committed values of; "
+                                 "re-create the cache (--overwrite)")
+            del root[name]
         if name in root:
             self.group = root[name]
             stored = self.group["offsets"][:]
@@ -153,6 +160,11 @@ class SplitWriter:
         self.committed = int(attrs["committed"])
         self.digests: dict[str, list[str]] = {k: list(v) for k, v in attrs["checksums"].items()}
         self.buffers: dict[str, _ShardBuffer] = {}
+
+    def _created(self, group: zarr.Group) -> bool:
+        """Whether a split's group holds every array this writer needs (creating them is not atomic)."""
+        names = {path for path, node in group.members(max_depth=None) if isinstance(node, zarr.Array)}
+        return {"offsets", "attention_offsets", "input_ids", "labels", "example_index", *self.specs} <= names
 
     def _create(self, root) -> zarr.Group:
         plan, cache = self.plan, self.cache

@@ -122,3 +122,30 @@ def test_a_cache_is_named_for_the_backbone_not_a_generic_folder(tiny_t5, glue_di
     result = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path) + ["--name", "my-t5"])
     assert result.exit_code == 0, result.output
     assert CacheReader(tmp_path / "my-t5" / "rte").manifest["backbone"]["name"] == "my-t5"
+
+
+def test_a_run_killed_while_creating_a_split_resumes(tiny_t5, glue_dir, tmp_path, monkeypatch):
+    """Creating a split's arrays is not atomic: a run that dies between two of them leaves a split group
+    with some arrays missing and nothing committed; --resume creates that split again."""
+    args = cache_args(tiny_t5, glue_dir, tmp_path / "whole", "--splits", "test")
+    assert CliRunner().invoke(cache_main, args).exit_code == 0
+    made = []
+    original = zarr.Group.create_array
+
+    def dies_on_the_ninth(self, *a, **k):
+        made.append(1)
+        if len(made) == 9:
+            raise KeyboardInterrupt  # stands for a kill: nothing after it runs
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(zarr.Group, "create_array", dies_on_the_ninth)
+    killed = cache_args(tiny_t5, glue_dir, tmp_path / "killed", "--splits", "test")
+    CliRunner().invoke(cache_main, killed)
+    monkeypatch.undo()
+    path = tmp_path / "killed" / tiny_t5.name / "rte"
+    assert "test" in zarr.open_group(str(path), mode="r") and len(made) == 9
+    resumed = CliRunner().invoke(cache_main, [*killed, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    expected, got = arrays_of(tmp_path / "whole" / tiny_t5.name / "rte"), arrays_of(path)
+    assert expected.keys() == got.keys()
+    assert all(np.array_equal(expected[k], got[k]) for k in expected)
