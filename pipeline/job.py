@@ -280,24 +280,21 @@ def shared_projection(config: CacheConfig, backbone: Backbone) -> Projection | N
         reader = CacheReader(config.project_from)
     except CacheError as exc:
         raise InputError(f"--project-from: {exc}") from None
-    arrays, theirs = reader.projection_arrays(), reader.manifest["backbone"]
-    if arrays is None or stored_projection(reader.manifest) != config.project:
+    theirs, projection = reader.manifest["backbone"], Projection.of_cache(reader)
+    if projection is None or projection.k != config.project:
         raise InputError(f"--project-from {config.project_from} has no --project {config.project} basis "
                          f"(it has {stored_projection(reader.manifest) or 'none'})")
     if theirs["config_hash"] != backbone.describe()["config_hash"] or theirs["init"] != config.init:
         raise InputError(f"--project-from {config.project_from} was made from another backbone ({theirs['name']})")
-    return Projection.from_arrays(arrays, reader.manifest["projection"])
+    return projection
 
 
 def resumed_projection(config: CacheConfig) -> Projection | None:
     """The basis of the cache a --resume continues, when it was made with the same --project K."""
     if config.mode != "resume" or not (config.cache_dir / "zarr.json").is_file():
         return None
-    reader = CacheReader(config.cache_dir)
-    arrays = reader.projection_arrays()
-    if stored_projection(reader.manifest) != config.project or arrays is None:
-        return None
-    return Projection.from_arrays(arrays, reader.manifest["projection"])
+    projection = Projection.of_cache(CacheReader(config.cache_dir))
+    return projection if projection is not None and projection.k == config.project else None
 
 
 def run(config: CacheConfig, progress: bool = True, log=None) -> list[SplitReport]:

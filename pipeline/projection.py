@@ -59,6 +59,12 @@ class Projection:
                 for layer in self.basis}
 
     @classmethod
+    def of_cache(cls, reader) -> "Projection | None":
+        """The basis a cache (a CacheReader) stores, or None when it was made without --project."""
+        arrays = reader.projection_arrays()
+        return None if arrays is None else cls.from_arrays(arrays, reader.manifest["projection"])
+
+    @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], described: dict) -> "Projection":
         """The projection a cache (or a READ checkpoint) stores, with its manifest entry."""
         layers = sorted({int(p.rsplit("/", 1)[1]) for p in arrays})

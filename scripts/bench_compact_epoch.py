@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_store import CacheReader
+from cache_store import CacheReader, SplitPlan
 from cache_store.runtime import keep_freed_memory
 from side_train.config import RunConfig
 from side_train.data import array_paths, read_spec, split_bytes
@@ -72,22 +72,19 @@ def cold_read(cache: CacheReader, width: int) -> tuple[float, int]:
 def backbone_forward(model: str, cache: CacheReader) -> float:
     """Seconds for the backbone's forward over the cache's train examples, in the cache's batches."""
     from pipeline.backbones import load_backbone
+    from pipeline.padding import pad_batch
 
     split = cache.split("train")
     manifest = cache.manifest
     backbone = load_backbone(model, manifest["backbone"]["init"], manifest["backbone"]["init_seed"] or 0, "auto",
                              manifest["attention"] != "none", progress=False)
-    ids = torch.from_numpy(split.group["input_ids"][:].astype(np.int64))
-    offsets, batch = split.offsets, manifest["batch_size"]
+    plan = SplitPlan("train", split.lengths, split.group["input_ids"][:], split.labels, split.example_index)
+    batch, pad_id = manifest["batch_size"], backbone.tokenizer.pad_token_id or 0
     began = time.perf_counter()
     with torch.inference_mode():
         for start in range(0, split.n_examples, batch):
-            stop = min(start + batch, split.n_examples)
-            lengths = split.lengths[start:stop]
-            mask = torch.arange(int(lengths.max()))[None, :] < torch.from_numpy(lengths)[:, None]
-            padded = torch.zeros(mask.shape, dtype=torch.long)
-            padded[mask] = ids[offsets[start]:offsets[stop]]
-            backbone.forward(padded, mask.long(), manifest["attention"] != "none")
+            ids, mask = pad_batch(plan, start, min(start + batch, split.n_examples), pad_id)
+            backbone.forward(ids, mask, manifest["attention"] != "none")
     return time.perf_counter() - began
 
 
