@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 import torch
@@ -34,9 +35,12 @@ def keep_freed_memory(threshold: int = 1 << 30) -> bool:
 
 
 def resolve_device(device: str) -> torch.device:
-    """auto | cpu | cuda[:i] -> a device; ValueError (one line) for a GPU that is not there."""
+    """auto | cpu | cuda[:i] -> a device; ValueError (one line) for a GPU that is not there. Under torchrun,
+    auto and cuda mean the GPU of this process's LOCAL_RANK: one device per local rank."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} asked for, but no CUDA device is visible; use --device cpu or auto")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
     return torch.device(device)

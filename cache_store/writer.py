@@ -96,6 +96,20 @@ class CacheWriter:
         self._save_manifest()
         self._commits = 0
 
+    @classmethod
+    def join(cls, path: str | Path) -> "CacheWriter":
+        """Another rank's handle on a cache that rank 0 opened (torchrun): it writes shards and its own
+        progress record (ranked.py), never the manifest."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self.root = zarr.open_group(str(self.path), mode="r+")
+        self.manifest = dict(self.root.attrs[MANIFEST_KEY])
+        self.dtype = self.manifest["storage_dtype"]
+        self.shard_bytes = self.manifest["storage"]["shard_bytes"]
+        self.chunk_bytes = self.manifest["storage"]["chunk_bytes"]
+        self._commits = 0
+        return self
+
     def _existing_manifest(self) -> dict | None:
         if not (self.path / "zarr.json").is_file():
             return None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from pathlib import Path
 
@@ -75,6 +76,8 @@ def main(task, model, name, init, seed, data_dir, out, splits, batch_size, max_l
         click.echo(f"error: could not write {exc.filename or config.cache_dir}: {exc.strerror}. Every shard "
                    f"committed before it is intact; {hint}run the same command with --resume to finish", err=True)
         sys.exit(1)
+    if int(os.environ.get("RANK", "0")):  # under torchrun rank 0 reports for all
+        return
     click.echo(f"cache: {config.cache_dir}")
     for r in reports:
         rate = f"{r.computed / r.seconds:.1f} ex/s, {r.n_tokens * r.computed / max(r.n_examples, 1) / r.seconds:.0f} tok/s" \

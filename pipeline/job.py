@@ -1,6 +1,7 @@
 """The `cache-activations` batch job: GLUE rows -> tokens -> frozen backbone -> cache_store."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import time
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from cache_store.format import (
     pooled_path, quantize_probabilities, quantize_rows, scale_path, stored_projection, to_storage,
 )
 from cache_store.lock import WriteLock
+from cache_store.ranked import RankedSplit, finalize, has_rank_records, open_records
+from cache_store.world import World, current_world
 
 from .backbones import Backbone, BackboneOutput, load_backbone
 from .config import CacheConfig
@@ -246,7 +249,7 @@ class Prepared:
     projection: Projection | None = None  # --project K
 
 
-def prepare(config: CacheConfig, progress: bool = True) -> Prepared:
+def prepare(config: CacheConfig, progress: bool = True, fit_projection: bool = True) -> Prepared:
     task = get_task(config.task)
     protocol, splits = make_splits(task.name, load_source_splits(task, config.data_dir), config.seed)
     backbone = load_backbone(config.model, config.init, config.seed, config.device, progress=progress,
@@ -261,7 +264,7 @@ def prepare(config: CacheConfig, progress: bool = True) -> Prepared:
 
     plans = {name: plan(name) for name in config.splits}
     projection = None
-    if config.project:  # fitted before anything is written; a resumed cache keeps the basis it has
+    if config.project and fit_projection:  # fitted before anything is written; a resumed cache keeps its basis
         projection = resumed_projection(config) or shared_projection(config, backbone) or fit(
             backbone, plans["train"] if "train" in plans else plan("train"),
             layers["encoder"], config.project, config.batch_size, config.seed, progress, task.name)
@@ -299,40 +302,100 @@ def resumed_projection(config: CacheConfig) -> Projection | None:
 
 def run(config: CacheConfig, progress: bool = True, log=None) -> list[SplitReport]:
     """Cache every split. Bad input fails in `prepare`, before anything is written; then the cache's
-    write lock is taken (a second writer is refused, naming this one)."""
+    write lock is taken (a second writer is refused, naming this one). Under torchrun (WORLD_SIZE > 1)
+    the ranks share every split shard by shard (cache_store.ranked), and a cache that ranks were writing
+    is resumed that way whatever the number of processes."""
+    world = current_world()
+    if world.distributed or has_rank_records(config.cache_dir) and config.mode == "resume":
+        return _run_ranked(config, world, progress, log)
     ready = prepare(config, progress)
     projection = ready.projection.on(ready.backbone.device) if ready.projection else None
     with WriteLock(config.cache_dir) as lock:
         if lock.took_over and log:
             log(f"{config.cache_dir}: {lock.took_over}")
         writer = CacheWriter(config.cache_dir, ready.manifest, config.mode, shard_bytes=config.shard_bytes)
-        if ready.label_head is not None:
-            writer.write_label_head(ready.label_head)
-        if ready.projection is not None:
-            writer.write_projection(ready.projection.arrays())
-        reports = [_cache_split(writer, ready.backbone, name, plan, ready.specs, config, progress, projection)
-                   for name, plan in ready.plans.items()]
+        _write_root_arrays(writer, ready)
+        reports = []
+        for name, plan in ready.plans.items():
+            split = writer.split(name, plan, ready.specs)
+            # A resumed run restarts at the batch holding the first uncommitted example, so that every
+            # batch, and so every value, is the one an uninterrupted run computes.
+            first = split.start_example() // config.batch_size * config.batch_size
+            starts = list(range(first, plan.n_examples, config.batch_size)) if not split.complete else []
+            if starts:
+                split.begin(first)
+            reports.append(_cache_split(split, starts, ready, config, progress, projection))
         writer.finish()
     return reports
 
 
-def _cache_split(writer: CacheWriter, backbone: Backbone, name: str, plan: SplitPlan, specs: list[ArraySpec],
-                 config: CacheConfig, progress: bool, projection=None) -> SplitReport:
-    split_writer = writer.split(name, plan, specs)
-    # A resumed run restarts at the batch holding the first uncommitted example, so that every batch,
-    # and so every value, is the one an uninterrupted run computes.
-    first = plan.n_examples if split_writer.complete else \
-        split_writer.start_example() // config.batch_size * config.batch_size
-    starts = range(first, plan.n_examples, config.batch_size)
+def _write_root_arrays(writer: CacheWriter, ready: Prepared) -> None:
+    if ready.label_head is not None:
+        writer.write_label_head(ready.label_head)
+    if ready.projection is not None:
+        writer.write_projection(ready.projection.arrays())
+
+
+def _run_ranked(config: CacheConfig, world: World, progress: bool, log) -> list[SplitReport]:
+    """Rank 0 opens the cache (lock, manifest, split groups) while the others wait; every rank writes its
+    shards of every split; rank 0 checks and completes each split once all are done."""
+    leader = world.leader
+    ready = prepare(config, progress and leader, fit_projection=leader)
+    lock = WriteLock(config.cache_dir) if leader else contextlib.nullcontext()
+    with lock:
+        if leader:
+            if lock.took_over and log:
+                log(f"{config.cache_dir}: {lock.took_over}")
+            writer = CacheWriter(config.cache_dir, ready.manifest, config.mode, shard_bytes=config.shard_bytes)
+            _write_root_arrays(writer, ready)
+            for name, plan in ready.plans.items():  # each split's group, metadata arrays and records group
+                open_records(writer.split(name, plan, ready.specs))
+        world.barrier()
+        if not leader:
+            writer = CacheWriter.join(config.cache_dir)
+            if config.project:  # rank 0 fitted the basis (or kept the resumed cache's); every rank uses it
+                ready.projection = Projection.of_cache(CacheReader(config.cache_dir))
+        projection = ready.projection.on(ready.backbone.device) if ready.projection else None
+        splits = {name: writer.split(name, plan, ready.specs) for name, plan in ready.plans.items()}
+        parts = {name: RankedSplit(split, world, config.batch_size) for name, split in splits.items()
+                 if not split.complete}
+        world.barrier()  # every rank has read the earlier records before any rank replaces its own
+        reports = []
+        for name, split in splits.items():
+            part = parts.get(name)
+            if part is not None:
+                part.start()
+            reports.append(_cache_split(part or split, part.batch_starts if part else [], ready, config,
+                                        progress and leader, projection))
+        world.barrier()
+        if leader:
+            for split in splits.values():
+                finalize(split)
+            writer.finish()
+    # Every rank's count of examples run through the backbone, and the slowest rank's time.
+    everyone = world.gather([(r.computed, r.seconds) for r in reports])
+    for i, report in enumerate(reports):
+        report.computed = sum(theirs[i][0] for theirs in everyone)
+        report.seconds = max(theirs[i][1] for theirs in everyone)
+        report.disk_bytes = directory_bytes(config.cache_dir / report.name)  # now that every rank is done
+    return reports
+
+
+def _cache_split(sink, starts: list[int], ready: Prepared, config: CacheConfig, progress: bool,
+                 projection=None) -> SplitReport:
+    """Run the backbone over the batches starting at `starts` and hand each batch's arrays to `sink` (a
+    SplitWriter, or this rank's RankedSplit) on a background thread."""
+    backbone, plan, specs, name = ready.backbone, sink.plan, ready.specs, sink.name
     pad_id = backbone.tokenizer.pad_token_id or 0
     attentions = config.attention_mode != "none"
     began = time.perf_counter()
+    computed = 0
     if starts:
-        split_writer.begin(first)
-        bar = tqdm(total=plan.n_examples, initial=first, unit="ex", desc=f"{config.task}/{name}",
-                   disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=plan.n_examples, initial=plan.n_examples - sum(
+            min(s + config.batch_size, plan.n_examples) - s for s in starts), unit="ex", desc=f"{config.task}/{name}",
+            disable=not progress, dynamic_ncols=True)
         written = 0
-        with BackgroundWriter(split_writer) as background, torch.inference_mode():
+        with BackgroundWriter(sink) as background, torch.inference_mode():
             for start in starts:
                 stop = min(start + config.batch_size, plan.n_examples)
                 ids, mask = pad_batch(plan, start, stop, pad_id)
@@ -341,9 +404,10 @@ def _cache_split(writer: CacheWriter, backbone: Backbone, name: str, plan: Split
                 arrays = extract(backbone.forward(ids, mask, attentions), lengths, specs, config.dtype, projection)
                 background.put(arrays)
                 written += sum(a.nbytes for a in arrays.values())
+                computed += stop - start
                 bar.update(stop - start)
                 bar.set_postfix_str(f"{written / 2**20:.0f} MiB raw", refresh=False)
         bar.close()
     seconds = time.perf_counter() - began
-    return SplitReport(name, plan.n_examples, int(plan.lengths.sum()), plan.n_examples - first, seconds,
+    return SplitReport(name, plan.n_examples, int(plan.lengths.sum()), computed, seconds,
                        logical_bytes(specs, plan, config.dtype), directory_bytes(config.cache_dir / name))

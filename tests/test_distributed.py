@@ -1,0 +1,88 @@
+"""torchrun: caching with two CPU processes (gloo) gives the single-process cache byte for byte, and a
+rank killed mid-split resumes, with any number of processes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from conftest import arrays_of, cache_args
+from cache_store import CacheReader, CacheError, verify_cache
+from cache_store.faults import CRASH_AFTER_COMMITS_ENV, CRASH_RANK_ENV
+
+REPO = Path(__file__).resolve().parents[1]
+# The default (compact) storage, in shards of about 10 KiB: every array has several, so both ranks write some.
+ARGS = ["--shard-mb", "0.01", "--attention", "topk:8", "--quantize", "attention,hidden"]
+
+
+def torchrun(model, glue_dir, out, *extra, nproc=2, env=None) -> subprocess.CompletedProcess:
+    """`torchrun ... cache-activations`; nproc=0: the same command as one plain process. Every process
+    computes on one thread (torchrun's default): CPU matmuls' last bits depend on the thread count."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+                "-m"] if nproc else [sys.executable, "-m"]
+    command = [*launcher, "pipeline.cli", *cache_args(model, glue_dir, out, *ARGS, *extra)]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def single_process(glue_dir, tmp_path_factory):
+    """The cache one process writes, per model, made once."""
+    made = {}
+
+    def make(model) -> Path:
+        if model not in made:
+            out = tmp_path_factory.mktemp("single")
+            done = torchrun(model, glue_dir, out, nproc=0)
+            assert done.returncode == 0, done.stderr[-3000:]
+            made[model] = out / model.name / "rte"
+        return made[model]
+
+    return make
+
+
+def assert_same_cache(ours: Path, reference: Path) -> None:
+    """Every array equal, every file but the root's zarr.json (its created_at) byte-identical."""
+    mine, theirs = arrays_of(ours), arrays_of(reference)
+    assert mine.keys() == theirs.keys()
+    for path in theirs:
+        np.testing.assert_array_equal(mine[path], theirs[path], err_msg=path)
+    files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(ours) for p in ours.rglob("*") if p.is_file())
+    differ = [str(f) for f in files if (ours / f).read_bytes() != (reference / f).read_bytes()]
+    assert differ == ["zarr.json"]
+    manifests = [zarr.open_group(str(p), mode="r").attrs["read_cache"] for p in (ours, reference)]
+    assert manifests[0]["checksums"] == manifests[1]["checksums"] and manifests[0]["complete"]
+    assert verify_cache(ours) == []
+
+
+@pytest.mark.parametrize("model", [pytest.param("tiny_t5", marks=pytest.mark.slow), "tiny_bert"])
+def test_two_ranks_write_the_single_process_cache(model, request, single_process, glue_dir, tmp_path):
+    model = request.getfixturevalue(model)
+    reference = single_process(model)
+    assert len(zarr.open_group(str(reference / "train"))["encoder/hidden/0"].metadata.chunk_grid.chunk_shape) == 2
+    done = torchrun(model, glue_dir, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("cache:") == 1  # rank 0 reports for both
+    assert_same_cache(tmp_path / model.name / "rte", reference)
+
+
+@pytest.mark.parametrize("resume_with", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_rank_killed_mid_split_resumes(resume_with, tiny_bert, single_process, glue_dir, tmp_path):
+    reference = single_process(tiny_bert)
+    killed = torchrun(tiny_bert, glue_dir, tmp_path, env={CRASH_AFTER_COMMITS_ENV: "4", CRASH_RANK_ENV: "1"})
+    assert killed.returncode != 0
+    cache = tmp_path / tiny_bert.name / "rte"
+    with pytest.raises(CacheError, match="incomplete"):
+        CacheReader(cache).split("train")
+    records = zarr.open_group(str(cache / "train" / "ranks"), mode="r")
+    assert {name for name, _ in records.groups()} == {"0", "1"}
+    resumed = torchrun(tiny_bert, glue_dir, tmp_path, "--resume", nproc=0 if resume_with == 1 else resume_with)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not (cache / "train" / "ranks").exists()
+    assert_same_cache(cache, reference)
