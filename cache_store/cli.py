@@ -9,9 +9,9 @@ import click
 import numpy as np
 
 from .errors import UserError
-from .format import MANIFEST_KEY, QUANTIZED, shard_files, stored_projection, stored_topk
+from .format import MANIFEST_KEY, QUANTIZED, shard_keys, stored_projection, stored_topk
 from .reader import CacheReader
-from .commands import OneLineCommand
+from .commands import LOCATION, OneLineCommand
 
 
 def _kind(path: str) -> str:
@@ -22,23 +22,28 @@ def _kind(path: str) -> str:
 def _split_sizes(reader: CacheReader, name: str) -> tuple[int, int, dict[str, int]]:
     """(logical bytes, bytes on disk, bytes on disk per array kind) of a split's backbone arrays."""
     group = reader.root[name]
+    present = reader.location.sizes(name)
     logical = disk = 0
     kinds: dict[str, int] = {}
     for path, node in group.members(max_depth=None):
         if "grows_along" in getattr(node, "attrs", {}):
             logical += int(np.prod(node.shape, dtype=np.int64)) * node.dtype.itemsize
-            size = sum(f.stat().st_size for f in shard_files(node, reader.path) if f.is_file())
+            size = sum(present.get(key, 0) for key in shard_keys(node))
             disk += size
             kinds[_kind(path)] = kinds.get(_kind(path), 0) + size
     return logical, disk, kinds
 
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache", type=LOCATION)
 @click.option("--verify", is_flag=True, help="Read every shard and check it against its recorded checksum.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON and nothing else.")
 def main(cache: Path, verify: bool, as_json: bool):
-    """Print a cache's manifest, splits, counts, sizes and compression ratio."""
+    """Print a cache's manifest, splits, counts, sizes and compression ratio (a cache folder, or an
+    exported .h5 file)."""
+    if isinstance(cache, Path) and cache.is_file():
+        _inspect_hdf5(cache, verify, as_json)
+        return
     try:
         reader = CacheReader(cache)
     except UserError as exc:
@@ -102,6 +107,71 @@ def main(cache: Path, verify: bool, as_json: bool):
         if problems:
             sys.exit(1)
         click.echo("verify: every shard matches its checksum")
+
+
+def _inspect_hdf5(path: Path, verify: bool, as_json: bool) -> None:
+    import h5py
+
+    from .hdf5 import verify_hdf5
+
+    if not h5py.is_hdf5(path):
+        click.echo(f"error: {path} is neither a cache folder nor an HDF5 file", err=True)
+        sys.exit(2)
+    with h5py.File(path, "r") as h5:
+        if MANIFEST_KEY not in h5.attrs:
+            click.echo(f"error: {path} is an HDF5 file but not an exported READ cache", err=True)
+            sys.exit(2)
+        manifest = json.loads(h5.attrs[MANIFEST_KEY])
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    click.echo(f"cache        {path}  (HDF5 export of format v{manifest['format_version']}, "
+               f"{path.stat().st_size / 2**20:.1f} MiB)")
+    click.echo(f"backbone     {manifest['backbone']['name']}, task {manifest['task']['name']}, splits "
+               + ", ".join(f"{k} {v['n_examples']}" for k, v in manifest["splits"].items()))
+    if verify:
+        problems = verify_hdf5(path)
+        for problem in problems:
+            click.echo(f"CORRUPT {problem}")
+        if problems:
+            click.echo(f"verify: {len(problems)} problem(s); export the cache again", err=True)
+            sys.exit(1)
+        click.echo("verify: every shard matches its checksum")
+
+
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--to", "target", required=True, type=click.Path(path_type=Path), help="The .h5 file to write.")
+@click.option("--compression", type=click.Choice(["gzip", "lzf"]), default="gzip", show_default=True,
+              help="HDF5 filter (both ship with h5py; every chunk also gets a fletcher32 checksum).")
+def export(cache: Path, target: Path, compression: str):
+    """Write a complete cache into one HDF5 file (same array names, dtypes and manifest)."""
+    from .hdf5 import export_hdf5
+
+    if target.exists():
+        click.echo(f"error: {target} exists; remove it or choose another --to", err=True)
+        sys.exit(2)
+    try:
+        export_hdf5(cache, target, compression)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"exported {cache} to {target} ({target.stat().st_size / 2**20:.1f} MiB)")
+
+
+@click.command("import", cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("source", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--to", "target", required=True, type=click.Path(path_type=Path), help="The cache folder to write.")
+def import_(source: Path, target: Path):
+    """Write a cache folder back from an exported HDF5 file: the same arrays and shard bytes."""
+    from .hdf5 import import_hdf5
+
+    try:
+        import_hdf5(source, target)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"imported {source} to {target}")
 
 
 if __name__ == "__main__":

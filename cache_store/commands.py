@@ -26,6 +26,20 @@ def field_option(config: type, name: str, *declarations: str, grid: bool = False
     return click.option(*(declarations or (f"--{name.replace('_', '-')}",)), name, help=help_text, **options)
 
 
+class _Location(click.ParamType):
+    """A cache's place on the command line: a folder (a Path) or s3://bucket/prefix (kept as text)."""
+
+    name = "PATH|s3://BUCKET/PREFIX"
+
+    def convert(self, value, param, ctx):
+        from .location import as_location_arg
+
+        return value if not isinstance(value, str) else as_location_arg(value)
+
+
+LOCATION = _Location()
+
+
 class _OneLineUsageError(click.ClickException):
     exit_code = 2
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -252,9 +251,10 @@ def check_format_version(manifest: Mapping[str, Any], where: str, versions=READA
         )
 
 
-def shard_files(array: zarr.Array, root: Path) -> list[Path]:
-    """The file of every shard of a data array (they grow along one axis), in order."""
+def shard_keys(array: zarr.Array) -> list[str]:
+    """The key (file, or object) of every shard of a data array (they grow along one axis), in order,
+    relative to the cache's root."""
     axis = array.attrs["axis"]
     n = -(-array.shape[axis] // array.shards[axis])
     coords = [tuple(i if a == axis else 0 for a in range(array.ndim)) for i in range(n)]
-    return [root / array.path / array.metadata.encode_chunk_key(c) for c in coords]
+    return [f"{array.path}/{array.metadata.encode_chunk_key(c)}" for c in coords]

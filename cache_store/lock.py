@@ -1,9 +1,15 @@
-"""One writer per cache: `<cache>.lock`, beside the cache folder (so that --overwrite, which replaces the
-folder, keeps it), held with an exclusive `flock` for as long as the writer runs.
+"""One writer per cache: `<cache>.lock`, beside the cache (so that --overwrite, which replaces the
+cache, keeps it).
 
-The kernel drops a `flock` when its process dies, however it dies, so a lock left by a killed writer
-is never mistaken for a live one: the file's text (who held it) only explains a refusal, and is
-replaced when a new writer takes the lock over.
+On disk it is held with an exclusive `flock` for as long as the writer runs. The kernel drops a `flock`
+when its process dies, however it dies, so a lock left by a killed writer is never mistaken for a live
+one: the file's text (who held it) only explains a refusal, and is replaced when a new writer takes the
+lock over.
+
+In a bucket (`ObjectLock`) it is an object created with a conditional PUT (If-None-Match), which the
+store grants to one writer only. Nothing drops it when its writer dies, so a new writer takes it over
+only when it names a process of this host that no longer runs; any other holder is refused with the
+object's name, to delete once that writer is known to be gone.
 """
 from __future__ import annotations
 
@@ -49,10 +55,7 @@ class WriteLock:
             self.took_over = f"took over the lock of {_describe(stale)}, which is no longer running"
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps({
-            "pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
-            "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }))
+        handle.write(json.dumps(_holder()))
         handle.flush()
         self.handle = handle
         return self
@@ -61,6 +64,55 @@ class WriteLock:
         self.path.unlink(missing_ok=True)  # unlinked while still held: no other writer can slip in between
         self.handle.close()
         self.handle = None
+
+
+class ObjectLock:
+    def __init__(self, cache):
+        from .location import Location
+
+        cache = Location(cache)
+        self.folder, self.key = cache.parent, f"{cache.name}.lock"
+        self.took_over: str | None = None
+
+    def __enter__(self) -> "ObjectLock":
+        mine = json.dumps(_holder()).encode()
+        while not self.folder.create(self.key, mine):
+            holder = _parse((self.folder.read(self.key) or b"").decode())
+            if not _dead_here(holder):
+                raise CacheError(f"{self.folder}/{self.key.removesuffix('.lock')} is being written by "
+                                 f"{_describe(holder)}; wait for it to finish, or once it is known to be gone "
+                                 f"delete {self.folder}/{self.key} and run again (with --resume to continue its work)")
+            self.folder.delete(self.key)
+            self.took_over = f"took over the lock of {_describe(holder)}, which is no longer running"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.folder.delete(self.key)
+
+
+def write_lock(cache) -> "WriteLock | ObjectLock":
+    """The lock for a cache folder or a cache in a bucket."""
+    from .location import is_remote
+
+    return ObjectLock(cache) if is_remote(cache) else WriteLock(cache)
+
+
+def _holder() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+            "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _dead_here(holder: dict) -> bool:
+    """Whether `holder` is a process of this host that has exited."""
+    if holder.get("host") != socket.gethostname() or "pid" not in holder:
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _parse(text: str) -> dict:

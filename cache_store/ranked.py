@@ -17,14 +17,13 @@ A resumed run (any number of ranks, or one process) skips every shard a record, 
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import zarr
 
 from . import faults
 from .errors import CacheError
 from .format import block_digest
+from .location import Location
 from .shards import ShardEncoder
 from .world import World
 from .writer import SplitWriter
@@ -32,11 +31,12 @@ from .writer import SplitWriter
 RANKS = "ranks"
 
 
-def has_rank_records(path: Path) -> bool:
+def has_rank_records(path) -> bool:
     """Whether a cache holds a split that ranks were writing (a resume must continue it shard by shard)."""
-    if not (Path(path) / "zarr.json").is_file():
+    location = Location(path)
+    if not location.exists("zarr.json"):
         return False
-    root = zarr.open_group(str(path), mode="r")
+    root = zarr.open_group(location.zarr_store(read_only=True), mode="r")
     return any(isinstance(node, zarr.Group) and RANKS in node for _, node in root.members())
 
 
@@ -102,7 +102,7 @@ class RankedSplit:
         """Take up this rank's record (after every rank has read the old ones): the shards it owns that
         earlier runs wrote carry over."""
         self.record = self.split.group[RANKS].create_group(str(self.world.rank), overwrite=True, attributes={"shards": self.mine})
-        self.encoders = {p: ShardEncoder(self.split.group[p], self.split.cache.path, self.axis[p])
+        self.encoders = {p: ShardEncoder(self.split.group[p], self.split.cache.location, self.axis[p])
                          for p, shards in self.pending.items() if shards}
 
     def append(self, arrays) -> None:

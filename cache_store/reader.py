@@ -13,8 +13,9 @@ import zarr
 from zarr.core.sync import sync
 
 from .errors import CacheError
+from .location import Location
 from .format import (
-    EXAMPLES, MANIFEST_KEY, PAIRS, TOKENS, check_format_version, extent, from_storage, lookup, shard_files,
+    EXAMPLES, MANIFEST_KEY, PAIRS, TOKENS, check_format_version, extent, from_storage, lookup, shard_keys,
 )
 
 METADATA_ARRAYS = ("offsets", "attention_offsets", "input_ids", "labels", "example_index")
@@ -27,10 +28,11 @@ class CacheReader:
     live = False  # an ActivationSource (source.py) whose arrays are stored
 
     def __init__(self, path: str | Path, expect: Mapping[str, Any] | None = None):
-        self.path = Path(path)
-        if not (self.path / "zarr.json").is_file():
+        self.location = Location(path)
+        self.path = self.location.path  # a Path, or an s3:// URL
+        if not self.location.exists("zarr.json"):
             raise CacheError(f"no cache at {self.path}; create one with `cache-activations --task TASK`")
-        self.root = zarr.open_group(str(self.path), mode="r")
+        self.root = zarr.open_group(self.location.zarr_store(read_only=True), mode="r")
         if MANIFEST_KEY not in self.root.attrs:
             raise CacheError(f"{self.path} is a zarr group but not a READ cache (no manifest)")
         self.manifest: dict = dict(self.root.attrs[MANIFEST_KEY])
@@ -98,8 +100,8 @@ class SplitReader:
         self.n_examples = len(self.lengths)
         self._arrays: dict[str, zarr.Array] = {}
         # A deleted shard would read back as zeros: refuse it here, cheaply (crc32c catches altered bytes).
-        missing = [str(f) for p in self.array_paths() for f in shard_files(self.group[p], cache.path)
-                   if not f.is_file()]
+        present = cache.location.sizes(name)
+        missing = [key for p in self.array_paths() for key in shard_keys(self.group[p]) if key not in present]
         if missing:
             raise CacheError(f"split {name} of {cache.path} is damaged: {len(missing)} shard file(s) missing "
                              f"(first: {missing[0]}); run `cache-inspect --verify` and re-create the cache")

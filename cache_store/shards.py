@@ -14,7 +14,6 @@ writes the same data both ways and compares the files, and every read goes throu
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import google_crc32c
@@ -25,6 +24,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 from . import faults
+from .location import Location
 
 _EMPTY = np.uint64(2**64 - 1)
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
@@ -35,9 +35,9 @@ def _crc(data) -> bytes:
 
 
 class ShardEncoder:
-    """Encodes and writes whole shards of one array that lives in a local directory store."""
+    """Encodes and writes whole shards of one array of the cache at `store_root` (a folder or a bucket)."""
 
-    def __init__(self, array: zarr.Array, store_root: Path, axis: int):
+    def __init__(self, array: zarr.Array, store_root: "Path | str | Location", axis: int):
         (sharding,) = array.metadata.codecs
         inner = sharding.codecs
         ok = (isinstance(sharding, ShardingCodec) and len(inner) == 3 and isinstance(inner[0], BytesCodec)
@@ -57,7 +57,7 @@ class ShardEncoder:
         self.shard = array.shards
         self.axis = axis
         self.fill = array.fill_value
-        self.dir = Path(store_root) / array.path
+        self.location = Location(store_root)
 
     def write(self, index: int, block: np.ndarray) -> int:
         """Write shard `index` (along the ragged axis) holding `block`; returns the bytes written."""
@@ -78,15 +78,6 @@ class ShardEncoder:
         index_bytes = table.reshape(*[s // c for s, c in zip(self.shard, self.chunk)], 2).tobytes()
         parts += [index_bytes, _crc(index_bytes)]
         coords = tuple(index if a == axis else 0 for a in range(block.ndim))
-        path = self.dir / self.array.metadata.encode_chunk_key(coords)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.partial")
-        try:
-            with open(temporary, "wb") as handle:
-                faults.before_shard_write(temporary)
-                handle.writelines(parts)
-            os.replace(temporary, path)  # atomic, as zarr's LocalStore writes
-        except OSError:
-            temporary.unlink(missing_ok=True)  # a failed write (disk full) leaves no half-written file
-            raise
+        key = f"{self.array.path}/{self.array.metadata.encode_chunk_key(coords)}"
+        self.location.write(key, parts, before=faults.before_shard_write)  # atomic, as zarr's stores write
         return offset + len(index_bytes) + 4

@@ -2,23 +2,22 @@
 checksum recorded when it was written."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import zarr
 
-from .format import MANIFEST_KEY, block_digest, combined_digest, shard_files
+from .format import MANIFEST_KEY, block_digest, combined_digest, shard_keys
+from .location import Location
 from .reader import METADATA_ARRAYS
 
 
 RESUMABLE = "finish it with cache-activations --resume"
 
 
-def verify_cache(path: str | Path, progress=None) -> list[str]:
+def verify_cache(path, progress=None) -> list[str]:
     """Problems found, one line each; [] when the cache is intact. `progress(n)` is called per shard.
     An unfinished split (a crash, a full disk) is reported as such, ending with `RESUMABLE`, and the
     shards it has committed are verified all the same."""
-    root_path = Path(path)
-    root = zarr.open_group(str(root_path), mode="r")
+    location = Location(path)
+    root = zarr.open_group(location.zarr_store(read_only=True), mode="r")
     manifest = root.attrs[MANIFEST_KEY]
     problems = []
     for split in manifest["splits"]:
@@ -37,17 +36,18 @@ def verify_cache(path: str | Path, progress=None) -> list[str]:
             except Exception as exc:
                 problems.append(f"{split}/{key}: unreadable ({type(exc).__name__}: {exc})")
         recorded = group.attrs["checksums"]
+        present = location.sizes(split)
         for array_path, digests in recorded.items():
             array = group[array_path]
             axis = array.attrs["axis"]
-            files = shard_files(array, root_path)
+            files = shard_keys(array)
             if complete and len(digests) != len(files):
                 problems.append(f"{array.path}: {len(digests)} checksums for {len(files)} shards")
             for i, file in enumerate(files if complete else files[:len(digests)]):  # unfinished: the committed
                 if progress:
                     progress(1)
-                where = f"{array.path}: shard {i} ({file.relative_to(root_path)})"
-                if not file.is_file():
+                where = f"{array.path}: shard {i} ({file})"
+                if file not in present:
                     problems.append(f"{where} is missing")
                     continue
                 start = i * array.shards[axis]

@@ -9,7 +9,6 @@ each shard buffer with what is on disk up to the point it restarts from and writ
 from __future__ import annotations
 
 import queue
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from .format import (
     ArraySpec, extent, block_digest, check_format_version, chunk_grid, combined_digest,
     compressors, differences, manifest_identity, shard_elements,
 )
+from .location import Location
 from .shards import ShardEncoder
 
 @dataclass(frozen=True)
@@ -54,16 +54,13 @@ class SplitPlan:
         return extent(grows_along, self.lengths, k)
 
 
-def cache_exists(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
-
-
 class CacheWriter:
     """Opens a cache for writing: `mode` is new (refuse an existing one), resume or overwrite."""
 
     def __init__(self, path: str | Path, manifest: Mapping[str, Any], mode: str = "new",
                  shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-        self.path = Path(path)
+        self.location = Location(path)
+        self.path = self.location.path  # a Path, or an s3:// URL
         self.shard_bytes, self.chunk_bytes = shard_bytes, chunk_bytes
         manifest = {
             **manifest,
@@ -79,10 +76,10 @@ class CacheWriter:
         if existing is not None and mode == "new":
             raise CacheError(f"{self.path} already holds a cache; pass --resume to continue it "
                              "or --overwrite to replace it")
-        if cache_exists(self.path) and existing is None and mode == "new":
+        if existing is None and mode == "new" and not self.location.is_empty():
             raise CacheError(f"{self.path} exists and is not empty; choose another --out or pass --overwrite")
-        if mode == "overwrite" and self.path.exists():
-            shutil.rmtree(self.path)
+        if mode == "overwrite":
+            self.location.remove()
             existing = None
         if existing is not None:  # resume
             check_format_version(existing, str(self.path), (FORMAT_VERSION,))
@@ -91,7 +88,7 @@ class CacheWriter:
                 raise CacheError(f"cannot resume {self.path}: it was made with other settings ("
                                  + "; ".join(diffs[:4]) + "); pass --overwrite to replace it")
             manifest = {**manifest, "created_at": existing["created_at"], "checksums": existing["checksums"]}
-        self.root = zarr.open_group(str(self.path), mode="a")
+        self.root = zarr.open_group(self.location.zarr_store(), mode="a")
         self.manifest = manifest
         self._save_manifest()
         self._commits = 0
@@ -101,8 +98,9 @@ class CacheWriter:
         """Another rank's handle on a cache that rank 0 opened (torchrun): it writes shards and its own
         progress record (ranked.py), never the manifest."""
         self = cls.__new__(cls)
-        self.path = Path(path)
-        self.root = zarr.open_group(str(self.path), mode="r+")
+        self.location = Location(path)
+        self.path = self.location.path
+        self.root = zarr.open_group(self.location.zarr_store(), mode="r+")
         self.manifest = dict(self.root.attrs[MANIFEST_KEY])
         self.dtype = self.manifest["storage_dtype"]
         self.shard_bytes = self.manifest["storage"]["shard_bytes"]
@@ -111,10 +109,10 @@ class CacheWriter:
         return self
 
     def _existing_manifest(self) -> dict | None:
-        if not (self.path / "zarr.json").is_file():
+        if not self.location.exists("zarr.json"):
             return None
         try:
-            return dict(zarr.open_group(str(self.path), mode="r").attrs[MANIFEST_KEY])
+            return dict(zarr.open_group(self.location.zarr_store(read_only=True), mode="r").attrs[MANIFEST_KEY])
         except KeyError:
             raise CacheError(f"{self.path} is a zarr group but not a READ cache; choose another --out") from None
 
@@ -218,7 +216,7 @@ class SplitWriter:
             raise ValueError("cannot begin past the committed examples")
         for path, spec in self.specs.items():
             position = int(self.plan.extent(spec.grows_along, spec.k)[example])
-            encoder = ShardEncoder(self.group[path], self.cache.path, spec.axis)
+            encoder = ShardEncoder(self.group[path], self.cache.location, spec.axis)
             self.buffers[path] = _ShardBuffer(self.group[path], encoder, position, self.digests[path])
 
     def append(self, arrays: Mapping[str, np.ndarray]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from cache_store import SPLITS, STORAGE_DTYPES, UserError
-from cache_store.commands import OneLineCommand, field_option
+from cache_store.commands import LOCATION, OneLineCommand, field_option
 
 from .backbones import INITS
 from .config import CacheConfig
@@ -33,7 +33,7 @@ def _int_list(value: str, name: str) -> tuple[int, ...] | None:
 @field_option(CacheConfig, "init", type=click.Choice(INITS))
 @field_option(CacheConfig, "seed", type=int)
 @field_option(CacheConfig, "data_dir", type=click.Path(path_type=Path))
-@field_option(CacheConfig, "out", type=click.Path(path_type=Path))
+@field_option(CacheConfig, "out", type=LOCATION)
 @field_option(CacheConfig, "splits", default=",".join(SPLITS))
 @field_option(CacheConfig, "batch_size", type=int)
 @field_option(CacheConfig, "max_length", type=int)
@@ -41,7 +41,7 @@ def _int_list(value: str, name: str) -> tuple[int, ...] | None:
 @field_option(CacheConfig, "attention", metavar="heads|mean|none|topk:K")
 @field_option(CacheConfig, "quantize", default="attention,hidden")
 @field_option(CacheConfig, "project", type=int)
-@field_option(CacheConfig, "project_from", type=click.Path(path_type=Path))
+@field_option(CacheConfig, "project_from", type=LOCATION)
 @field_option(CacheConfig, "layers", default="all")
 @field_option(CacheConfig, "limit", type=int)
 @field_option(CacheConfig, "device")

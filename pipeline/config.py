@@ -6,6 +6,7 @@ from pathlib import Path
 
 from cache_store import ATTENTION_MODES, SPLITS, STORAGE_DTYPES
 from cache_store.commands import documented
+from cache_store.location import is_remote
 from cache_store.format import DEFAULT_SHARD_BYTES, QUANTIZED, parse_attention
 
 from .backbones import INITS, backbone_name
@@ -29,7 +30,8 @@ class CacheConfig:
     seed: int = documented(0, "Seeds the split protocol and --init random.")
     data_dir: Path | None = documented(None, "GLUE's tsv layout (e.g. glue/RTE/train.tsv); default: the "
                                              "Hugging Face hub.")
-    out: Path = documented(Path("caches"), "The cache goes to OUT/<model>/<task>.")
+    out: Path | str = documented(Path("caches"), "The cache goes to OUT/<model>/<task>; OUT may be "
+                                                 "s3://bucket/prefix (credentials and endpoint: AWS_* variables).")
     splits: tuple[str, ...] = documented(SPLITS, "Splits to cache, comma-separated.")
     batch_size: int = documented(32, "Examples per backbone batch.")
     max_length: int = documented(128, "Truncate inputs to this many tokens.")
@@ -97,9 +99,12 @@ class CacheConfig:
         return parse_attention(self.attention)[1]
 
     @property
-    def cache_dir(self) -> Path:
-        suffix = "-random" if self.init == "random" else ""
-        return Path(self.out) / f"{backbone_name(self.model, self.name)}{suffix}" / self.task
+    def cache_dir(self) -> Path | str:
+        """OUT/<model>/<task>: a Path, or an s3:// URL."""
+        leaf = f"{backbone_name(self.model, self.name)}{'-random' if self.init == 'random' else ''}"
+        if is_remote(self.out):
+            return f"{str(self.out).rstrip('/')}/{leaf}/{self.task}"
+        return Path(self.out) / leaf / self.task
 
     @property
     def shard_bytes(self) -> int:

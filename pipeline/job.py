@@ -6,7 +6,6 @@ import datetime
 import time
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +18,8 @@ from cache_store.format import (
     ARRAY_DTYPES, EXAMPLES, PAIRS, POOLINGS, QUANTIZED, STORAGE_DTYPES, TOKENS, TOPK, attention_keys_path,
     pooled_path, quantize_probabilities, quantize_rows, scale_path, stored_projection, to_storage,
 )
-from cache_store.lock import WriteLock
+from cache_store.location import Location
+from cache_store.lock import write_lock
 from cache_store.ranked import RankedSplit, finalize, has_rank_records, open_records
 from cache_store.world import World, current_world
 
@@ -227,8 +227,9 @@ class SplitReport:
         return self.logical_bytes / max(self.disk_bytes, 1)
 
 
-def directory_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def stored_bytes(cache, split: str) -> int:
+    """Bytes a split takes on disk or in its bucket."""
+    return sum(Location(cache).sizes(split).values())
 
 
 def logical_bytes(specs: list[ArraySpec], plan: SplitPlan, dtype: str) -> int:
@@ -294,7 +295,7 @@ def shared_projection(config: CacheConfig, backbone: Backbone) -> Projection | N
 
 def resumed_projection(config: CacheConfig) -> Projection | None:
     """The basis of the cache a --resume continues, when it was made with the same --project K."""
-    if config.mode != "resume" or not (config.cache_dir / "zarr.json").is_file():
+    if config.mode != "resume" or not Location(config.cache_dir).exists("zarr.json"):
         return None
     projection = Projection.of_cache(CacheReader(config.cache_dir))
     return projection if projection is not None and projection.k == config.project else None
@@ -310,7 +311,7 @@ def run(config: CacheConfig, progress: bool = True, log=None) -> list[SplitRepor
         return _run_ranked(config, world, progress, log)
     ready = prepare(config, progress)
     projection = ready.projection.on(ready.backbone.device) if ready.projection else None
-    with WriteLock(config.cache_dir) as lock:
+    with write_lock(config.cache_dir) as lock:
         if lock.took_over and log:
             log(f"{config.cache_dir}: {lock.took_over}")
         writer = CacheWriter(config.cache_dir, ready.manifest, config.mode, shard_bytes=config.shard_bytes)
@@ -341,7 +342,7 @@ def _run_ranked(config: CacheConfig, world: World, progress: bool, log) -> list[
     shards of every split; rank 0 checks and completes each split once all are done."""
     leader = world.leader
     ready = prepare(config, progress and leader, fit_projection=leader)
-    lock = WriteLock(config.cache_dir) if leader else contextlib.nullcontext()
+    lock = write_lock(config.cache_dir) if leader else contextlib.nullcontext()
     with lock:
         if leader:
             if lock.took_over and log:
@@ -377,7 +378,7 @@ def _run_ranked(config: CacheConfig, world: World, progress: bool, log) -> list[
     for i, report in enumerate(reports):
         report.computed = sum(theirs[i][0] for theirs in everyone)
         report.seconds = max(theirs[i][1] for theirs in everyone)
-        report.disk_bytes = directory_bytes(config.cache_dir / report.name)  # now that every rank is done
+        report.disk_bytes = stored_bytes(config.cache_dir, report.name)  # now that every rank is done
     return reports
 
 
@@ -410,4 +411,4 @@ def _cache_split(sink, starts: list[int], ready: Prepared, config: CacheConfig, 
         bar.close()
     seconds = time.perf_counter() - began
     return SplitReport(name, plan.n_examples, int(plan.lengths.sum()), computed, seconds,
-                       logical_bytes(specs, plan, config.dtype), directory_bytes(config.cache_dir / name))
+                       logical_bytes(specs, plan, config.dtype), stored_bytes(config.cache_dir, name))

@@ -63,7 +63,7 @@ def bytes_per_token(cache: Path) -> dict[str, float]:
     """Bytes on disk per token of the backbone arrays, by kind (hidden with its scales; attention with
     its key positions, self and cross), over every split."""
     from cache_store import CacheReader
-    from cache_store.format import shard_files
+    from cache_store.format import shard_keys
 
     reader = CacheReader(cache)
     sizes = {"hidden": 0, "attention": 0}
@@ -73,7 +73,8 @@ def bytes_per_token(cache: Path) -> dict[str, float]:
         tokens += int(split.lengths.sum())
         for path in split.array_paths():
             kind = "attention" if "attention" in path.split("/")[1] else "hidden"
-            sizes[kind] += sum(f.stat().st_size for f in shard_files(split.group[path], reader.path))
+            present = reader.location.sizes(split.name)
+            sizes[kind] += sum(present.get(key, 0) for key in shard_keys(split.group[path]))
     return {kind: size / tokens for kind, size in sizes.items()}
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 
 from cache_store import UserError
-from cache_store.commands import OneLineCommand, field_option
+from cache_store.commands import LOCATION, OneLineCommand, field_option
+from cache_store.location import Location
 from cache_store.source import open_live
 
 from .config import RunConfig
@@ -27,8 +28,9 @@ def _list(value: str, kind, name: str) -> list:
 
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--from-cache", "caches", type=click.Path(path_type=Path), multiple=True,
-              help="A cache written by cache-activations; give several with --multi-task.")
+@click.option("--from-cache", "caches", type=LOCATION, multiple=True,
+              help="A cache written by cache-activations (a folder or s3://bucket/prefix); give several with "
+                   "--multi-task.")
 @click.option("--multi-task", is_flag=True, help="One READ network, one head per task, over several caches.")
 @click.option("--task-sampling", type=click.Choice(SAMPLING), default="proportional", show_default=True,
               help="--multi-task: draw each batch's task in proportion to its training batches, or to "
@@ -92,7 +94,8 @@ def main(caches, multi_task, task_sampling, temperature, online, model, task, da
             folder = out / f"online-{source.manifest['backbone']['name']}-{task}"
         else:
             source = list(caches)  # caches/<model>/<task>: runs/<model>-<task>[+<task>...]
-            folder = out / f"{caches[0].parent.name}-{'+'.join(c.name for c in caches)}"
+            places = [Location(c) for c in caches]
+            folder = out / f"{places[0].parent.name}-{'+'.join(c.name for c in places)}"
         results = train(source, configs, folder, device=device, progress=not quiet,
                         log=lambda line: click.echo(line, err=True),
                         memory_bytes=int(memory_gb * 2**30) if memory_gb else None,

@@ -1,0 +1,143 @@
+"""Caches in an S3 bucket, against a real S3 API server (moto's, started here on 127.0.0.1) reached only
+through the standard AWS environment variables: write, verify, train, a killed writer resumed, a second
+writer refused, and a corrupted object found."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from conftest import arrays_of, cache_args
+from cache_store import CacheError, CacheReader, verify_cache
+from cache_store.cli import main as inspect_main
+from cache_store.faults import CRASH_AFTER_COMMITS_ENV
+from cache_store.location import Location
+from pipeline.cli import main as cache_main
+from side_train.cli import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_SHARDS = ["--shard-mb", "0.01"]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on a free local port, with a bucket; the AWS_* variables point at it meanwhile."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="caches")
+        yield "s3://caches"
+    finally:
+        server.terminate()
+        server.wait(10)
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def remote_arrays(url: str) -> dict:
+    root = zarr.open_group(Location(url).zarr_store(read_only=True), mode="r")
+    return {p: node[...] for p, node in root.members(max_depth=None) if isinstance(node, zarr.Array)}
+
+
+def assert_same_arrays(url: str, local: Path) -> None:
+    ours, theirs = remote_arrays(url), arrays_of(local)
+    assert ours.keys() == theirs.keys()
+    for path in theirs:
+        np.testing.assert_array_equal(ours[path], theirs[path], err_msg=path)
+
+
+@pytest.fixture(scope="module")
+def local_cache(tiny_bert, glue_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("local")
+    assert CliRunner().invoke(cache_main, cache_args(tiny_bert, glue_dir, out, *SMALL_SHARDS)).exit_code == 0
+    return out / tiny_bert.name / "rte"
+
+
+def test_cache_verify_and_train_from_a_bucket(s3, tiny_bert, glue_dir, local_cache, tmp_path):
+    result = CliRunner().invoke(cache_main, cache_args(tiny_bert, glue_dir, f"{s3}/write", *SMALL_SHARDS))
+    assert result.exit_code == 0, result.output
+    url = f"{s3}/write/{tiny_bert.name}/rte"
+    assert f"cache: {url}" in result.output
+    assert_same_arrays(url, local_cache)
+    assert not Location(f"{s3}/write/{tiny_bert.name}").exists("rte.lock")  # released
+    inspected = CliRunner().invoke(inspect_main, [url, "--verify"])
+    assert inspected.exit_code == 0 and "every shard matches" in inspected.output, inspected.output
+    metrics = []
+    for source, out in ((url, tmp_path / "remote"), (str(local_cache), tmp_path / "local")):
+        trained = CliRunner().invoke(train_main, ["--from-cache", source, "--out", str(out), "--epochs", "2",
+                                                  "--quiet"])
+        assert trained.exit_code == 0, trained.output
+        (found,) = out.rglob("metrics.json")
+        metrics.append((json.loads(found.read_text()), (found.parent / "model.safetensors").read_bytes()))
+    (remote, remote_weights), (local, local_weights) = metrics
+    assert remote["validation"] == local["validation"] and remote["test"] == local["test"]
+    assert remote_weights == local_weights
+
+
+def test_killed_writer_resumes_and_a_second_writer_is_refused(s3, tiny_bert, glue_dir, local_cache):
+    args = cache_args(tiny_bert, glue_dir, f"{s3}/kill", *SMALL_SHARDS)
+    killed = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, capture_output=True,
+                            text=True, env={**os.environ, CRASH_AFTER_COMMITS_ENV: "3"}, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    url = f"{s3}/kill/{tiny_bert.name}/rte"
+    folder = Location(f"{s3}/kill/{tiny_bert.name}")
+    stale = folder.read("rte.lock")  # nothing removes a dead writer's lock object
+    assert json.loads(stale)["host"] == socket.gethostname()
+    with pytest.raises(CacheError, match="incomplete"):
+        CacheReader(url).split("train")
+    # Held by a writer of another host: refused, naming the object to delete once that writer is gone.
+    folder.delete("rte.lock")
+    assert folder.create("rte.lock", json.dumps({"pid": os.getpid(), "host": "elsewhere"}).encode())
+    refused = CliRunner().invoke(cache_main, [*args, "--resume"])
+    assert refused.exit_code == 2 and "rte.lock" in refused.output and "elsewhere" in refused.output
+    # Held by a process of this host that no longer runs (the killed writer): taken over.
+    folder.delete("rte.lock")
+    assert folder.create("rte.lock", stale)
+    resumed = CliRunner().invoke(cache_main, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "took over the lock" in resumed.output
+    assert_same_arrays(url, local_cache)
+    assert verify_cache(url) == []
+
+
+def test_a_corrupted_object_is_found(s3, tiny_bert, glue_dir):
+    args = cache_args(tiny_bert, glue_dir, f"{s3}/corrupt", *SMALL_SHARDS, "--splits", "validation")
+    assert CliRunner().invoke(cache_main, args).exit_code == 0
+    url = f"{s3}/corrupt/{tiny_bert.name}/rte"
+    cache = Location(url)
+    key = sorted(k for k in cache.sizes("validation/encoder/hidden/1") if "/c/" in k)[0]
+    data = bytearray(cache.read(key))
+    data[len(data) // 3] ^= 0xFF
+    cache.write(key, [bytes(data)])
+    inspected = CliRunner().invoke(inspect_main, [url, "--verify"])
+    assert inspected.exit_code == 1 and "CORRUPT" in inspected.output and "encoder/hidden/1" in inspected.output
+    split = CacheReader(url).split("validation")
+    with pytest.raises(CacheError, match="corrupted"):
+        split.load("encoder/hidden/1")
+    cache.delete(key)
+    with pytest.raises(CacheError, match="missing"):
+        CacheReader(url).split("validation")
