@@ -32,6 +32,8 @@ One zarr v3 group per (backbone, task), readable with plain `zarr`:
         decoder/hidden/{k}            [n, d]          T5 only: the single start position, k in 0..N_dec
         decoder/hidden_scale/{k}      float32 [n]     T5, --quantize hidden only
         decoder/cross_attention/{k}   [A, T] | [T]    T5 only: start position over the encoder tokens
+        ranks/{r}                     only while torchrun ranks write the split (attrs: the shards rank r
+                                      wrote, with digests; cache_store/ranked.py); gone once complete
 
 Examples are stored longest first (ties in source order): consecutive examples make length-bucketed
 batches; `example_index` maps each back to its source row.
