@@ -22,8 +22,9 @@ import h5py
 import zarr
 
 from .errors import CacheError
-from .format import MANIFEST_KEY, block_digest, combined_digest
+from .format import MANIFEST_KEY, combined_digest
 from .shards import ShardEncoder
+from .verify import check_shard
 
 ZARR_JSON = "zarr.json"
 COMPRESSIONS = ("gzip", "lzf")
@@ -173,13 +174,10 @@ def verify_hdf5(path: str | Path, progress=None) -> list[str]:
                 for i, region in enumerate(regions):
                     if progress:
                         progress(1)
-                    try:
-                        block = dataset[region]
-                    except OSError as exc:
-                        problems.append(f"{split}/{array_path}: shard {i} is unreadable ({exc})")
-                        continue
-                    if i < len(digests) and block_digest(block) != digests[i]:
-                        problems.append(f"{split}/{array_path}: shard {i} differs from its recorded checksum")
+                    problem = check_shard(f"{split}/{array_path}: shard {i}", lambda: dataset[region],
+                                          digests[i] if i < len(digests) else None)
+                    if problem:
+                        problems.append(problem)
             if manifest["checksums"].get(split) != combined_digest(recorded):
                 problems.append(f"{split}: shard checksums differ from the manifest's")
     return problems

@@ -12,6 +12,18 @@ from .reader import METADATA_ARRAYS
 RESUMABLE = "finish it with cache-activations --resume"
 
 
+def check_shard(where: str, read, digest: str | None) -> str | None:
+    """What is wrong with one shard, `read()` returning its values (a checksum or decode failure raises),
+    compared with the digest recorded when it was written; None when it is intact."""
+    try:
+        block = read()
+    except Exception as exc:
+        return f"{where} is unreadable ({type(exc).__name__}: {exc})"
+    if digest is not None and block_digest(block) != digest:
+        return f"{where} differs from its recorded checksum"
+    return None
+
+
 def verify_cache(path, progress=None) -> list[str]:
     """Problems found, one line each; [] when the cache is intact. `progress(n)` is called per shard.
     An unfinished split (a crash, a full disk) is reported as such, ending with `RESUMABLE`, and the
@@ -52,13 +64,9 @@ def verify_cache(path, progress=None) -> list[str]:
                     continue
                 start = i * array.shards[axis]
                 region = (slice(None),) * axis + (slice(start, min(start + array.shards[axis], array.shape[axis])),)
-                try:
-                    block = array[region]
-                except Exception as exc:
-                    problems.append(f"{where} is unreadable ({type(exc).__name__}: {exc})")
-                    continue
-                if i < len(digests) and block_digest(block) != digests[i]:
-                    problems.append(f"{where} differs from its recorded checksum")
+                problem = check_shard(where, lambda: array[region], digests[i] if i < len(digests) else None)
+                if problem:
+                    problems.append(problem)
         if complete and manifest["checksums"].get(split) != combined_digest(recorded):
             problems.append(f"{split}: shard checksums differ from the manifest's")
     return problems
