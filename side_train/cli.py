@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -103,6 +104,8 @@ def main(caches, multi_task, task_sampling, temperature, online, model, task, da
     except UserError as exc:  # the one-line refusals of both stages; anything else is a bug
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    if int(os.environ.get("RANK", "0")):  # under torchrun rank 0 writes the summary of every rank's runs
+        return
     files = write_summary(results, folder)
     failed = [m for m in results if m["status"] != "ok"]
     for m in failed:

@@ -8,6 +8,7 @@ for `--resume` (state.py). At the end every run's best checkpoint is tested and 
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from cache_store import ActivationSource, CacheReader, UserError
 from cache_store.runtime import resolve_device
+from cache_store.world import current_world
 
 from .artifacts import write_run
 from .config import RunConfig
@@ -25,7 +27,7 @@ from .data import OnlineSplit, open_splits, read_spec
 from .devices import default_memory_bytes, to_device
 from .evaluation import evaluate_members
 from .stacks import Stack, make_stacks, train_step
-from .state import STATE_FILE, load_state, save_state
+from .state import load_state, save_state, state_file
 from .tasks import TaskInfo, check_compatible, endless_batches, epoch_schedule, task_weights
 
 
@@ -78,17 +80,24 @@ def train(sources, configs: list[RunConfig], out: Path, device: str = "auto", pr
     if len({c.batch_size for c in configs}) != 1 or len({(c.epochs, c.patience) for c in configs}) != 1:
         raise UserError("runs of one sweep share batch size, epochs and patience")
     target = resolve_device(device)
-    tasks = open_tasks(sources, configs[0], memory_bytes or default_memory_bytes(), log)
+    world = current_world()
+    if memory_bytes is None:  # the processes of one machine share its memory
+        memory_bytes = default_memory_bytes() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    tasks = open_tasks(sources, configs[0], memory_bytes, log)
     batch_size, epochs = configs[0].batch_size, configs[0].epochs
     counts = {t.info.name: t.splits["train"].n_batches(batch_size) for t in tasks}
     weights = task_weights(counts, sampling, temperature)
     if len(tasks) > 1:
         log("tasks drawn " + ", ".join(f"{n} {w:.1%}" for n, w in weights.items()) + f" ({sampling})")
     stacks = make_stacks(configs, tasks[0].cache, [t.info for t in tasks], epochs * sum(counts.values()), target)
+    # Under torchrun each rank trains whole stacks (every rank builds them all the same way): a run's
+    # numbers do not depend on which process trains it.
+    stacks = stacks[world.rank::world.size]
     runs = sorted((r for s in stacks for r in s.runs), key=lambda r: configs.index(r.config))  # as given
-    first = load_state(out, stacks, resume)
+    state = state_file(world)
+    first = load_state(out, stacks, resume, state)
     if first:
-        log(f"resuming {len(runs)} run(s) from {out / STATE_FILE} at epoch {first + 1}")
+        log(f"resuming {len(runs)} run(s) from {out / state} at epoch {first + 1}")
     bar = tqdm(total=epochs, initial=first, unit="epoch", desc=f"{'+'.join(counts)}: {len(runs)} run(s)",
                disable=not progress)
     epoch_seconds = []  # wall time of each epoch for the whole sweep: batches (assembly included) and validation
@@ -98,7 +107,7 @@ def train(sources, configs: list[RunConfig], out: Path, device: str = "auto", pr
         for stack in stacks:
             close_epoch(stack, tasks, epoch, configs[0].patience, batch_size, target)
         epoch_seconds.append(round(time.perf_counter() - began, 3))
-        save_state(out, epoch, stacks)
+        save_state(out, epoch, stacks, state)
         best = max(runs, key=lambda r: r.best)
         bar.set_postfix_str(f"best {best.config.name} {best.best:.2f}")
         bar.update(1)
@@ -108,7 +117,10 @@ def train(sources, configs: list[RunConfig], out: Path, device: str = "auto", pr
     spec_of = {r.config.name: s.model.spec for s in stacks for r in s.runs}
     results = [{**write_run(run, spec_of[run.config.name], tasks, out / run.config.name, batch_size, target),
                 "sweep_epoch_seconds": epoch_seconds} for run in runs]
-    (out / STATE_FILE).unlink(missing_ok=True)  # finished: the run folders hold everything now
+    (out / state).unlink(missing_ok=True)  # finished: the run folders hold everything now
+    if world.distributed:  # every rank's runs, in the order given, for rank 0's summary
+        order = {c.name: i for i, c in enumerate(configs)}
+        results = sorted((r for part in world.gather(results) for r in part), key=lambda r: order[r["name"]])
     return results
 
 

@@ -86,3 +86,37 @@ def test_rank_killed_mid_split_resumes(resume_with, tiny_bert, single_process, g
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (cache / "train" / "ranks").exists()
     assert_same_cache(cache, reference)
+
+
+def train_side(cache: Path, out: Path, nproc: int) -> subprocess.CompletedProcess:
+    """A 4-run sweep (2 learning rates x 2 seeds: two stacks) as one process or under torchrun."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+                "-m"] if nproc else [sys.executable, "-m"]
+    command = [*launcher, "side_train.cli", "--from-cache", str(cache), "--out", str(out), "--lr", "1e-3,3e-3",
+               "--seeds", "0,1", "--epochs", "2", "--hidden", "16", "--quiet"]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_two_ranks_share_a_sweep_with_the_single_process_results(tiny_bert, single_process, tmp_path):
+    import csv
+    import json
+
+    cache = single_process(tiny_bert)
+    for name, nproc in (("one", 0), ("two", 2)):
+        done = train_side(cache, tmp_path / name, nproc)
+        assert done.returncode == 0, done.stderr[-3000:]
+    (one,), (two,) = (list((tmp_path / name).iterdir()) for name in ("one", "two"))
+    runs = sorted(p.name for p in one.iterdir() if p.is_dir())
+    assert len(runs) == 4 and runs == sorted(p.name for p in two.iterdir() if p.is_dir())
+    for run in runs:
+        a, b = (json.loads((folder / run / "metrics.json").read_text()) for folder in (one, two))
+        assert a["validation"] == b["validation"] and a["test"] == b["test"], run
+        assert (one / run / "model.safetensors").read_bytes() == (two / run / "model.safetensors").read_bytes()
+
+    def table(folder):
+        with open(folder / "summary.csv") as handle:
+            return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
+
+    assert table(one) == table(two)  # rank 0 summarised every rank's runs
+    assert not list(two.glob("training_state*"))
