@@ -74,13 +74,54 @@ def object_storage(cache: Path, window: int, rounds: int) -> None:
         for path in cache.rglob("*"):
             if path.is_file():
                 bucket.write(str(path.relative_to(cache)), [path.read_bytes()])
+        server_speed(bucket)
         for r in range(rounds):
             disk, nbytes = read_epoch(str(cache), window)
             remote, _ = read_epoch(bucket.url, window)
             print(f"epoch read, round {r}: disk {nbytes / disk / 2**20:.0f} MiB/s, local S3 server "
                   f"{nbytes / remote / 2**20:.0f} MiB/s; S3 / disk time = {remote / disk:.2f}")
+            disk, remote = (train_epoch(source, Path(tempfile.mkdtemp())) for source in (str(cache), bucket.url))
+            print(f"streaming training epoch (GRU r=144, windows read ahead on a thread), round {r}: disk "
+                  f"{disk:.1f} s, local S3 server {remote:.1f} s; S3 / disk time = {remote / disk:.2f}")
     finally:
         server.terminate()
+
+
+def server_speed(bucket) -> None:
+    """What the local S3 server itself delivers: request latency, alone and 50 at once, and a 1 MiB GET."""
+    import asyncio
+
+    import obstore
+
+    bucket.write("probe", [bytes(1 << 20)])
+    store = bucket._object_store()
+    began = time.perf_counter()
+    for _ in range(50):
+        obstore.get_range(store, "probe", start=0, length=65536)
+    alone = (time.perf_counter() - began) / 50
+
+    async def together():
+        await asyncio.gather(*(obstore.get_range_async(store, "probe", start=0, length=65536) for _ in range(50)))
+
+    began = time.perf_counter()
+    asyncio.run(together())
+    concurrent = (time.perf_counter() - began) / 50
+    began = time.perf_counter()
+    for _ in range(10):
+        obstore.get(store, "probe").bytes()
+    print(f"S3 server: {alone * 1e3:.1f} ms per 64 KiB range GET one at a time, {concurrent * 1e3:.1f} ms each "
+          f"50 at once; 1 MiB GETs at {10 / (time.perf_counter() - began):.0f} MiB/s")
+    bucket.delete("probe")
+
+
+def train_epoch(source: str, out: Path) -> float:
+    """Seconds of one training epoch streamed from `source` (a 64 MiB budget: windows, not the whole split)."""
+    from side_train.config import grid
+    from side_train.train import train
+
+    results = train(source, grid(["gru"], [144], [1e-3], [0], epochs=1), out, device="cpu", progress=False,
+                    log=lambda line: None, memory_bytes=64 * 2**20)
+    return results[0]["sweep_epoch_seconds"][0]
 
 
 def hdf5(cache: Path, work: Path, rounds: int) -> None:
