@@ -140,11 +140,11 @@ def _inspect_hdf5(path: Path, verify: bool, as_json: bool) -> None:
 
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache", type=LOCATION)
 @click.option("--to", "target", required=True, type=click.Path(path_type=Path), help="The .h5 file to write.")
 @click.option("--compression", type=click.Choice(["gzip", "lzf"]), default="gzip", show_default=True,
               help="HDF5 filter (both ship with h5py; every chunk also gets a fletcher32 checksum).")
-def export(cache: Path, target: Path, compression: str):
+def export(cache, target: Path, compression: str):
     """Write a complete cache into one HDF5 file (same array names, dtypes and manifest)."""
     from .hdf5 import export_hdf5
 

@@ -23,6 +23,7 @@ import zarr
 
 from .errors import CacheError
 from .format import MANIFEST_KEY, combined_digest
+from .location import Location
 from .shards import ShardEncoder
 from .verify import check_shard
 
@@ -34,18 +35,12 @@ def _h5_attr(value):
     return value if isinstance(value, (str, int, float, bool)) else json.dumps(value)
 
 
-def _nodes(root_path: Path):
-    """(path, node) of every group and array below the root, parents first."""
-    root = zarr.open_group(str(root_path), mode="r")
-    return sorted(root.members(max_depth=None), key=lambda item: item[0].count("/"))
-
-
-def export_hdf5(cache: str | Path, target: str | Path, compression: str = "gzip", progress=None) -> None:
-    """Write the whole cache into one HDF5 file; the file appears only once complete."""
-    cache, target = Path(cache), Path(target)
-    if not (cache / ZARR_JSON).is_file():
+def export_hdf5(cache, target: str | Path, compression: str = "gzip", progress=None) -> None:
+    """Write the whole cache (a folder or s3://) into one HDF5 file; the file appears only once complete."""
+    cache, target = Location(cache), Path(target)
+    if not cache.exists(ZARR_JSON):
         raise CacheError(f"no cache at {cache}")
-    root = zarr.open_group(str(cache), mode="r")
+    root = zarr.open_group(cache.zarr_store(read_only=True), mode="r")
     if MANIFEST_KEY not in root.attrs or not root.attrs[MANIFEST_KEY].get("complete"):
         raise CacheError(f"{cache} is not a complete READ cache; finish it with cache-activations --resume")
     if compression not in COMPRESSIONS:
@@ -53,9 +48,9 @@ def export_hdf5(cache: str | Path, target: str | Path, compression: str = "gzip"
     partial = target.with_name(f".{target.name}.partial")
     try:
         with h5py.File(partial, "w") as out:
-            _copy_attrs(out, root, cache / ZARR_JSON)
-            for path, node in _nodes(cache):
-                document = cache / path / ZARR_JSON
+            _copy_attrs(out, root, cache.read(ZARR_JSON))
+            for path, node in sorted(root.members(max_depth=None), key=lambda item: item[0].count("/")):
+                document = cache.read(f"{path}/{ZARR_JSON}")  # parents first: HDF5 groups before their members
                 if isinstance(node, zarr.Group):
                     _copy_attrs(out.require_group(path), node, document)
                     continue
@@ -95,10 +90,10 @@ def _shard_length(node, axis: int) -> int:
     return shards[axis]
 
 
-def _copy_attrs(h5_node, zarr_node, document: Path) -> None:
+def _copy_attrs(h5_node, zarr_node, document: bytes) -> None:
     for key, value in zarr_node.attrs.items():
         h5_node.attrs[key] = _h5_attr(value)
-    h5_node.attrs[ZARR_JSON] = document.read_text()
+    h5_node.attrs[ZARR_JSON] = document.decode()
 
 
 def import_hdf5(source: str | Path, target: str | Path, progress=None) -> None:

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from conftest import arrays_of, cache_args
 from cache_store import CacheError, CacheReader, verify_cache
+from cache_store.cli import export, import_
 from cache_store.cli import main as inspect_main
 from cache_store.faults import CRASH_AFTER_COMMITS_ENV
 from cache_store.location import Location
@@ -86,6 +87,11 @@ def test_cache_verify_and_train_from_a_bucket(s3, tiny_bert, glue_dir, local_cac
     assert not Location(f"{s3}/write/{tiny_bert.name}").exists("rte.lock")  # released
     inspected = CliRunner().invoke(inspect_main, [url, "--verify"])
     assert inspected.exit_code == 0 and "every shard matches" in inspected.output, inspected.output
+    # moved out of the bucket as one HDF5 file, and back into a folder: the same arrays
+    exported = CliRunner().invoke(export, [url, "--to", str(tmp_path / "rte.h5")])
+    assert exported.exit_code == 0, exported.output
+    assert CliRunner().invoke(import_, [str(tmp_path / "rte.h5"), "--to", str(tmp_path / "back")]).exit_code == 0
+    assert_same_arrays(str(tmp_path / "back"), local_cache)
     metrics = []
     for source, out in ((url, tmp_path / "remote"), (str(local_cache), tmp_path / "local")):
         trained = CliRunner().invoke(train_main, ["--from-cache", source, "--out", str(out), "--epochs", "2",
