@@ -392,9 +392,9 @@ def _cache_split(sink, starts: list[int], ready: Prepared, config: CacheConfig, 
     began = time.perf_counter()
     computed = 0
     if starts:
-        bar = tqdm(total=plan.n_examples, initial=plan.n_examples - sum(
-            min(s + config.batch_size, plan.n_examples) - s for s in starts), unit="ex", desc=f"{config.task}/{name}",
-            disable=not progress, dynamic_ncols=True)
+        # The examples this process runs (a resumed run's remainder, or a rank's part of the split).
+        bar = tqdm(total=sum(min(s + config.batch_size, plan.n_examples) - s for s in starts), unit="ex",
+                   desc=f"{config.task}/{name}", disable=not progress, dynamic_ncols=True)
         written = 0
         with BackgroundWriter(sink) as background, torch.inference_mode():
             for start in starts:
