@@ -95,6 +95,15 @@ def cross_attention_path(layer: int) -> str:
 POOLINGS = ("mean", "first")
 
 
+def pool(tokens: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[..., B, L, d] tokens -> [..., B, d]: the caching job's pooled final states and READ's heads share it. Mean pooling averages the real tokens only: it is how
+    sentence encoders such as all-MiniLM-L6-v2 were trained, whose [CLS] state carries little on its own."""
+    if pooling == "first":
+        return tokens[..., 0, :]
+    weights = mask.to(tokens.dtype)  # [B, L]
+    return (tokens * weights[..., None]).sum(-2) / weights.sum(-1, keepdim=True)
+
+
 def pooled_path(pooling: str, layer: int) -> str:
     """--project only: encoder/pooled_mean/6 [n, d], the full-width final state the heads read."""
     return f"encoder/pooled_{pooling}/{layer}"

@@ -11,9 +11,13 @@ that appear at once (a rename on disk, a PUT in a bucket), listings with sizes, 
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 from pathlib import Path
+
+from .errors import CacheError
 
 REMOTE = ("s3://",)
 
@@ -69,12 +73,22 @@ class Location:
             self._s3 = S3Store.from_url(self.url, client_options={"allow_http": endpoint.startswith("http://")})
         return self._s3
 
+    @contextlib.contextmanager
     def _client(self):
-        """(the obstore module, this location's S3 store)."""
+        """(the obstore module, this location's S3 store), turning the store's failures (no such bucket,
+        refused credentials, no server) into one line."""
         store = self._object_store()
         import obstore
+        from obstore.exceptions import BaseError
 
-        return obstore, store
+        try:
+            yield obstore, store
+        except (BaseError, OSError) as exc:
+            text = str(exc)
+            code = re.search(r"<Code>(\w+)</Code>", text)
+            reason = code.group(1) if code else text.splitlines()[0][:200]
+            raise CacheError(f"{self.url}: the object store refused ({reason}); check the bucket, "
+                             "AWS_ENDPOINT_URL and the credentials (AWS_ACCESS_KEY_ID, ...)") from None
 
     def zarr_store(self, read_only: bool = False):
         if self.remote:
@@ -89,19 +103,19 @@ class Location:
     def exists(self, key: str = "zarr.json") -> bool:
         if not self.remote:
             return (Path(self.url) / key).is_file()
-        obstore, store = self._client()
-        try:
-            obstore.head(store, key)
-            return True
-        except FileNotFoundError:
-            return False
+        with self._client() as (obstore, store):
+            try:
+                obstore.head(store, key)
+                return True
+            except FileNotFoundError:
+                return False
 
     def is_empty(self) -> bool:
         if not self.remote:
             path = Path(self.url)
             return not (path.is_dir() and any(path.iterdir()))
-        obstore, store = self._client()
-        return not any(batch for batch in obstore.list(store, chunk_size=1))
+        with self._client() as (obstore, store):
+            return not any(batch for batch in obstore.list(store, chunk_size=1))
 
     def sizes(self, prefix: str = "") -> dict[str, int]:
         """Size of every object (file) below `prefix`, by key."""
@@ -110,19 +124,19 @@ class Location:
             folder = root / prefix
             return {str(f.relative_to(root)): f.stat().st_size for f in folder.rglob("*") if f.is_file()} \
                 if folder.is_dir() else {}
-        obstore, store = self._client()
-        return {item["path"]: item["size"] for batch in obstore.list(store, prefix=prefix or None)
-                for item in batch}
+        with self._client() as (obstore, store):
+            return {item["path"]: item["size"] for batch in obstore.list(store, prefix=prefix or None)
+                    for item in batch}
 
     def write(self, key: str, parts: list[bytes], before=None) -> None:
         """Write one whole object that appears at once or not at all: on disk a temporary file renamed over
         the target (nothing half-written is left on failure), in a bucket a single PUT. `before(name)` runs
         just before the bytes go (fault injection)."""
         if self.remote:
-            obstore, store = self._client()
             if before:
                 before(f"{self.url}/{key}")
-            obstore.put(store, key, b"".join(parts))
+            with self._client() as (obstore, store):
+                obstore.put(store, key, b"".join(parts))
             return
         path = Path(self.url) / key
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,38 +153,38 @@ class Location:
 
     def create(self, key: str, data: bytes) -> bool:
         """Write `key` only if no object has that name (a conditional PUT); False if one does."""
-        obstore, store = self._client()
-        from obstore.exceptions import AlreadyExistsError
+        with self._client() as (obstore, store):
+            from obstore.exceptions import AlreadyExistsError
 
-        try:
-            obstore.put(store, key, data, mode="create")
-            return True
-        except AlreadyExistsError:
-            return False
+            try:
+                obstore.put(store, key, data, mode="create")
+                return True
+            except AlreadyExistsError:
+                return False
 
     def read(self, key: str) -> bytes | None:
         if not self.remote:
             path = Path(self.url) / key
             return path.read_bytes() if path.is_file() else None
-        obstore, store = self._client()
-        try:
-            return bytes(obstore.get(store, key).bytes())
-        except FileNotFoundError:
-            return None
+        with self._client() as (obstore, store):
+            try:
+                return bytes(obstore.get(store, key).bytes())
+            except FileNotFoundError:
+                return None
 
     def delete(self, key: str) -> None:
         if not self.remote:
             (Path(self.url) / key).unlink(missing_ok=True)
             return
-        obstore, store = self._client()
-        obstore.delete(store, key)
+        with self._client() as (obstore, store):
+            obstore.delete(store, key)
 
     def remove(self) -> None:
         """Delete everything below this location."""
         if not self.remote:
             shutil.rmtree(self.url, ignore_errors=True)
             return
-        obstore, store = self._client()
         keys = list(self.sizes())
-        for start in range(0, len(keys), 1000):
-            obstore.delete(store, keys[start:start + 1000])
+        with self._client() as (obstore, store):
+            for start in range(0, len(keys), 1000):
+                obstore.delete(store, keys[start:start + 1000])

@@ -16,7 +16,7 @@ from cache_store import (
 )
 from cache_store.format import (
     ARRAY_DTYPES, EXAMPLES, PAIRS, POOLINGS, QUANTIZED, STORAGE_DTYPES, TOKENS, TOPK, attention_keys_path,
-    pooled_path, quantize_probabilities, quantize_rows, scale_path, stored_projection, to_storage,
+    pool, pooled_path, quantize_probabilities, quantize_rows, scale_path, stored_projection, to_storage,
 )
 from cache_store.location import Location
 from cache_store.lock import write_lock
@@ -154,12 +154,10 @@ def _unpad_topk(value: torch.Tensor, lengths: list[int], k: int) -> torch.Tensor
 
 
 def _pooled(final: torch.Tensor, lengths: list[int], pooling: str) -> torch.Tensor:
-    """[B, L, d] -> [B, d] float32: the mean over each example's real tokens, or its first token."""
-    if pooling == "first":
-        return final[:, 0].float()
+    """[B, L, d] -> [B, d] float32: what READ's heads read of the final layer (format.pool)."""
     real = (torch.arange(final.shape[1], device=final.device)[None, :]
-            < torch.tensor(lengths, device=final.device)[:, None]).float()  # [B, L]
-    return (final.float() * real[..., None]).sum(1) / real.sum(1, keepdim=True)
+            < torch.tensor(lengths, device=final.device)[:, None])  # [B, L]
+    return pool(final.float(), real, pooling)
 
 
 @torch.inference_mode()

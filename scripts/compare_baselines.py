@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from cache_store import CacheReader, hidden_path
+from cache_store.format import pool
 from pipeline.backbones import Backbone, load_backbone, token_types
 from side_train.config import RunConfig
 from side_train.data import BatchOrder
 from side_train.metrics import score
-from side_train.read_model import build_head, pool
+from side_train.read_model import build_head
 from side_train.tasks import TaskInfo, loss_of, predictions_of
 from side_train.devices import peak_memory_bytes
 from side_train.stacks import schedule_of

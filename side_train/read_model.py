@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from cache_store import UserError
-from cache_store.format import POOLINGS, dequantize_probabilities
+from cache_store.format import POOLINGS, dequantize_probabilities, pool
 
 # The cells READ can use: torch's, whose equations `Cell` computes for M members at once.
 CELLS: dict[str, type[nn.RNNCellBase]] = {"rnn": nn.RNNCell, "gru": nn.GRUCell, "lstm": nn.LSTMCell}
@@ -82,15 +82,6 @@ class ReadInputs:
     decoder_hidden: list[torch.Tensor]  # T5: phi_1..phi_Ndec at the start position, [B, 1, d]; [] otherwise
     cross_attention: list[torch.Tensor] | None  # T5: [B, A, 1, L] or [B, 1, L]
     pooled: dict[str, torch.Tensor] | None = None  # projected caches, encoder-only: pooling -> pool(phi_N), [B, d]
-
-
-def pool(tokens: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """[..., B, L, d] corrected tokens -> [..., B, d]. Mean pooling averages the real tokens only: it is how
-    sentence encoders such as all-MiniLM-L6-v2 were trained, whose [CLS] state carries little on its own."""
-    if pooling == "first":
-        return tokens[..., 0, :]
-    weights = mask.to(tokens.dtype)  # [B, L]
-    return (tokens * weights[..., None]).sum(-2) / weights.sum(-1, keepdim=True)
 
 
 def build_head(d_model: int, num_labels: int, label_head: torch.Tensor | None) -> nn.Linear:

@@ -147,3 +147,9 @@ def test_a_corrupted_object_is_found(s3, tiny_bert, glue_dir):
     cache.delete(key)
     with pytest.raises(CacheError, match="missing"):
         CacheReader(url).split("validation")
+
+
+def test_a_missing_bucket_is_refused_in_one_line(s3, tiny_bert, glue_dir):
+    result = CliRunner().invoke(cache_main, cache_args(tiny_bert, glue_dir, "s3://no-such-bucket/x"))
+    assert result.exit_code == 2 and "NoSuchBucket" in result.output, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
