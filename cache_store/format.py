@@ -260,6 +260,13 @@ def check_format_version(manifest: Mapping[str, Any], where: str, versions=READA
         )
 
 
+def shard_regions(shape: tuple, axis: int, shard_length: int) -> list[tuple]:
+    """The index of every shard of an array along its ragged axis, in order (the last may be short)."""
+    length = shape[axis]
+    return [(slice(None),) * axis + (slice(start, min(start + shard_length, length)),)
+            for start in range(0, length, shard_length)]
+
+
 def shard_keys(array: zarr.Array) -> list[str]:
     """The key (file, or object) of every shard of a data array (they grow along one axis), in order,
     relative to the cache's root."""

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import h5py
 import zarr
 
 from .errors import CacheError
-from .format import MANIFEST_KEY, combined_digest
+from .format import MANIFEST_KEY, combined_digest, shard_regions
 from .location import Location
 from .shards import ShardEncoder
 from .verify import check_shard
@@ -75,19 +76,14 @@ def _layout(node: zarr.Array, compression: str = "gzip") -> dict:
 
 
 def _shard_regions(node) -> list[tuple]:
-    """A data array's shards along its ragged axis, in order; any other array whole."""
+    """A data array's shards along its ragged axis, in order (a zarr array, or its HDF5 copy, whose shard
+    shape is in the zarr metadata it carries); any other array whole."""
     if "grows_along" not in node.attrs or not node.size:
         return [(...)]
     axis = int(node.attrs["axis"])
-    length = node.shape[axis]
-    step = _shard_length(node, axis)
-    return [(slice(None),) * axis + (slice(start, min(start + step, length)),) for start in range(0, length, step)]
-
-
-def _shard_length(node, axis: int) -> int:
     shards = node.shards if isinstance(node, zarr.Array) else json.loads(node.attrs[ZARR_JSON])[
         "chunk_grid"]["configuration"]["chunk_shape"]
-    return shards[axis]
+    return shard_regions(node.shape, axis, shards[axis])
 
 
 def _copy_attrs(h5_node, zarr_node, document: bytes) -> None:
@@ -103,24 +99,20 @@ def import_hdf5(source: str | Path, target: str | Path, progress=None) -> None:
     if target.exists() and any(target.iterdir()):
         raise CacheError(f"{target} exists and is not empty; choose another --to")
     partial = target.with_name(f".{target.name}.partial")
-    if partial.exists():
-        import shutil
-
-        shutil.rmtree(partial)
+    shutil.rmtree(partial, ignore_errors=True)
     try:
         with h5py.File(_open_check(source), "r") as h5:
             _write_document(partial, h5.attrs[ZARR_JSON])
             paths: list[str] = []
             h5.visit(paths.append)
-            for path in sorted(paths, key=lambda p: p.count("/")):
-                node = h5[path]
-                _write_document(partial / path, node.attrs[ZARR_JSON])
-                if isinstance(node, h5py.Dataset):
-                    _write_array(partial, path, node, progress)
+            for path in paths:  # every metadata document first, then the data through one opened group
+                _write_document(partial / path, h5[path].attrs[ZARR_JSON])
+            root = zarr.open_group(str(partial), mode="r+")
+            for path in paths:
+                if isinstance(h5[path], h5py.Dataset):
+                    _write_array(partial, root[path], h5[path], progress)
         os.replace(partial, target)
     except BaseException:
-        import shutil
-
         shutil.rmtree(partial, ignore_errors=True)
         raise
 
@@ -136,8 +128,7 @@ def _write_document(folder: Path, text: str) -> None:
     (folder / ZARR_JSON).write_text(text)
 
 
-def _write_array(root: Path, path: str, dataset: h5py.Dataset, progress) -> None:
-    array = zarr.open_group(str(root), mode="r+")[path]
+def _write_array(root: Path, array: zarr.Array, dataset: h5py.Dataset, progress) -> None:
     if array.size == 0:
         return
     if array.shards is None or "grows_along" not in array.attrs:

@@ -107,11 +107,11 @@ def _dead_here(holder: dict) -> bool:
     if holder.get("host") != socket.gethostname() or "pid" not in holder:
         return False
     try:
-        os.kill(int(holder["pid"]), 0)
+        os.kill(int(holder["pid"]), 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return True
-    except PermissionError:
-        return False
+    except PermissionError:  # it exists, as another user's
+        pass
     return False
 
 

@@ -72,15 +72,15 @@ class RankedSplit:
         self.axis = {p: s.axis for p, s in split.specs.items()}
         self.shard_len = {p: group[p].shards[s.axis] for p, s in split.specs.items()}
         bounds = token_bounds(plan.offsets, world.size)
-        self.done = recorded_shards(split)
+        done = recorded_shards(split)
         self.mine: dict[str, dict[str, str]] = {p: {} for p in split.specs}
         self.pending: dict[str, set[int]] = {}
         for path, ext in self.extents.items():
             step = self.shard_len[path]
             first, stop = (-(-int(ext[bounds[r]]) // step) for r in (world.rank, world.rank + 1))
             owned = range(first, stop)
-            self.mine[path] = {str(i): self.done[path][i] for i in owned if i in self.done[path]}
-            self.pending[path] = {i for i in owned if i not in self.done[path]}
+            self.mine[path] = {str(i): done[path][i] for i in owned if i in done[path]}
+            self.pending[path] = {i for i in owned if i not in done[path]}
         self.batch_starts = self._batches(batch_size)
         self.open: dict[tuple[str, int], list] = {}  # (path, shard) -> [rows, filled]
         self._next = 0
@@ -101,7 +101,8 @@ class RankedSplit:
     def start(self) -> None:
         """Take up this rank's record (after every rank has read the old ones): the shards it owns that
         earlier runs wrote carry over."""
-        self.record = self.split.group[RANKS].create_group(str(self.world.rank), overwrite=True, attributes={"shards": self.mine})
+        self.record = self.split.group[RANKS].create_group(str(self.world.rank), overwrite=True,
+                                                           attributes={"shards": self.mine})
         self.encoders = {p: ShardEncoder(self.split.group[p], self.split.cache.location, self.axis[p])
                          for p, shards in self.pending.items() if shards}
 

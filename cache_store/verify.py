@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zarr
 
-from .format import MANIFEST_KEY, block_digest, combined_digest, shard_keys
+from .format import MANIFEST_KEY, block_digest, combined_digest, shard_keys, shard_regions
 from .location import Location
 from .reader import METADATA_ARRAYS
 
@@ -55,6 +55,7 @@ def verify_cache(path, progress=None) -> list[str]:
             files = shard_keys(array)
             if complete and len(digests) != len(files):
                 problems.append(f"{array.path}: {len(digests)} checksums for {len(files)} shards")
+            regions = shard_regions(array.shape, axis, array.shards[axis])
             for i, file in enumerate(files if complete else files[:len(digests)]):  # unfinished: the committed
                 if progress:
                     progress(1)
@@ -62,9 +63,7 @@ def verify_cache(path, progress=None) -> list[str]:
                 if file not in present:
                     problems.append(f"{where} is missing")
                     continue
-                start = i * array.shards[axis]
-                region = (slice(None),) * axis + (slice(start, min(start + array.shards[axis], array.shape[axis])),)
-                problem = check_shard(where, lambda: array[region], digests[i] if i < len(digests) else None)
+                problem = check_shard(where, lambda: array[regions[i]], digests[i] if i < len(digests) else None)
                 if problem:
                     problems.append(problem)
         if complete and manifest["checksums"].get(split) != combined_digest(recorded):
