@@ -14,7 +14,7 @@ from cache_store.format import (
     stored_topk,
 )
 
-from .read_model import ReadInputs, ReadSpec
+from .read_model import Packing, ReadInputs, ReadSpec
 
 
 def read_spec(cache: CacheReader, width: int, cell: str, recurrence: bool = True, pooling: str = "mean",
@@ -76,40 +76,38 @@ def split_bytes(reader: SplitReader, spec: ReadSpec) -> int:
 def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: torch.Tensor,
              attention_offsets: torch.Tensor, index: torch.Tensor, spec: ReadSpec, attention: bool,
              per_head: bool, topk: int = 0) -> ReadInputs:
-    """Padded READ inputs for examples `index` of ragged arrays laid out as in the cache
-    (offsets and attention_offsets: int64 [n], where each example starts). Hidden states are float32, or
-    QuantizedRows when stored as int8; attention maps, the largest inputs by far, stay in the stored dtype
-    (bfloat16, or uint8 units) and are widened layer by layer (read_model.mix). With `topk` the stored
-    entries go back to their key positions in dense maps, the rest of each row 0."""
+    """READ inputs for examples `index` of ragged arrays laid out as in the cache (offsets and
+    attention_offsets: int64 [n], where each example starts). Hidden states are packed, the examples'
+    tokens one after another (float32, or QuantizedRows when stored as int8); attention maps, the
+    largest inputs by far, are padded to the batch's longest example and stay in the stored dtype
+    (bfloat16, or uint8 units), widened layer by layer (read_model.mix). With `topk` the stored entries
+    go back to their key positions in dense maps, the rest of each row 0."""
     if topk:
         kept = torch.from_numpy(extent(TOPK, lengths.numpy(), topk))[:-1][index]  # where each example starts
     lengths = lengths[index]
-    width = int(lengths.max())
+    packing = Packing.of(lengths)
+    mask = packing.mask
+    width = mask.shape[1]
     pos = torch.arange(width)
-    mask = pos[None, :] < lengths[:, None]  # [B, L]
-    tokens = torch.where(mask, offsets[index][:, None] + pos[None, :], 0)  # [B, L] into T
-    rows, cols = pos[:, None], pos[None, :]
-    pair_mask = mask[:, :, None] & mask[:, None, :]  # [B, L, L]
-    pairs = torch.where(pair_mask, attention_offsets[index][:, None, None]
-                        + rows * lengths[:, None, None] + cols, 0)  # [B, L, L] into S
+    starts = offsets[index]
+    token_count = int(lengths.sum())
+    # the packed tokens' rows: each example's contiguous run, one after another
+    packed = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths) + torch.arange(token_count)
+    tokens = torch.where(mask, starts[:, None] + pos[None, :], 0)  # [B, L] into T (padding: row 0)
+    rows = pos[:, None]
+    blocks, sizes = attention_offsets[index].tolist(), lengths.tolist()
 
-    def tokens_of(path):  # [T, d] -> [B, L, d]
-        values = arrays[path].index_select(0, tokens.reshape(-1)).view(*tokens.shape, -1)
-        if scale_path(path) in arrays:  # int8: the scales say where the padding is
-            scale = arrays[scale_path(path)].index_select(0, tokens.reshape(-1)).view(tokens.shape)
-            return QuantizedRows(values, scale * mask)
-        return values.float() * mask[..., None]
+    def tokens_of(path):  # [T_all, d] -> [T, d]
+        values = arrays[path].index_select(0, packed)
+        if scale_path(path) in arrays:
+            return QuantizedRows(values, arrays[scale_path(path)].index_select(0, packed))
+        return values.float()
 
     def rows_of(path):  # [n, d] -> [B, d]
         values = arrays[path].index_select(0, index)
         if scale_path(path) in arrays:
             return QuantizedRows(values, arrays[scale_path(path)].index_select(0, index))
         return values.float()
-
-    def examples_of(path):  # [n, d] -> [B, 1, d]
-        rows = rows_of(path)
-        return QuantizedRows(rows.values[:, None], rows.scale[:, None]) if isinstance(rows, QuantizedRows) \
-            else rows[:, None]
 
     def topk_of(path, key_path):  # [A, P] values and keys -> [B, A, L, L]
         k = torch.minimum(lengths, torch.tensor(topk))[:, None, None]  # [B, 1, 1]: entries per row
@@ -124,12 +122,13 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
     def attention_of(path):  # [A, S] -> [B, A, L, L], or [S] -> [B, L, L]; kept in the stored dtype (see mix)
         if topk:
             return topk_of(path, path.replace("/attention/", "/attention_keys/"))
-        flat = arrays[path].index_select(-1, pairs.reshape(-1))
-        if per_head:
-            return flat.view(-1, *pairs.shape).transpose(0, 1) * pair_mask[:, None]
-        return flat.view(pairs.shape) * pair_mask
+        stored = arrays[path]  # [A, S] or [S]: each example's L_j x L_j block is one contiguous run per head
+        dense = stored.new_zeros(len(lengths), *stored.shape[:-1], width, width)
+        for row, (start, m) in enumerate(zip(blocks, sizes)):  # block copies: 10x a gather of the same pairs
+            dense[row, ..., :m, :m] = stored[..., start:start + m * m].unflatten(-1, (m, m))
+        return dense
 
-    def cross_of(path):  # [A, T] -> [B, A, 1, L], or [T] -> [B, 1, L]
+    def cross_of(path):  # [A, T_all] -> [B, A, 1, L], or [T_all] -> [B, 1, L]
         flat = arrays[path].index_select(-1, tokens.reshape(-1))
         flat = dequantize_probabilities(flat) if flat.dtype == torch.uint8 else flat.float()
         if per_head:
@@ -138,10 +137,10 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
 
     n, n_dec = spec.n_layers, spec.n_decoder_layers
     return ReadInputs(
-        mask=mask,
+        packing=packing,
         encoder_hidden=[tokens_of(hidden_path("encoder", k)) for k in range(1, n + 1)],
         encoder_attention=[attention_of(attention_path(k)) for k in range(1, n + 1)] if attention else None,
-        decoder_hidden=[examples_of(hidden_path("decoder", k)) for k in range(1, n_dec + 1)],
+        decoder_hidden=[rows_of(hidden_path("decoder", k)) for k in range(1, n_dec + 1)],
         cross_attention=([cross_of(cross_attention_path(k)) for k in range(1, n_dec + 1)]
                          if attention and n_dec else None),
         pooled={p: rows_of(pooled_path(p, n)) for p in POOLINGS if pooled_path(p, n) in arrays} or None,

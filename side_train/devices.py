@@ -20,7 +20,7 @@ def inputs_to(inputs: ReadInputs, device: torch.device) -> ReadInputs:
                          else move(x) for x in xs]
     maps = lambda xs: None if xs is None else [move(x) for x in xs]  # noqa: E731
     pooled = None if inputs.pooled is None else {p: hidden([x])[0] for p, x in inputs.pooled.items()}
-    return ReadInputs(move(inputs.mask), hidden(inputs.encoder_hidden), maps(inputs.encoder_attention),
+    return ReadInputs(inputs.packing.to(device), hidden(inputs.encoder_hidden), maps(inputs.encoder_attention),
                       hidden(inputs.decoder_hidden), maps(inputs.cross_attention), pooled)
 
 

@@ -19,6 +19,14 @@ heads' pool(phi_N) is stored at full width (`ReadInputs.pooled`), so a fresh net
 what the backbone does, and Up still writes the full d-wide correction.
 Parameters are shared across layers (one ReadLayer), or one per layer with `recurrence=False`.
 
+Packed tokens. Everything READ computes per token runs on the batch's real tokens only, packed one
+example after another ([T, ...], T = the batch's token count): no product is spent on padding. Only the
+attention mix needs each example's L x L block: the side states are padded for it and packed again
+(`Packing`). Three exact shortcuts (equal up to float rounding): layer 1 starts from the zero state, so
+F(h_0) and the cell's W_hh h_0 are their biases and are not multiplied; products that read the same
+input run as one wider product (F and W_hh on h, Phi and W on u); pooling is linear and Up affine, so
+Up(pool(h_N)) is pool(Up(h_N)) at 1/L of the cost.
+
 Members. A `ReadModel` holds M networks of one spec side by side: every parameter is [M, ...], and the
 outputs are [M, B, ...]. A sweep's configurations that share a seed and a shape train as the members of
 one model; a single run, a checkpoint and `predict-side` are a model of one member. Each product runs
@@ -73,15 +81,48 @@ class ReadSpec:
 
 
 @dataclass
-class ReadInputs:
-    """A padded batch of cached activations (float32), shared by every member."""
+class Packing:
+    """Where a batch's packed tokens sit in its padded [B, L] layout (built on the CPU with the batch)."""
 
-    mask: torch.Tensor  # bool [B, L]
-    encoder_hidden: list[torch.Tensor]  # phi_1..phi_N, each [B, L, d]
+    lengths: torch.Tensor  # int64 [B]
+    mask: torch.Tensor  # bool [B, L]: real positions
+    real: torch.Tensor  # int64 [T]: each packed token's position in the flattened [B * L]
+
+    @classmethod
+    def of(cls, lengths: torch.Tensor) -> "Packing":
+        mask = torch.arange(int(lengths.max())) < lengths[:, None]
+        return cls(lengths, mask, mask.flatten().nonzero().squeeze(1))
+
+    def to(self, device: torch.device) -> "Packing":
+        move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
+        return Packing(move(self.lengths), move(self.mask), move(self.real))
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., T, k] -> [..., B, L, k], zero on padding."""
+        flat = x.new_zeros(*x.shape[:-2], self.mask.numel(), x.shape[-1]).index_copy(-2, self.real, x)
+        return flat.view(*x.shape[:-2], *self.mask.shape, x.shape[-1])
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., B, L, k] -> [..., T, k]."""
+        return x.flatten(-3, -2).index_select(-2, self.real)
+
+
+@dataclass
+class ReadInputs:
+    """A batch of cached activations (float32), shared by every member. Hidden states are packed, the
+    batch's real tokens one example after another; attention maps are padded to its longest example and
+    zero outside each example's block (they stay in the stored dtype until READ multiplies by them)."""
+
+    packing: Packing
+    encoder_hidden: list[torch.Tensor]  # phi_1..phi_N, each [T, d]
     encoder_attention: list[torch.Tensor] | None  # sigma_1..sigma_N, [B, A, L, L] or [B, L, L]
-    decoder_hidden: list[torch.Tensor]  # T5: phi_1..phi_Ndec at the start position, [B, 1, d]; [] otherwise
+    decoder_hidden: list[torch.Tensor]  # T5: phi_1..phi_Ndec at the start position, [B, d]; [] otherwise
     cross_attention: list[torch.Tensor] | None  # T5: [B, A, 1, L] or [B, 1, L]
     pooled: dict[str, torch.Tensor] | None = None  # projected caches, encoder-only: pooling -> pool(phi_N), [B, d]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.packing.mask
 
 
 def build_head(d_model: int, num_labels: int, label_head: torch.Tensor | None) -> nn.Linear:
@@ -112,7 +153,10 @@ class _Mix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         attention, values = ctx.saved_tensors
-        grad_values = widen(attention, grad.dtype).transpose(-1, -2) @ grad if ctx.needs_input_grad[1] else None
+        if not ctx.needs_input_grad[1]:
+            return None, None
+        # (grad^T @ maps)^T is maps^T @ grad without a transposed copy of the (large) maps
+        grad_values = (grad.transpose(-1, -2) @ widen(attention, grad.dtype)).transpose(-1, -2)
         return None, grad_values  # the cached maps are data: they get no gradient
 
 
@@ -156,6 +200,16 @@ def shared_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.view(-1, members, outputs).transpose(0, 1)
 
 
+def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, N, in] (each member its own; N may be 1 and broadcast) times weight [M, out, in], plus bias
+    [M, out] -> [M, N, out]. One member runs as a plain 2-D product, torch's fastest path."""
+    if x.shape[0] == 1:
+        return nn.functional.linear(x[0], weight[0], None if bias is None else bias[0]).unsqueeze(0)
+    if bias is None:
+        return torch.bmm(x, weight.transpose(1, 2))
+    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+
 class Linear(nn.Module):
     """M linear maps: weight [M, out, in], bias [M, out]. Every member starts as `start`, by default a
     fresh nn.Linear (torch's own initialisation, drawn once for all members)."""
@@ -168,9 +222,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, N, in] (each member its own) -> [M, N, out]."""
-        if self.bias is None:
-            return torch.bmm(x, self.weight.transpose(1, 2))
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+        return product(x, self.weight, self.bias)
 
 
 class Cell(nn.Module):
@@ -187,8 +239,11 @@ class Cell(nn.Module):
     def forward(self, x: torch.Tensor, state):
         """x [M, N, r]; state [M, N, r], or (h, c) for lstm."""
         h = state[0] if self.kind == "lstm" else state
-        gi = torch.baddbmm(self.bias_ih.unsqueeze(1), x, self.weight_ih.transpose(1, 2))
-        gh = torch.baddbmm(self.bias_hh.unsqueeze(1), h, self.weight_hh.transpose(1, 2))
+        return self.update(product(x, self.weight_ih, self.bias_ih), product(h, self.weight_hh, self.bias_hh), state)
+
+    def update(self, gi: torch.Tensor, gh: torch.Tensor, state):
+        """The new state from the input's gate products gi [M, N, G*r] and the state's gh (which may be
+        [M, 1, G*r], broadcast: the zero state's are its biases)."""
         if self.kind == "rnn":
             return torch.tanh(gi + gh)
         if self.kind == "gru":
@@ -196,14 +251,15 @@ class Cell(nn.Module):
             h_r, h_z, h_n = gh.chunk(3, -1)
             r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
             n = torch.tanh(i_n + r * h_n)
-            return (1 - z) * n + z * h
+            return (1 - z) * n + z * state
         i, f, g, o = (gi + gh).chunk(4, -1)
         c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c), c
 
 
 class Joiner(nn.Module):
-    """psi = Phi(u) + Psi(mix), u = F(h_prev): what the side network adds to the backbone's state."""
+    """psi = Phi(u) + Psi(mix), u = F(h_prev): what the side network adds to the backbone's state. Its
+    products run inside ReadLayer.forward, fused with the cell's (the modules hold the parameters)."""
 
     def __init__(self, members: int, width: int, heads: int):
         super().__init__()
@@ -213,45 +269,54 @@ class Joiner(nn.Module):
         self.Phi = Linear(members, width, width)
         self.Psi = Linear(members, width, width)
 
-    def forward(self, h_prev, attention, values=None):
-        """h_prev [M, B, L, r]; values [M, B, Lk, r] or None (then u itself); returns psi [M, B*L, r]."""
-        members, batch, length, width = h_prev.shape
-        u = self.F(h_prev.reshape(members, -1, width))  # [M, B*L, r]
-        source = u if values is None else values.reshape(members, -1, width)
-        mixed = mix(attention, self.W(source).view(members, batch, -1, width), self.heads)
-        psi = self.Phi(u)
-        return psi + self.Psi(mixed.reshape(members, -1, width)) if mixed is not None else psi
-
 
 class ReadLayer(nn.Module):
     """One step of the recurrence: Joiner, Down and the Cell."""
 
     def __init__(self, members: int, d_in: int, width: int, heads: int, cell: str):
         super().__init__()
-        self.d_in, self.is_lstm = d_in, cell == "lstm"
+        self.d_in, self.width, self.is_lstm = d_in, width, cell == "lstm"
         self.joiner = Joiner(members, width, heads)
         self.down = Linear(members, d_in + width, width)
         self.cell = Cell(members, width, cell)
 
-    def forward(self, phi, attention, state, values=None):
-        """phi [B, L, d_in] (shared); state [M, B, L, r] or an (h, c) pair of them."""
+    def forward(self, phi, attention, state, keys: Packing, first: bool, values=None):
+        """phi [N, d_in] (shared: the packed tokens, or T5's decoder start positions); state [M, N, r] or an
+        (h, c) pair of them, zero when `first`. The attention mix reads, on the tokens of `keys`, W(u) or,
+        given, `values` [M, T, r] (T5's decoder: W of the encoder side's h_N, see ReadStack)."""
+        joiner, cell, r = self.joiner, self.cell, self.width
         h_prev = state[0] if self.is_lstm else state
-        shape = h_prev.shape
-        psi = self.joiner(h_prev, attention, values)  # [M, B*L, r]
+        f = joiner.F[0]
+        if first:  # h_0 = 0: F(h_0) and W_hh h_0 are their biases, the same for every token
+            u, gh = torch.tanh(f.bias).unsqueeze(1), cell.bias_hh.unsqueeze(1)  # [M, 1, r], [M, 1, G*r]
+        else:  # F and W_hh both read h_prev: one product
+            both = product(h_prev, torch.cat([f.weight, cell.weight_hh], 1), torch.cat([f.bias, cell.bias_hh], 1))
+            u, gh = both.split([r, both.shape[-1] - r], -1)  # split: its backward is one concatenation
+            u = torch.tanh(u)
+        per_token = values is None  # the encoder side: every token a query, mixing its own example's W(u)
+        if attention is None:  # a cache without attention maps: the Joiner is Phi(u) alone
+            psi = joiner.Phi(u)
+        else:
+            if per_token:  # Phi and W both read u: one product
+                both = product(u, torch.cat([joiner.Phi.weight, joiner.W.weight], 1),
+                               torch.cat([joiner.Phi.bias, torch.zeros_like(joiner.Phi.bias)], 1))
+                phi_u, values = both.split(r, -1)
+            else:
+                phi_u = joiner.Phi(u)
+            values = values.expand(-1, keys.real.numel(), -1)  # the zero state's W(u) is one row
+            mixed = mix(attention, keys.pad(values), joiner.heads)  # [M, B, Lq, r]
+            psi = phi_u + joiner.Psi(keys.unpad(mixed) if per_token else mixed[:, :, 0])  # [M, N, r]
         # Down(concat(phi, psi)) as two products: no concatenated copy of phi is made and kept for backward,
         # and phi, the same for every member, is read once.
         weight = self.down.weight  # [M, r, d_in + r]
-        x = shared_product(phi.reshape(-1, self.d_in), weight[:, :, :self.d_in]) + torch.baddbmm(
-            self.down.bias.unsqueeze(1), psi, weight[:, :, self.d_in:].transpose(1, 2))
-        flat = tuple(s.reshape(shape[0], -1, shape[-1]) for s in state) if self.is_lstm \
-            else state.reshape(shape[0], -1, shape[-1])
-        new = self.cell(x, flat)
-        return tuple(s.view(shape) for s in new) if self.is_lstm else new.view(shape)
+        x = shared_product(phi, weight[:, :, :self.d_in]) + product(psi, weight[:, :, self.d_in:], self.down.bias)
+        return cell.update(product(x, cell.weight_ih, cell.bias_ih), gh, state)
 
 
 class ReadStack(nn.Module):
-    """The recurrence over one stack's layers (reading phi d_in wide), then the correction Up(h_N), d_model
-    wide. A T5 encoder stack has no Up: its correction reaches the decoder side through h_N alone."""
+    """The recurrence over one stack's layers (reading phi d_in wide), and Up, d_model wide, which the
+    model applies (to the pooled h_N, or T5's decoder start position). A T5 encoder stack has no Up: its
+    correction reaches the decoder side through h_N alone."""
 
     def __init__(self, members: int, n_layers: int, d_in: int, d_model: int, width: int, heads: int, cell: str,
                  recurrence: bool, output: bool = True):
@@ -264,19 +329,21 @@ class ReadStack(nn.Module):
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
 
-    def forward(self, hidden, attention, values=None):
-        """hidden: phi_1..phi_N [B, L, d_in]; attention: sigma_1..sigma_N or None.
-        Returns (Up(h_N) [M, B, L, d] or None without Up, h_N [M, B, L, r])."""
-        zeros = hidden[0].new_zeros(self.members, *hidden[0].shape[:-1], self.width)
+    def forward(self, hidden, attention, keys: Packing, values=None) -> torch.Tensor:
+        """hidden: phi_1..phi_N [N, d_in]; attention: sigma_1..sigma_N or None; values: T5's decoder side
+        mixes the encoder side's h_N [M, T, r] (over the tokens of `keys`). Returns h_N [M, N, r]."""
+        zeros = hidden[0].new_zeros(self.members, hidden[0].shape[0], self.width)
         state = (zeros, zeros) if self.is_lstm else zeros
+        projected = {}  # W(values), once per distinct layer (once in all with recurrence)
         for i in range(self.n_layers):
             layer = self.layers[min(i, len(self.layers) - 1)]
-            state = layer(hidden[i], attention[i] if attention is not None else None, state, values)
-        h_last = state[0] if self.is_lstm else state
-        if self.up is None:
-            return None, h_last
-        members, batch, length, width = h_last.shape
-        return self.up(h_last.reshape(members, -1, width)).view(members, batch, length, -1), h_last
+            source = None
+            if values is not None and attention is not None:
+                source = projected.get(id(layer))
+                if source is None:
+                    source = projected[id(layer)] = layer.joiner.W(values)
+            state = layer(hidden[i], attention[i] if attention is not None else None, state, keys, i == 0, source)
+        return state[0] if self.is_lstm else state
 
 
 class ReadModel(nn.Module):
@@ -312,13 +379,15 @@ class ReadModel(nn.Module):
 
     def features(self, inputs: ReadInputs) -> torch.Tensor:
         """[M, B, d]: the corrected state each member's heads read."""
-        correction, h_last = self.encoder(inputs.encoder_hidden, inputs.encoder_attention)  # [M, B, L, d], [M, B, L, r]
+        packing = inputs.packing
+        h_last = self.encoder(inputs.encoder_hidden, inputs.encoder_attention, packing)  # [M, T, r]
         if self.decoder is None:
-            base = inputs.pooled[self.spec.pooling] if inputs.pooled is not None else \
-                pool(inputs.encoder_hidden[-1], inputs.mask, self.spec.pooling)  # [B, d]
-            return self.dropout(base + pool(correction, inputs.mask, self.spec.pooling))
-        correction, _ = self.decoder(inputs.decoder_hidden, inputs.cross_attention, values=h_last)  # [M, B, 1, d]
-        return self.dropout(inputs.decoder_hidden[-1][:, 0] + correction[:, :, 0])
+            pooling, mask = self.spec.pooling, packing.mask
+            base = inputs.pooled[pooling] if inputs.pooled is not None else \
+                pool(packing.pad(inputs.encoder_hidden[-1]), mask, pooling)  # [B, d]
+            return self.dropout(base + self.encoder.up(pool(packing.pad(h_last), mask, pooling)))
+        h_decoder = self.decoder(inputs.decoder_hidden, inputs.cross_attention, packing, values=h_last)  # [M, B, r]
+        return self.dropout(inputs.decoder_hidden[-1] + self.decoder.up(h_decoder))
 
     def forward(self, inputs: ReadInputs, task: str) -> torch.Tensor:
         """[M, B, C] outputs of one task's heads."""

@@ -1,0 +1,180 @@
+"""READ training throughput from a cache against a plain matmul of the same shapes, measured in one run.
+
+For each cache: the first `--batches` training batches of an epoch (seed 0, length-bucketed as train-side
+draws them) are assembled, then trained on with train-side's own step (`stacks.train_step`, `--members`
+configurations side by side), after `--warmup` untimed steps. Printed per cache:
+- where a step's time goes: batch assembly, forward, backward, optimizer;
+- tokens per second (real tokens: READ computes nothing on padding);
+- achieved GFLOP/s by operation count: every product READ's equations need on the batch's real tokens,
+  forward and backward (the first layer's products of the zero state h_0 are not needed and not counted;
+  no gradient is computed for the cached activations), and the attention mix;
+- the rate of plain float32 matmuls (torch.mm) of exactly the same products (the same rows, widths,
+  forward and backward), timed in the same run, and READ's share of it.
+
+    python scripts/bench_throughput.py caches/all-MiniLM-L6-v2/rte caches/all-MiniLM-L6-v2/sst2
+
+`--profile` adds torch.profiler's table of the heaviest operations.
+"""
+from __future__ import annotations
+
+import time
+
+import click
+import torch
+
+from cache_store import CacheReader
+from cache_store.runtime import keep_freed_memory
+from side_train.config import RunConfig
+from side_train.data import InMemorySplit, read_spec
+from side_train.read_model import ReadSpec
+from side_train.stacks import make_stacks, member_losses
+from side_train.tasks import TaskInfo
+
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+
+def products(spec: ReadSpec, lengths: list[int], attention: bool) -> tuple[list[tuple[int, int, int, bool]], int]:
+    """READ's products for one member and one batch of examples of `lengths`: (rows, in, out, reads data),
+    each forward as [rows, in] @ [in, out]; `reads data` when its input is a cached activation (no
+    gradient for it). Also the attention mix's multiply-adds (forward)."""
+    r, g, tokens = spec.width, GATES[spec.cell], sum(lengths)
+    d_in = spec.projection or spec.d_model
+    out, mix = [], 0
+
+    def layer(rows, first, d, own_values):
+        nonlocal mix
+        if not first:
+            out.append((rows, r, r + g * r, False))  # F and W_hh on h_{i-1}
+        if attention:
+            if not first:
+                out.append((rows, r, 2 * r if own_values else r, False))  # Phi and W on u (Phi alone: decoder)
+            out.append((rows, r, r, False))  # Psi on the mix
+        elif not first:
+            out.append((rows, r, r, False))  # Phi
+        out.append((rows, d, r, True))  # Down's phi part
+        out.append((rows, r, r, False))  # Down's psi part
+        out.append((rows, r, g * r, False))  # W_ih
+
+    for i in range(spec.n_layers):
+        layer(tokens, i == 0, d_in, True)
+        mix += sum(m * m for m in lengths) * r if attention else 0
+    if spec.n_decoder_layers:
+        distinct = 1 if spec.recurrence else spec.n_decoder_layers
+        out += [(tokens, r, r, False)] * (distinct if attention else 0)  # W on the encoder side's h_N
+        for i in range(spec.n_decoder_layers):
+            layer(len(lengths), i == 0, spec.d_model, False)
+            mix += tokens * r if attention else 0
+    out.append((len(lengths), r, spec.d_model, False))  # Up (on the pooled state or the decoder's)
+    return out, mix
+
+
+def flops(shapes, mix: int) -> tuple[float, float]:
+    """(forward, backward) FLOPs: 2 per multiply-add; backward computes the input's gradient (unless it is
+    data) and the weight's; the mix's backward only the side states' gradient."""
+    forward = sum(2 * n * a * b for n, a, b, _ in shapes) + 2 * mix
+    backward = sum(2 * n * a * b * (1 if data else 2) for n, a, b, data in shapes) + 2 * mix
+    return forward, backward
+
+
+def matmul_seconds(batches: list[list[tuple[int, int, int, bool]]], members: int) -> float:
+    """Wall time of plain torch.mm for every product of every batch, forward and backward, each member's
+    own (members side by side share nothing here)."""
+    cache = {}
+
+    def tensor(*shape):
+        if shape not in cache:
+            cache[shape] = torch.randn(*shape)
+        return cache[shape]
+
+    began = time.perf_counter()
+    for shapes in batches:
+        for _ in range(members):
+            for n, a, b, data in shapes:
+                x, w, grad = tensor(n, a), tensor(a, b), tensor(n, b)
+                torch.mm(x, w)
+                if not data:
+                    torch.mm(grad, w.T)
+                torch.mm(x.T, grad)
+    return time.perf_counter() - began
+
+
+def bench(path: str, n_batches: int, warmup: int, members: int, width: int, cell: str, profile: bool) -> None:
+    cache = CacheReader(path)
+    configs = [RunConfig(cell=cell, width=width, lr=1e-3 * (m + 1)) for m in range(members)]
+    spec = read_spec(cache, width, cell)
+    split = InMemorySplit(cache.split("train"), spec)
+    info = TaskInfo.from_cache(cache)
+    stack = make_stacks(configs, cache, [info], 10_000, torch.device("cpu"))[0]
+    order = split.batch_order(32, shuffle=True, seed=0)[:warmup + n_batches]
+    attention = cache.manifest["attention"] != "none"
+
+    def step(batch):
+        t0 = time.perf_counter()
+        losses = member_losses(info, stack.model(batch.inputs, info.name), batch.labels)
+        t1 = time.perf_counter()
+        stack.optimizer.zero_grad()
+        losses.sum().backward()
+        t2 = time.perf_counter()
+        stack.optimizer.step(stack.lrs * 0.5, stack.active())
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+    for index in order[:warmup]:
+        step(split.batch(index))
+    times = dict(assembly=0.0, forward=0.0, backward=0.0, optimizer=0.0)
+    tokens, padded, shapes, mix_macs = 0, 0, [], 0
+    for index in order[warmup:]:
+        t0 = time.perf_counter()
+        batch = split.batch(index)
+        times["assembly"] += time.perf_counter() - t0
+        forward, backward, optimizer = step(batch)
+        times["forward"] += forward
+        times["backward"] += backward
+        times["optimizer"] += optimizer
+        lengths = batch.inputs.mask.sum(1).tolist()
+        tokens += sum(lengths)
+        padded += batch.inputs.mask.numel()
+        batch_shapes, mix = products(spec, lengths, attention)
+        shapes.append(batch_shapes)
+        mix_macs += mix
+    fwd, bwd = (sum(x) for x in zip(*(flops(s, 0) for s in shapes)))
+    read_flops = members * (fwd + bwd + 4 * mix_macs)
+    matmul_flops = members * (fwd + bwd)
+    matmul_seconds(shapes[:2], members)  # warm-up
+    reference = matmul_seconds(shapes, members)
+    total = sum(times.values())
+    name = cache.manifest["task"]["name"]
+    print(f"\n{cache.manifest['backbone']['name']} {name}: {len(shapes)} batches of 32, {tokens} real tokens "
+          f"({tokens / padded:.0%} of the padded batches), {cell} r={width}, {members} member(s), "
+          f"{torch.get_num_threads()} threads")
+    print("  time per step: " + ", ".join(f"{k} {v / len(shapes) * 1e3:.1f} ms ({v / total:.0%})"
+                                          for k, v in times.items()))
+    print(f"  READ     : {tokens * members / total:9.0f} tokens/s, {read_flops / total / 1e9:6.1f} GFLOP/s "
+          f"({read_flops / len(shapes) / 1e9:.2f} GFLOP per step, mix {4 * mix_macs * members / read_flops:.1%})")
+    print(f"  matmul   : {matmul_flops / reference / 1e9:6.1f} GFLOP/s on the same products")
+    print(f"  RATIO READ / matmul rate = {read_flops / total / (matmul_flops / reference):.2f}")
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        batches = [split.batch(index) for index in order[warmup:]]
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for batch in batches:
+                step(batch)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+@click.command()
+@click.argument("caches", nargs=-1, required=True)
+@click.option("--batches", type=int, default=40, help="Timed training batches per cache.")
+@click.option("--warmup", type=int, default=3)
+@click.option("--members", type=int, default=1, help="Configurations trained side by side (a sweep's stack).")
+@click.option("--hidden", type=int, default=144)
+@click.option("--rnn", default="gru")
+@click.option("--profile", is_flag=True, help="Also print torch.profiler's heaviest operations.")
+def main(caches, batches, warmup, members, hidden, rnn, profile):
+    keep_freed_memory()  # as train-side does
+    for path in caches:
+        bench(path, batches, warmup, members, hidden, rnn, profile)
+
+
+if __name__ == "__main__":
+    main()
