@@ -26,6 +26,7 @@ from cache_store import CacheReader
 from cache_store.runtime import keep_freed_memory
 from side_train.config import RunConfig
 from side_train.data import InMemorySplit, read_spec
+from side_train.devices import to_device
 from side_train.read_model import ReadSpec
 from side_train.stacks import make_stacks, member_losses
 from side_train.tasks import TaskInfo
@@ -118,13 +119,14 @@ def bench(path: str, n_batches: int, warmup: int, members: int, width: int, cell
         stack.optimizer.step(stack.lrs * 0.5, stack.active())
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 
+    cpu = torch.device("cpu")
     for index in order[:warmup]:
-        step(split.batch(index))
+        step(to_device(split.batch(index), cpu))
     times = dict(assembly=0.0, forward=0.0, backward=0.0, optimizer=0.0)
     tokens, padded, shapes, mix_macs = 0, 0, [], 0
     for index in order[warmup:]:
         t0 = time.perf_counter()
-        batch = split.batch(index)
+        batch = to_device(split.batch(index), cpu)  # as train-side: int8 hidden states widen here
         times["assembly"] += time.perf_counter() - t0
         forward, backward, optimizer = step(batch)
         times["forward"] += forward
@@ -155,7 +157,7 @@ def bench(path: str, n_batches: int, warmup: int, members: int, width: int, cell
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
-        batches = [split.batch(index) for index in order[warmup:]]
+        batches = [to_device(split.batch(index), cpu) for index in order[warmup:]]
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             for batch in batches:
                 step(batch)

@@ -90,18 +90,16 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
     width = mask.shape[1]
     pos = torch.arange(width)
     starts = offsets[index]
-    token_count = int(lengths.sum())
-    # the packed tokens' rows: each example's contiguous run, one after another
-    packed = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths) + torch.arange(token_count)
     tokens = torch.where(mask, starts[:, None] + pos[None, :], 0)  # [B, L] into T (padding: row 0)
-    rows = pos[:, None]
-    blocks, sizes = attention_offsets[index].tolist(), lengths.tolist()
+    firsts, blocks, sizes = starts.tolist(), attention_offsets[index].tolist(), lengths.tolist()
+
+    def runs(stored):  # the examples' contiguous runs of rows, one after another (faster than a row gather)
+        return torch.cat([stored[start:start + m] for start, m in zip(firsts, sizes)])
 
     def tokens_of(path):  # [T_all, d] -> [T, d]
-        values = arrays[path].index_select(0, packed)
         if scale_path(path) in arrays:
-            return QuantizedRows(values, arrays[scale_path(path)].index_select(0, packed))
-        return values.float()
+            return QuantizedRows(runs(arrays[path]), runs(arrays[scale_path(path)]))
+        return runs(arrays[path]).float()
 
     def rows_of(path):  # [n, d] -> [B, d]
         values = arrays[path].index_select(0, index)
@@ -110,14 +108,15 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
         return values.float()
 
     def topk_of(path, key_path):  # [A, P] values and keys -> [B, A, L, L]
-        k = torch.minimum(lengths, torch.tensor(topk))[:, None, None]  # [B, 1, 1]: entries per row
-        slot = torch.arange(min(topk, width))
-        valid = (rows < lengths[:, None, None]) & (slot < k)  # [B, L, K]
-        at = torch.where(valid, kept[:, None, None] + rows * k + slot, 0).reshape(-1)
-        values = arrays[path].index_select(-1, at).view(-1, *valid.shape).transpose(0, 1) * valid[:, None]
-        keys = arrays[key_path].index_select(-1, at).view(-1, *valid.shape).transpose(0, 1).long() * valid[:, None]
-        dense = values.new_zeros(len(lengths), values.shape[1], width, width)
-        return dense.scatter_add_(-1, keys, values)  # invalid slots add 0 at key 0
+        stored, stored_keys = arrays[path], arrays[key_path]  # each example's m x k entries: one run per head
+        slots = min(topk, width)
+        values = stored.new_zeros(len(sizes), *stored.shape[:-1], width, slots)
+        keys = torch.zeros(values.shape, dtype=torch.int64)
+        for row, (start, m) in enumerate(zip(kept.tolist(), sizes)):
+            k = min(m, topk)
+            values[row, ..., :m, :k] = stored[..., start:start + m * k].unflatten(-1, (m, k))
+            keys[row, ..., :m, :k] = stored_keys[..., start:start + m * k].unflatten(-1, (m, k))
+        return values.new_zeros(*values.shape[:-1], width).scatter_add_(-1, keys, values)  # empty slots add 0 at key 0
 
     def attention_of(path):  # [A, S] -> [B, A, L, L], or [S] -> [B, L, L]; kept in the stored dtype (see mix)
         if topk:
