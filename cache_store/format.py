@@ -153,7 +153,7 @@ def quantize_probabilities(p: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_probabilities(units: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return units.to(dtype) / PROBABILITY_UNITS
+    return torch.mul(units, 1.0 / PROBABILITY_UNITS).to(dtype)  # one pass: uint8 times a float is float32
 
 
 def compressors() -> list:

@@ -13,7 +13,9 @@ configurations side by side), after `--warmup` untimed steps. Printed per cache:
 
     python scripts/bench_throughput.py caches/all-MiniLM-L6-v2/rte caches/all-MiniLM-L6-v2/sst2
 
-`--profile` adds torch.profiler's table of the heaviest operations.
+`--profile` adds torch.profiler's table of the heaviest operations; `--compile` times the GRU cell's
+elementwise update (forward and backward, the largest fusable part of a step) eager and under
+torch.compile, on the first cache's largest batch.
 """
 from __future__ import annotations
 
@@ -99,7 +101,7 @@ def matmul_seconds(batches: list[list[tuple[int, int, int, bool]]], members: int
     return time.perf_counter() - began
 
 
-def bench(path: str, n_batches: int, warmup: int, members: int, width: int, cell: str, profile: bool) -> None:
+def bench(path: str, n_batches: int, warmup: int, members: int, width: int, cell: str, profile: bool) -> int:
     cache = CacheReader(path)
     configs = [RunConfig(cell=cell, width=width, lr=1e-3 * (m + 1)) for m in range(members)]
     spec = read_spec(cache, width, cell)
@@ -123,7 +125,7 @@ def bench(path: str, n_batches: int, warmup: int, members: int, width: int, cell
     for index in order[:warmup]:
         step(to_device(split.batch(index), cpu))
     times = dict(assembly=0.0, forward=0.0, backward=0.0, optimizer=0.0)
-    tokens, padded, shapes, mix_macs = 0, 0, [], 0
+    tokens, padded, shapes, mix_macs, batch_tokens = 0, 0, [], 0, []
     for index in order[warmup:]:
         t0 = time.perf_counter()
         batch = to_device(split.batch(index), cpu)  # as train-side: int8 hidden states widen here
@@ -134,6 +136,7 @@ def bench(path: str, n_batches: int, warmup: int, members: int, width: int, cell
         times["optimizer"] += optimizer
         lengths = batch.inputs.mask.sum(1).tolist()
         tokens += sum(lengths)
+        batch_tokens.append(sum(lengths))
         padded += batch.inputs.mask.numel()
         batch_shapes, mix = products(spec, lengths, attention)
         shapes.append(batch_shapes)
@@ -162,6 +165,32 @@ def bench(path: str, n_batches: int, warmup: int, members: int, width: int, cell
             for batch in batches:
                 step(batch)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    return max(batch_tokens)
+
+
+def compare_compile(tokens: int, width: int) -> None:
+    """The GRU update of read_model.Cell, eager against torch.compile (dynamic shapes), forward and backward."""
+    from side_train.read_model import Cell
+
+    cell = Cell(1, width, "gru")
+    gi, gh = (torch.randn(1, tokens, 3 * width, requires_grad=True) for _ in range(2))
+    h = torch.randn(1, tokens, width, requires_grad=True)
+
+    def run(update, n=20):
+        update(gi, gh, h).sum().backward()
+        began = time.perf_counter()
+        for _ in range(n):
+            update(gi, gh, h).sum().backward()
+        return (time.perf_counter() - began) / n
+
+    eager = run(cell.update)
+    began = time.perf_counter()
+    compiled = torch.compile(cell.update, dynamic=True)
+    compiled(gi, gh, h).sum().backward()
+    compile_seconds = time.perf_counter() - began
+    fused = run(compiled)
+    print(f"\nGRU update on {tokens} tokens, r={width}, forward and backward: eager {eager * 1e3:.2f} ms, "
+          f"torch.compile {fused * 1e3:.2f} ms (compiling took {compile_seconds:.0f} s)")
 
 
 @click.command()
@@ -172,10 +201,12 @@ def bench(path: str, n_batches: int, warmup: int, members: int, width: int, cell
 @click.option("--hidden", type=int, default=144)
 @click.option("--rnn", default="gru")
 @click.option("--profile", is_flag=True, help="Also print torch.profiler's heaviest operations.")
-def main(caches, batches, warmup, members, hidden, rnn, profile):
+@click.option("--compile", "check_compile", is_flag=True, help="Also time the GRU update under torch.compile.")
+def main(caches, batches, warmup, members, hidden, rnn, profile, check_compile):
     keep_freed_memory()  # as train-side does
-    for path in caches:
-        bench(path, batches, warmup, members, hidden, rnn, profile)
+    largest = max(bench(path, batches, warmup, members, hidden, rnn, profile) for path in caches)
+    if check_compile:
+        compare_compile(largest, hidden)
 
 
 if __name__ == "__main__":
