@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from cache_store import UserError
-from cache_store.format import POOLINGS, dequantize_probabilities, pool
+from cache_store.format import POOLINGS, PROBABILITY_UNITS, dequantize_probabilities, pool
 
 # The cells READ can use: torch's, whose equations `Cell` computes for M members at once.
 CELLS: dict[str, type[nn.RNNCellBase]] = {"rnn": nn.RNNCell, "gru": nn.GRUCell, "lstm": nn.LSTMCell}
@@ -136,9 +136,31 @@ def build_head(d_model: int, num_labels: int, label_head: torch.Tensor | None) -
     return head
 
 
-def widen(attention: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cached attention maps as `dtype`: bfloat16 widens exactly; uint8 holds units of 1/255."""
-    return dequantize_probabilities(attention, dtype) if attention.dtype == torch.uint8 else attention.to(dtype)
+def widen(attention: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Cached attention maps as `dtype`: bfloat16 widens exactly; uint8 holds units of 1/255. With `out`
+    (as many elements at least), written there."""
+    if out is None:
+        return dequantize_probabilities(attention, dtype) if attention.dtype == torch.uint8 else attention.to(dtype)
+    wide = out[:attention.numel()].view(attention.shape).copy_(attention)
+    return wide.div_(PROBABILITY_UNITS) if attention.dtype == torch.uint8 else wide
+
+
+class _Scratch:
+    """One buffer, grown as needed, for the maps widened in each mix: they are used at once and dropped,
+    and a fresh allocation of that size each time costs page faults that took longer than the widening."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        key = (dtype, like.device)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < like.numel():
+            buffer = self.buffers[key] = torch.empty(like.numel(), dtype=dtype, device=like.device)
+        return buffer
+
+
+_scratch = _Scratch()
 
 
 class _Mix(torch.autograd.Function):
@@ -148,7 +170,7 @@ class _Mix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, attention, values):
         ctx.save_for_backward(attention, values)
-        return widen(attention, values.dtype) @ values
+        return widen(attention, values.dtype, _scratch(attention, values.dtype)) @ values
 
     @staticmethod
     def backward(ctx, grad):
@@ -156,7 +178,8 @@ class _Mix(torch.autograd.Function):
         if not ctx.needs_input_grad[1]:
             return None, None
         # (grad^T @ maps)^T is maps^T @ grad without a transposed copy of the (large) maps
-        grad_values = (grad.transpose(-1, -2) @ widen(attention, grad.dtype)).transpose(-1, -2)
+        grad_values = (grad.transpose(-1, -2) @ widen(attention, grad.dtype, _scratch(attention, grad.dtype))
+                       ).transpose(-1, -2)
         return None, grad_values  # the cached maps are data: they get no gradient
 
 
