@@ -3,7 +3,8 @@
 For each cache: the first `--batches` training batches of an epoch (seed 0, length-bucketed as train-side
 draws them) are assembled, then trained on with train-side's own step (`stacks.train_step`, `--members`
 configurations side by side), after `--warmup` untimed steps. Printed per cache:
-- where a step's time goes: batch assembly, forward, backward, optimizer;
+- where a step's time goes: batch assembly, forward, backward, optimizer; and the validation pass's
+  share of an epoch;
 - tokens per second (real tokens: READ computes nothing on padding);
 - achieved GFLOP/s by operation count: every product READ's equations need on the batch's real tokens,
   forward and backward (the first layer's products of the zero state h_0 are not needed and not counted;
@@ -29,6 +30,7 @@ from cache_store.runtime import keep_freed_memory
 from side_train.config import RunConfig
 from side_train.data import InMemorySplit, read_spec
 from side_train.devices import to_device
+from side_train.evaluation import evaluate_members
 from side_train.read_model import ReadSpec
 from side_train.stacks import make_stacks, member_losses
 from side_train.tasks import TaskInfo
@@ -157,6 +159,13 @@ def bench(path: str, n_batches: int, warmup: int, members: int, width: int, cell
           f"({read_flops / len(shapes) / 1e9:.2f} GFLOP per step, mix {4 * mix_macs * members / read_flops:.1%})")
     print(f"  matmul   : {matmul_flops / reference / 1e9:6.1f} GFLOP/s on the same products")
     print(f"  RATIO READ / matmul rate = {read_flops / total / (matmul_flops / reference):.2f}")
+    validation = InMemorySplit(cache.split("validation"), spec)
+    began = time.perf_counter()
+    evaluate_members(stack.model, info, validation, 64, cpu)  # as train-side validates: batches of 64, no gradient
+    seconds = time.perf_counter() - began
+    epoch = total / len(shapes) * split.n_batches(32)
+    print(f"  an epoch: {split.n_batches(32)} steps, about {epoch:.1f} s, then validation of {validation.n_examples} "
+          f"examples {seconds:.1f} s ({seconds / (epoch + seconds):.0%} of the epoch)")
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
