@@ -47,7 +47,6 @@ def products(spec: ReadSpec, lengths: list[int], attention: bool) -> tuple[list[
     out, mix = [], 0
 
     def layer(rows, first, d, own_values):
-        nonlocal mix
         if not first:
             out.append((rows, r, r + g * r, False))  # F and W_hh on h_{i-1}
         if attention:

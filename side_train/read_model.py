@@ -306,7 +306,7 @@ class ReadLayer(nn.Module):
     def forward(self, phi, attention, state, keys: Packing, first: bool, values=None):
         """phi [N, d_in] (shared: the packed tokens, or T5's decoder start positions); state [M, N, r] or an
         (h, c) pair of them, zero when `first`. The attention mix reads, on the tokens of `keys`, W(u) or,
-        given, `values` [M, T, r] (T5's decoder: W of the encoder side's h_N, see ReadStack)."""
+        given, `values` [M, B, L, r], padded (T5's decoder: W of the encoder side's h_N, see ReadStack)."""
         joiner, cell, r = self.joiner, self.cell, self.width
         h_prev = state[0] if self.is_lstm else state
         f = joiner.F[0]
@@ -324,10 +324,10 @@ class ReadLayer(nn.Module):
                 both = product(u, torch.cat([joiner.Phi.weight, joiner.W.weight], 1),
                                torch.cat([joiner.Phi.bias, torch.zeros_like(joiner.Phi.bias)], 1))
                 phi_u, values = both.split(r, -1)
+                values = keys.pad(values.expand(-1, keys.real.numel(), -1))  # the zero state's W(u) is one row
             else:
                 phi_u = joiner.Phi(u)
-            values = values.expand(-1, keys.real.numel(), -1)  # the zero state's W(u) is one row
-            mixed = mix(attention, keys.pad(values), joiner.heads)  # [M, B, Lq, r]
+            mixed = mix(attention, values, joiner.heads)  # [M, B, Lq, r]
             psi = phi_u + joiner.Psi(keys.unpad(mixed) if per_token else mixed[:, :, 0])  # [M, N, r]
         # Down(concat(phi, psi)) as two products: no concatenated copy of phi is made and kept for backward,
         # and phi, the same for every member, is read once.
@@ -357,14 +357,14 @@ class ReadStack(nn.Module):
         mixes the encoder side's h_N [M, T, r] (over the tokens of `keys`). Returns h_N [M, N, r]."""
         zeros = hidden[0].new_zeros(self.members, hidden[0].shape[0], self.width)
         state = (zeros, zeros) if self.is_lstm else zeros
-        projected = {}  # W(values), once per distinct layer (once in all with recurrence)
+        projected = {}  # W(values), padded, once per distinct layer (once in all with recurrence)
         for i in range(self.n_layers):
             layer = self.layers[min(i, len(self.layers) - 1)]
             source = None
             if values is not None and attention is not None:
                 source = projected.get(id(layer))
                 if source is None:
-                    source = projected[id(layer)] = layer.joiner.W(values)
+                    source = projected[id(layer)] = keys.pad(layer.joiner.W(values))
             state = layer(hidden[i], attention[i] if attention is not None else None, state, keys, i == 0, source)
         return state[0] if self.is_lstm else state
 
