@@ -123,7 +123,7 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
             return topk_of(path, path.replace("/attention/", "/attention_keys/"))
         stored = arrays[path]  # [A, S] or [S]: each example's L_j x L_j block is one contiguous run per head
         dense = stored.new_zeros(len(lengths), *stored.shape[:-1], width, width)
-        for row, (start, m) in enumerate(zip(blocks, sizes)):  # block copies: 10x a gather of the same pairs
+        for row, (start, m) in enumerate(zip(blocks, sizes)):  # block copies: far faster than an index gather
             dense[row, ..., :m, :m] = stored[..., start:start + m * m].unflatten(-1, (m, m))
         return dense
 
