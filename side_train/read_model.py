@@ -193,26 +193,48 @@ def head_columns(width: int, heads: int) -> torch.Tensor:
     return torch.tensor([[starts[a] + j if j < sizes[a] else width for j in range(c)] for a in range(heads)])
 
 
-def mix(attention: torch.Tensor | None, values: torch.Tensor, heads: int) -> torch.Tensor | None:
-    """Attention-weighted side states. attention: [B, A, Lq, Lk] per head or [B, Lq, Lk] head mean, in any
-    float dtype, shared; values: [M, B, Lk, r]; returns [M, B, Lq, r] (per head, each head mixes its own
-    slice of the r columns, see head_columns). The members' values go side by side in the last axis, so
-    the maps are multiplied (and widened from bfloat16) once for all members."""
-    if attention is None:
-        return None
+@dataclass
+class MixSide:
+    """Side states laid out for the maps to multiply: [B, Lk, M*r] (head mean) or [B, A, Lk, M*c] (per head,
+    each head's slice of the r columns, see head_columns)."""
+
+    side: torch.Tensor
+    members: int
+    width: int
+    heads: int
+
+
+def mix_side(values: torch.Tensor, heads: int | None) -> MixSide:
+    """values [M, B, Lk, r] -> the layout mix multiplies by, for per-head maps of `heads` heads or (None)
+    head-mean maps. It is a copy: T5's decoder side, whose values are the same at every layer, makes it once."""
     members, batch, keys, width = values.shape
-    if attention.dim() == 3:
-        side = values.permute(1, 2, 0, 3).reshape(batch, keys, members * width)  # [B, Lk, M*r]
-        return _Mix.apply(attention, side).view(batch, -1, members, width).permute(2, 0, 1, 3)
-    c, uneven = -(-width // heads), width % heads
-    if uneven:  # gather each head's columns, a zero column filling the shorter slices
+    if heads is None:
+        return MixSide(values.permute(1, 2, 0, 3).reshape(batch, keys, members * width), members, width, 1)
+    c = -(-width // heads)
+    if width % heads:  # gather each head's columns, a zero column filling the shorter slices
         columns = head_columns(width, heads).flatten().to(values.device)
         values = torch.cat([values, values.new_zeros(*values.shape[:-1], 1)], -1)[..., columns]
     side = values.reshape(members, batch, keys, heads, c).permute(1, 3, 2, 0, 4).reshape(batch, heads, keys, -1)
-    mixed = _Mix.apply(attention, side)  # [B, A, Lq, M*c]
-    queries = mixed.shape[2]
-    mixed = mixed.view(batch, heads, queries, members, c).permute(3, 0, 2, 1, 4).reshape(members, batch, queries, -1)
-    return mixed[..., columns < width] if uneven else mixed
+    return MixSide(side, members, width, heads)
+
+
+def mix(attention: torch.Tensor | None, values: torch.Tensor | MixSide, heads: int) -> torch.Tensor | None:
+    """Attention-weighted side states. attention: [B, A, Lq, Lk] per head or [B, Lq, Lk] head mean, in any
+    float dtype, shared; values: [M, B, Lk, r] (or mix_side of them); returns [M, B, Lq, r] (per head, each
+    head mixes its own slice of the r columns, see head_columns). The members' values go side by side in
+    the last axis, so the maps are multiplied (and widened from bfloat16) once for all members."""
+    if attention is None:
+        return None
+    prepared = values if isinstance(values, MixSide) else mix_side(values, heads if attention.dim() == 4 else None)
+    members, width, batch = prepared.members, prepared.width, prepared.side.shape[0]
+    mixed = _Mix.apply(attention, prepared.side)  # [B, Lq, M*r] or [B, A, Lq, M*c]
+    if attention.dim() == 3:
+        return mixed.view(batch, -1, members, width).permute(2, 0, 1, 3)
+    heads, queries = mixed.shape[1], mixed.shape[2]
+    mixed = mixed.view(batch, heads, queries, members, -1).permute(3, 0, 2, 1, 4).reshape(members, batch, queries, -1)
+    if width % heads:
+        return mixed[..., head_columns(width, heads).flatten().to(mixed.device) < width]
+    return mixed
 
 
 def shared_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -306,7 +328,7 @@ class ReadLayer(nn.Module):
     def forward(self, phi, attention, state, keys: Packing, first: bool, values=None):
         """phi [N, d_in] (shared: the packed tokens, or T5's decoder start positions); state [M, N, r] or an
         (h, c) pair of them, zero when `first`. The attention mix reads, on the tokens of `keys`, W(u) or,
-        given, `values` [M, B, L, r], padded (T5's decoder: W of the encoder side's h_N, see ReadStack)."""
+        given, `values` (T5's decoder: mix_side of W of the encoder side's h_N, see ReadStack)."""
         joiner, cell, r = self.joiner, self.cell, self.width
         h_prev = state[0] if self.is_lstm else state
         f = joiner.F[0]
@@ -357,14 +379,15 @@ class ReadStack(nn.Module):
         mixes the encoder side's h_N [M, T, r] (over the tokens of `keys`). Returns h_N [M, N, r]."""
         zeros = hidden[0].new_zeros(self.members, hidden[0].shape[0], self.width)
         state = (zeros, zeros) if self.is_lstm else zeros
-        projected = {}  # W(values), padded, once per distinct layer (once in all with recurrence)
+        projected = {}  # W(values), laid out for the mix, once per distinct layer (once in all with recurrence)
         for i in range(self.n_layers):
             layer = self.layers[min(i, len(self.layers) - 1)]
             source = None
             if values is not None and attention is not None:
                 source = projected.get(id(layer))
                 if source is None:
-                    source = projected[id(layer)] = keys.pad(layer.joiner.W(values))
+                    source = projected[id(layer)] = mix_side(keys.pad(layer.joiner.W(values)),
+                                                               layer.joiner.heads if attention[i].dim() == 4 else None)
             state = layer(hidden[i], attention[i] if attention is not None else None, state, keys, i == 0, source)
         return state[0] if self.is_lstm else state
 
