@@ -152,8 +152,11 @@ def quantize_probabilities(p: torch.Tensor) -> torch.Tensor:
     return (units + (rank < missing)).clamp_(0, PROBABILITY_UNITS).to(torch.uint8)
 
 
-def dequantize_probabilities(units: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return units.to(dtype).div_(PROBABILITY_UNITS)  # in place: 3x faster than a mixed-dtype product here
+def dequantize_probabilities(units: torch.Tensor, dtype: torch.dtype = torch.float32,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 units -> probabilities as `dtype`, or written into `out` (of units' shape)."""
+    wide = units.to(dtype) if out is None else out.copy_(units)
+    return wide.div_(PROBABILITY_UNITS)  # in place: 3x faster than a mixed-dtype product here
 
 
 def compressors() -> list:

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from cache_store import UserError
-from cache_store.format import POOLINGS, PROBABILITY_UNITS, dequantize_probabilities, pool
+from cache_store.format import POOLINGS, dequantize_probabilities, pool
 
 # The cells READ can use: torch's, whose equations `Cell` computes for M members at once.
 CELLS: dict[str, type[nn.RNNCellBase]] = {"rnn": nn.RNNCell, "gru": nn.GRUCell, "lstm": nn.LSTMCell}
@@ -84,18 +84,17 @@ class ReadSpec:
 class Packing:
     """Where a batch's packed tokens sit in its padded [B, L] layout (built on the CPU with the batch)."""
 
-    lengths: torch.Tensor  # int64 [B]
     mask: torch.Tensor  # bool [B, L]: real positions
     real: torch.Tensor  # int64 [T]: each packed token's position in the flattened [B * L]
 
     @classmethod
     def of(cls, lengths: torch.Tensor) -> "Packing":
         mask = torch.arange(int(lengths.max())) < lengths[:, None]
-        return cls(lengths, mask, mask.flatten().nonzero().squeeze(1))
+        return cls(mask, mask.flatten().nonzero().squeeze(1))
 
     def to(self, device: torch.device) -> "Packing":
         move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
-        return Packing(move(self.lengths), move(self.mask), move(self.real))
+        return Packing(move(self.mask), move(self.real))
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """[..., T, k] -> [..., B, L, k], zero on padding."""
@@ -136,31 +135,19 @@ def build_head(d_model: int, num_labels: int, label_head: torch.Tensor | None) -
     return head
 
 
-def widen(attention: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Cached attention maps as `dtype`: bfloat16 widens exactly; uint8 holds units of 1/255. With `out`
-    (as many elements at least), written there."""
-    if out is None:
-        return dequantize_probabilities(attention, dtype) if attention.dtype == torch.uint8 else attention.to(dtype)
-    wide = out[:attention.numel()].view(attention.shape).copy_(attention)
-    return wide.div_(PROBABILITY_UNITS) if attention.dtype == torch.uint8 else wide
+# One buffer per (dtype, device), grown as needed, for the maps each mix widens: they are used at once and
+# dropped, and a fresh allocation of that size every time cost page faults that took longer than widening.
+_SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
-class _Scratch:
-    """One buffer, grown as needed, for the maps widened in each mix: they are used at once and dropped,
-    and a fresh allocation of that size each time costs page faults that took longer than the widening."""
-
-    def __init__(self):
-        self.buffers: dict[tuple, torch.Tensor] = {}
-
-    def __call__(self, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        key = (dtype, like.device)
-        buffer = self.buffers.get(key)
-        if buffer is None or buffer.numel() < like.numel():
-            buffer = self.buffers[key] = torch.empty(like.numel(), dtype=dtype, device=like.device)
-        return buffer
-
-
-_scratch = _Scratch()
+def widen(attention: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cached attention maps as `dtype`, in the shared scratch buffer (valid until the next widen):
+    bfloat16 widens exactly; uint8 holds units of 1/255."""
+    key = (dtype, attention.device)
+    if key not in _SCRATCH or _SCRATCH[key].numel() < attention.numel():
+        _SCRATCH[key] = torch.empty(attention.numel(), dtype=dtype, device=attention.device)
+    out = _SCRATCH[key][:attention.numel()].view(attention.shape)
+    return dequantize_probabilities(attention, out=out) if attention.dtype == torch.uint8 else out.copy_(attention)
 
 
 class _Mix(torch.autograd.Function):
@@ -170,7 +157,7 @@ class _Mix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, attention, values):
         ctx.save_for_backward(attention, values)
-        return widen(attention, values.dtype, _scratch(attention, values.dtype)) @ values
+        return widen(attention, values.dtype) @ values
 
     @staticmethod
     def backward(ctx, grad):
@@ -178,8 +165,7 @@ class _Mix(torch.autograd.Function):
         if not ctx.needs_input_grad[1]:
             return None, None
         # (grad^T @ maps)^T is maps^T @ grad without a transposed copy of the (large) maps
-        grad_values = (grad.transpose(-1, -2) @ widen(attention, grad.dtype, _scratch(attention, grad.dtype))
-                       ).transpose(-1, -2)
+        grad_values = (grad.transpose(-1, -2) @ widen(attention, grad.dtype)).transpose(-1, -2)
         return None, grad_values  # the cached maps are data: they get no gradient
 
 
@@ -201,7 +187,6 @@ class MixSide:
     side: torch.Tensor
     members: int
     width: int
-    heads: int
 
 
 def mix_side(values: torch.Tensor, heads: int | None) -> MixSide:
@@ -209,13 +194,13 @@ def mix_side(values: torch.Tensor, heads: int | None) -> MixSide:
     head-mean maps. It is a copy: T5's decoder side, whose values are the same at every layer, makes it once."""
     members, batch, keys, width = values.shape
     if heads is None:
-        return MixSide(values.permute(1, 2, 0, 3).reshape(batch, keys, members * width), members, width, 1)
+        return MixSide(values.permute(1, 2, 0, 3).reshape(batch, keys, members * width), members, width)
     c = -(-width // heads)
     if width % heads:  # gather each head's columns, a zero column filling the shorter slices
         columns = head_columns(width, heads).flatten().to(values.device)
         values = torch.cat([values, values.new_zeros(*values.shape[:-1], 1)], -1)[..., columns]
     side = values.reshape(members, batch, keys, heads, c).permute(1, 3, 2, 0, 4).reshape(batch, heads, keys, -1)
-    return MixSide(side, members, width, heads)
+    return MixSide(side, members, width)
 
 
 def mix(attention: torch.Tensor | None, values: torch.Tensor | MixSide, heads: int) -> torch.Tensor | None:
