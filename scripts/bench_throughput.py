@@ -14,6 +14,8 @@ configurations side by side), after `--warmup` untimed steps. Printed per cache:
 
     python scripts/bench_throughput.py caches/all-MiniLM-L6-v2/rte caches/all-MiniLM-L6-v2/sst2
 
+`--device cuda` measures on a GPU (the reference matmuls too), synchronising before every clock read.
+
 `--profile` adds torch.profiler's table of the heaviest operations; `--compile` times the GRU cell's
 elementwise update (forward and backward, the largest fusable part of a step) eager and under
 torch.compile, on the first cache's largest batch.
@@ -26,7 +28,7 @@ import click
 import torch
 
 from cache_store import CacheReader
-from cache_store.runtime import keep_freed_memory
+from cache_store.runtime import keep_freed_memory, resolve_device
 from side_train.config import RunConfig
 from side_train.data import InMemorySplit, read_spec
 from side_train.devices import to_device
@@ -80,15 +82,27 @@ def flops(shapes, mix: int) -> tuple[float, float]:
     return forward, backward
 
 
-def matmul_seconds(batches: list[list[tuple[int, int, int, bool]]], members: int) -> float:
+def where(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that wall-clock intervals time it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_seconds(batches: list[list[tuple[int, int, int, bool]]], members: int, device: torch.device) -> float:
     """Wall time of plain torch.mm for every product of every batch, forward and backward, each member's
     own (members side by side share nothing here)."""
     cache = {}
 
     def tensor(*shape):
         if shape not in cache:
-            cache[shape] = torch.randn(*shape)
+            cache[shape] = torch.randn(*shape, device=device)
         return cache[shape]
+
+    sync(device)
 
     began = time.perf_counter()
     for shapes in batches:
@@ -99,37 +113,42 @@ def matmul_seconds(batches: list[list[tuple[int, int, int, bool]]], members: int
                 if not data:
                     torch.mm(grad, w.T)
                 torch.mm(x.T, grad)
+    sync(device)
     return time.perf_counter() - began
 
 
-def bench(path: str, n_batches: int, warmup: int, members: int, width: int, cell: str, profile: bool) -> int:
+def bench(path: str, n_batches: int, warmup: int, members: int, width: int, cell: str, profile: bool,
+          device: torch.device) -> int:
     cache = CacheReader(path)
     configs = [RunConfig(cell=cell, width=width, lr=1e-3 * (m + 1)) for m in range(members)]
     spec = read_spec(cache, width, cell)
     split = InMemorySplit(cache.split("train"), spec)
     info = TaskInfo.from_cache(cache)
-    stack = make_stacks(configs, cache, [info], 10_000, torch.device("cpu"))[0]
+    stack = make_stacks(configs, cache, [info], 10_000, device)[0]
     order = split.batch_order(32, shuffle=True, seed=0)[:warmup + n_batches]
     attention = cache.manifest["attention"] != "none"
 
     def step(batch):
         t0 = time.perf_counter()
         losses = member_losses(info, stack.model(batch.inputs, info.name), batch.labels)
+        sync(device)
         t1 = time.perf_counter()
         stack.optimizer.zero_grad()
         losses.sum().backward()
+        sync(device)
         t2 = time.perf_counter()
         stack.optimizer.step(stack.lrs * 0.5, stack.active())
+        sync(device)
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 
-    cpu = torch.device("cpu")
     for index in order[:warmup]:
-        step(to_device(split.batch(index), cpu))
+        step(to_device(split.batch(index), device))
     times = dict(assembly=0.0, forward=0.0, backward=0.0, optimizer=0.0)
     tokens, padded, shapes, mix_macs, batch_tokens = 0, 0, [], 0, []
     for index in order[warmup:]:
         t0 = time.perf_counter()
-        batch = to_device(split.batch(index), cpu)  # as train-side: int8 hidden states widen here
+        batch = to_device(split.batch(index), device)  # as train-side: int8 hidden states widen here
+        sync(device)
         times["assembly"] += time.perf_counter() - t0
         forward, backward, optimizer = step(batch)
         times["forward"] += forward
@@ -145,13 +164,13 @@ def bench(path: str, n_batches: int, warmup: int, members: int, width: int, cell
     fwd, bwd = (sum(x) for x in zip(*(flops(s, 0) for s in shapes)))
     read_flops = members * (fwd + bwd + 4 * mix_macs)
     matmul_flops = members * (fwd + bwd)
-    matmul_seconds(shapes[:2], members)  # warm-up
-    reference = matmul_seconds(shapes, members)
+    matmul_seconds(shapes[:2], members, device)  # warm-up
+    reference = matmul_seconds(shapes, members, device)
     total = sum(times.values())
     name = cache.manifest["task"]["name"]
     print(f"\n{cache.manifest['backbone']['name']} {name}: {len(shapes)} batches of 32, {tokens} real tokens "
           f"({tokens / padded:.0%} of the padded batches), {cell} r={width}, {members} member(s), "
-          f"{torch.get_num_threads()} threads")
+          f"on {where(device)}")
     print("  time per step: " + ", ".join(f"{k} {v / len(shapes) * 1e3:.1f} ms ({v / total:.0%})"
                                           for k, v in times.items()))
     print(f"  READ     : {tokens * members / total:9.0f} tokens/s, {read_flops / total / 1e9:6.1f} GFLOP/s "
@@ -160,7 +179,8 @@ def bench(path: str, n_batches: int, warmup: int, members: int, width: int, cell
     print(f"  RATIO READ / matmul rate = {read_flops / total / (matmul_flops / reference):.2f}")
     validation = InMemorySplit(cache.split("validation"), spec)
     began = time.perf_counter()
-    evaluate_members(stack.model, info, validation, 64, cpu)  # as train-side validates: batches of 64, no gradient
+    evaluate_members(stack.model, info, validation, 64, device)  # as train-side validates: batches of 64, no gradient
+    sync(device)
     seconds = time.perf_counter() - began
     epoch = total / len(shapes) * split.n_batches(32)
     print(f"  an epoch: {split.n_batches(32)} steps, about {epoch:.1f} s, then validation of {validation.n_examples} "
@@ -168,27 +188,33 @@ def bench(path: str, n_batches: int, warmup: int, members: int, width: int, cell
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
-        batches = [to_device(split.batch(index), cpu) for index in order[warmup:]]
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        batches = [to_device(split.batch(index), device) for index in order[warmup:]]
+        gpu = device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+        with torch_profile(activities=activities) as prof:
             for batch in batches:
                 step(batch)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        print(prof.key_averages().table(sort_by="self_cuda_time_total" if gpu else "self_cpu_time_total",
+                                        row_limit=15))
     return max(batch_tokens)
 
 
-def compare_compile(tokens: int, width: int) -> None:
+def compare_compile(tokens: int, width: int, device: torch.device) -> None:
     """The GRU update of read_model.Cell, eager against torch.compile (dynamic shapes), forward and backward."""
     from side_train.read_model import Cell
 
     cell = Cell(1, width, "gru")
-    gi, gh = (torch.randn(1, tokens, 3 * width, requires_grad=True) for _ in range(2))
-    h = torch.randn(1, tokens, width, requires_grad=True)
+    cell = cell.to(device)
+    gi, gh = (torch.randn(1, tokens, 3 * width, device=device, requires_grad=True) for _ in range(2))
+    h = torch.randn(1, tokens, width, device=device, requires_grad=True)
 
     def run(update, n=20):
         update(gi, gh, h).sum().backward()
+        sync(device)
         began = time.perf_counter()
         for _ in range(n):
             update(gi, gh, h).sum().backward()
+        sync(device)
         return (time.perf_counter() - began) / n
 
     eager = run(cell.update)
@@ -210,11 +236,13 @@ def compare_compile(tokens: int, width: int) -> None:
 @click.option("--rnn", default="gru")
 @click.option("--profile", is_flag=True, help="Also print torch.profiler's heaviest operations.")
 @click.option("--compile", "check_compile", is_flag=True, help="Also time the GRU update under torch.compile.")
-def main(caches, batches, warmup, members, hidden, rnn, profile, check_compile):
+@click.option("--device", default="cpu", show_default=True, help="auto | cpu | cuda[:i]")
+def main(caches, batches, warmup, members, hidden, rnn, profile, check_compile, device):
     keep_freed_memory()  # as train-side does
-    largest = max(bench(path, batches, warmup, members, hidden, rnn, profile) for path in caches)
+    device = resolve_device(device)
+    largest = max(bench(path, batches, warmup, members, hidden, rnn, profile, device) for path in caches)
     if check_compile:
-        compare_compile(largest, hidden)
+        compare_compile(largest, hidden, device)
 
 
 if __name__ == "__main__":
