@@ -12,12 +12,13 @@ DATA=${DATA:?folder with all-MiniLM-L6-v2/, glue/ and t5/}
 WORK=${WORK:-/tmp/gpu-checks}
 DEVICE=${DEVICE:-cuda}
 SST_LIMIT=${SST_LIMIT:-4000}
+PY=${PYTHON:-python3}  # GPU images may have python3 and no python
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 C="$WORK/caches"; R="$WORK/runs"; MINI="$DATA/all-MiniLM-L6-v2"; GLUE="$DATA/glue"
 SST="$C/all-MiniLM-L6-v2/sst2"; RTE="$C/all-MiniLM-L6-v2/rte"
 mkdir -p "$WORK"
 
-energy() { if [[ $DEVICE == cuda* ]]; then python scripts/gpu_energy.py -- "$@"; else "$@"; fi; }
+energy() { if [[ $DEVICE == cuda* ]]; then $PY scripts/gpu_energy.py -- "$@"; else "$@"; fi; }
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2 began=$SECONDS rc
     shift 2
@@ -29,10 +30,10 @@ cache() { cache-activations --data-dir "$GLUE" --out "$C" --device "$DEVICE" --q
 train() { train-side --out "$R" --device "$DEVICE" --quiet "$@"; }
 predict() { predict-side --model "$MINI" --device "$DEVICE" --quiet "$@"; }
 export -f energy cache train predict
-export DEVICE C R MINI GLUE
+export DEVICE C R MINI GLUE PY
 
 [[ $DEVICE == cuda* ]] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
 # Stage one: the study's SST-2 cache (4,000 training rows), a small RTE cache, a random t5-small one
 step cache-sst2 150 energy cache --task sst2 --model "$MINI" --limit "$SST_LIMIT"
@@ -42,7 +43,7 @@ step verify 60 cache-inspect "$SST" --verify
 
 # Stage two: one run (time and energy) and predict-side on its checkpoint
 step train-sst2 120 energy train --from-cache "$SST" --epochs 3 --lr 1e-3
-python - "$GLUE/SST-2/dev.tsv" "$WORK/inputs.jsonl" <<'PY'
+$PY - "$GLUE/SST-2/dev.tsv" "$WORK/inputs.jsonl" <<'PY'
 import csv, json, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))[:200]
 open(sys.argv[2], "w").write("".join(json.dumps({"sentence": r["sentence"]}) + "\n" for r in rows))
@@ -58,16 +59,16 @@ head -c 300 "$WORK/pred-multi.jsonl"; echo
 step train-t5 60 train --from-cache "$C/t5-small-random/rte" --epochs 1
 
 # The methods on the same rows, each in its own process: peak GPU memory, energy, epoch time
-step compare 300 python scripts/compare_methods.py --cache "$SST" --model "$MINI" --data-dir "$GLUE" \
+step compare 300 $PY scripts/compare_methods.py --cache "$SST" --model "$MINI" --data-dir "$GLUE" \
     --methods read,read-online,full,bitfit,lora --seeds 0 --read-lrs 1e-3 --full-lrs 5e-5 --bitfit-lrs 3e-3 \
     --lora-lrs 1e-3 --read-epochs 3 --epochs 3 --device "$DEVICE" --results "$WORK/compare.jsonl" --out "$WORK/compare"
 
 # Throughput: one member and a sweep's stack of eight, against torch.mm of the same products
-step throughput 120 python scripts/bench_throughput.py "$SST" --device "$DEVICE" --batches 60 --profile
-step throughput-8 60 python scripts/bench_throughput.py "$SST" --device "$DEVICE" --batches 60 --members 8
+step throughput 120 $PY scripts/bench_throughput.py "$SST" --device "$DEVICE" --batches 60 --profile
+step throughput-8 60 $PY scripts/bench_throughput.py "$SST" --device "$DEVICE" --batches 60 --members 8
 
 # A torchrun sweep of two ranks (both on this one GPU); a sweep trained together against one by one
 step torchrun 120 torchrun --nproc-per-node 2 "$(which train-side)" --from-cache "$RTE" --lr 3e-4,1e-3 \
     --seeds 0,1 --epochs 1 --out "$R/torchrun" --device "$DEVICE" --quiet
-step sweep 150 python scripts/bench_sweep.py --cache "$SST" --epochs 1 --rnn gru --hidden 64 --lr 1e-4,3e-4,1e-3,3e-3
+step sweep 150 $PY scripts/bench_sweep.py --cache "$SST" --epochs 1 --rnn gru --hidden 64 --lr 1e-4,3e-4,1e-3,3e-3
 du -sh "$C"/*/*
