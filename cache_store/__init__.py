@@ -1,7 +1,8 @@
 """The on-disk activation cache (format version 2; version 1 caches read too): `pipeline` writes it,
 `side_train` reads it.
 
-One zarr v3 group per (backbone, task), readable with plain `zarr`:
+One zarr v3 group per (backbone, task), readable with plain `zarr`; several tasks of one backbone go to a
+store, one such group per task under one store manifest (drawn in store.py):
 
     <cache>/                          attrs["read_cache"]: the manifest (below)
       label_head                      float32 [C, d]  T5 LM-head rows of the label words (scaled as T5

@@ -11,6 +11,7 @@ import numpy as np
 from .errors import UserError
 from .format import MANIFEST_KEY, QUANTIZED, shard_keys, stored_projection, stored_topk
 from .reader import CacheReader
+from .store import store_manifest, task_caches
 from .commands import LOCATION, OneLineCommand
 
 
@@ -39,20 +40,35 @@ def _split_sizes(reader: CacheReader, name: str) -> tuple[int, int, dict[str, in
 @click.option("--verify", is_flag=True, help="Read every shard and check it against its recorded checksum.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON and nothing else.")
 def main(cache: Path, verify: bool, as_json: bool):
-    """Print a cache's manifest, splits, counts, sizes and compression ratio (a cache folder, or an
-    exported .h5 file)."""
+    """Print a cache's or a store's manifest, tasks, splits, counts, sizes and compression ratio (a cache
+    or store folder, or an exported .h5 file); --verify checks every shard of every task."""
     if isinstance(cache, Path) and cache.is_file():
         _inspect_hdf5(cache, verify, as_json)
         return
     try:
-        reader = CacheReader(cache)
+        store = store_manifest(cache)
+        tasks = task_caches(cache)
+        readers = [CacheReader(path) for _, path in tasks]
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    m = reader.manifest
     if as_json:
-        click.echo(json.dumps(reader.root.attrs[MANIFEST_KEY], indent=2))
+        manifests = {task: r.root.attrs[MANIFEST_KEY] for (task, _), r in zip(tasks, readers)}
+        click.echo(json.dumps({"store": store, "tasks": manifests} if store else manifests[tasks[0][0]], indent=2))
         return
+    if store:
+        click.echo(f"store        {cache}  (store v{store['store_version']}, read-side {store['package_version']}, "
+                   f"created {store['created_at']}): {len(tasks)} task(s), {', '.join(t for t, _ in tasks)}")
+    for (task, path), reader in zip(tasks, readers):
+        if store:
+            click.echo(f"\n[{task}]")
+        _describe(path, reader)
+    if verify:
+        _verify(tasks)
+
+
+def _describe(cache, reader: CacheReader) -> None:
+    m = reader.manifest
     b, t = m["backbone"], m["task"]
     click.echo(f"cache        {cache}  (format v{m['format_version']}, read-side {m['package_version']}, "
                f"{'complete' if m.get('complete') else 'INCOMPLETE'}, created {m['created_at']})")
@@ -89,24 +105,30 @@ def main(cache: Path, verify: bool, as_json: bool):
     click.echo(f"  {'total':<10} {total_disk / 2**20:44.1f} MiB  compression {total_logical / max(total_disk, 1):.2f}x")
     click.echo("  per token  " + ", ".join(f"{k} {v / max(total_tokens, 1):.0f} B" for k, v in sorted(total_kinds.items()))
                + " (on disk)")
-    if verify:
-        from tqdm.auto import tqdm
 
-        from .verify import RESUMABLE, verify_cache
 
-        with tqdm(unit="shard", desc="verify") as bar:
-            problems = verify_cache(cache, progress=bar.update)
-        damaged = [p for p in problems if not p.endswith(RESUMABLE)]
-        for problem in problems:
-            click.echo(f"{'CORRUPT' if problem in damaged else 'UNFINISHED'} {problem}")
-        if damaged:
-            click.echo(f"verify: {len(damaged)} problem(s); re-create the cache (cache-activations --overwrite)",
-                       err=True)
-        elif problems:
-            click.echo(f"verify: the committed shards are intact, but the cache is unfinished; {RESUMABLE}", err=True)
-        if problems:
-            sys.exit(1)
-        click.echo("verify: every shard matches its checksum")
+def _verify(tasks: list[tuple[str, object]]) -> None:
+    """Every shard of every task; exit 1 naming each problem (a store's prefixed with its task)."""
+    from tqdm.auto import tqdm
+
+    from .verify import RESUMABLE, verify_cache
+
+    problems = []
+    with tqdm(unit="shard", desc="verify") as bar:
+        for task, path in tasks:
+            prefix = f"{task}/" if len(tasks) > 1 else ""
+            problems += [prefix + p for p in verify_cache(path, progress=bar.update)]
+    damaged = [p for p in problems if not p.endswith(RESUMABLE)]
+    for problem in problems:
+        click.echo(f"{'CORRUPT' if problem in damaged else 'UNFINISHED'} {problem}")
+    if damaged:
+        click.echo(f"verify: {len(damaged)} problem(s); re-create the cache (cache-activations --overwrite)",
+                   err=True)
+    elif problems:
+        click.echo(f"verify: the committed shards are intact, but the cache is unfinished; {RESUMABLE}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo("verify: every shard matches its checksum")
 
 
 def _inspect_hdf5(path: Path, verify: bool, as_json: bool) -> None:

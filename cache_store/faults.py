@@ -8,6 +8,7 @@ import signal
 
 CRASH_AFTER_COMMITS_ENV = "READ_CACHE_CRASH_AFTER_COMMITS"  # SIGKILL the cache writer after N shard commits
 CRASH_RANK_ENV = "READ_CACHE_CRASH_RANK"  # under torchrun: only this rank crashes
+CRASH_TASK_ENV = "READ_CACHE_CRASH_TASK"  # in a store: only while this task is cached
 DISK_FULL_AFTER_ENV = "READ_CACHE_DISK_FULL_AFTER_SHARDS"  # ENOSPC on writing shard file N + 1
 CRASH_AFTER_EPOCH_ENV = "READ_TRAIN_CRASH_AFTER_EPOCH"  # SIGKILL train-side once N epochs' state is saved
 
@@ -19,9 +20,11 @@ def _limit(name: str) -> int | None:
     return None if value is None else int(value)
 
 
-def after_commit(commits: int) -> None:
+def after_commit(commits: int, task: str) -> None:
     limit, rank = _limit(CRASH_AFTER_COMMITS_ENV), _limit(CRASH_RANK_ENV)
     if rank is not None and rank != int(os.environ.get("RANK", "0")):
+        return
+    if os.environ.get(CRASH_TASK_ENV, task) != task:
         return
     if limit and commits >= limit:
         os.kill(os.getpid(), signal.SIGKILL)

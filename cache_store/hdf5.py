@@ -26,6 +26,7 @@ from .errors import CacheError
 from .format import MANIFEST_KEY, combined_digest, shard_regions
 from .location import Location
 from .shards import ShardEncoder
+from .store import STORE_KEY
 from .verify import check_shard
 
 ZARR_JSON = "zarr.json"
@@ -42,6 +43,9 @@ def export_hdf5(cache, target: str | Path, compression: str = "gzip", progress=N
     if not cache.exists(ZARR_JSON):
         raise CacheError(f"no cache at {cache}")
     root = zarr.open_group(cache.zarr_store(read_only=True), mode="r")
+    if STORE_KEY in root.attrs:
+        raise CacheError(f"{cache} is a store of tasks {', '.join(root.attrs[STORE_KEY]['tasks'])}; export one "
+                         f"task's cache at a time ({cache}/TASK)")
     if MANIFEST_KEY not in root.attrs or not root.attrs[MANIFEST_KEY].get("complete"):
         raise CacheError(f"{cache} is not a complete READ cache; finish it with cache-activations --resume")
     if compression not in COMPRESSIONS:

@@ -135,7 +135,7 @@ class RankedSplit:
         self.mine[path][str(index)] = block_digest(block)
         self.record.attrs.update({"shards": self.mine})
         self._commits += 1
-        faults.after_commit(self._commits)
+        faults.after_commit(self._commits, self.split.cache.manifest["task"]["name"])
 
     def close(self) -> None:
         left = sorted(f"{p}[{i}]" for p, shards in self.pending.items() for i in shards)

@@ -14,6 +14,7 @@ from zarr.core.sync import sync
 
 from .errors import CacheError
 from .location import Location
+from .store import STORE_KEY
 from .format import (
     EXAMPLES, MANIFEST_KEY, PAIRS, TOKENS, check_format_version, extent, from_storage, lookup, shard_keys,
 )
@@ -33,6 +34,9 @@ class CacheReader:
         if not self.location.exists("zarr.json"):
             raise CacheError(f"no cache at {self.path}; create one with `cache-activations --task TASK`")
         self.root = zarr.open_group(self.location.zarr_store(read_only=True), mode="r")
+        if STORE_KEY in self.root.attrs:
+            raise CacheError(f"{self.path} is a store of tasks {', '.join(self.root.attrs[STORE_KEY]['tasks'])}: "
+                             f"open one task's cache ({self.path}/TASK; train-side takes the store with --tasks)")
         if MANIFEST_KEY not in self.root.attrs:
             raise CacheError(f"{self.path} is a zarr group but not a READ cache (no manifest)")
         self.manifest: dict = dict(self.root.attrs[MANIFEST_KEY])

@@ -54,6 +54,11 @@ class SplitPlan:
         return extent(grows_along, self.lengths, k)
 
 
+def storage_record(shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict:
+    """The manifest's `storage`: how the arrays are compressed and sharded."""
+    return {"compressor": COMPRESSOR, "shard_bytes": shard_bytes, "chunk_bytes": chunk_bytes}
+
+
 class CacheWriter:
     """Opens a cache for writing: `mode` is new (refuse an existing one), resume or overwrite."""
 
@@ -65,7 +70,7 @@ class CacheWriter:
         manifest = {
             **manifest,
             "format_version": FORMAT_VERSION,
-            "storage": {"compressor": COMPRESSOR, "shard_bytes": shard_bytes, "chunk_bytes": chunk_bytes},
+            "storage": storage_record(shard_bytes, chunk_bytes),
             "checksums": {},
             "complete": False,
         }
@@ -141,7 +146,7 @@ class CacheWriter:
 
     def _counted_commit(self) -> None:
         self._commits += 1
-        faults.after_commit(self._commits)
+        faults.after_commit(self._commits, self.manifest["task"]["name"])
 
 
 class SplitWriter:

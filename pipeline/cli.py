@@ -10,6 +10,7 @@ import click
 
 from cache_store import SPLITS, STORAGE_DTYPES, UserError
 from cache_store.commands import LOCATION, OneLineCommand, field_option
+from cache_store.store import GLUE_TASKS
 
 from .backbones import INITS
 from .config import CacheConfig
@@ -26,8 +27,24 @@ def _int_list(value: str, name: str) -> tuple[int, ...] | None:
         raise InputError(f"{name} must be 'all' or comma-separated integers, got {value!r}") from None
 
 
+def _task_list(value: str) -> list[str]:
+    """--task: one name, several comma-separated, or glue; each from the task registry, none twice."""
+    names = list(GLUE_TASKS) if value == "glue" else [t.strip() for t in value.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TASKS]
+    if unknown or not names:
+        raise InputError(f"unknown task {', '.join(unknown) or repr(value)}; choose from {', '.join(TASKS)}, "
+                         "several comma-separated, or glue")
+    if len(set(names)) != len(names):
+        raise InputError(f"--task names a task twice: {value}")
+    return names
+
+
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--task", required=True, type=click.Choice(list(TASKS)), help="GLUE task.")
+@click.option("--task", "tasks", required=True, metavar="TASK[,TASK...]|glue",
+              help=f"GLUE task(s): one of {', '.join(TASKS)}; several, comma-separated, or glue (the paper's "
+                   f"{len(GLUE_TASKS)}: {','.join(GLUE_TASKS)}) go to one store.")
+@click.option("--store", default=None, help="Cache into the store OUT/<model>/STORE, one subgroup per task "
+                                            "(default with several tasks: glue, or the tasks joined by +).")
 @field_option(CacheConfig, "model")
 @field_option(CacheConfig, "name")
 @field_option(CacheConfig, "init", type=click.Choice(INITS))
@@ -46,28 +63,35 @@ def _int_list(value: str, name: str) -> tuple[int, ...] | None:
 @field_option(CacheConfig, "limit", type=int)
 @field_option(CacheConfig, "device")
 @field_option(CacheConfig, "shard_mb", type=float)
-@click.option("--resume", is_flag=True, help="Continue a killed run.")
+@click.option("--resume", is_flag=True, help="Continue a killed run (in a store: and cache tasks it lacks).")
+@click.option("--add", is_flag=True, help="Cache the tasks an existing --store lacks (same backbone and settings).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(task, model, name, init, seed, data_dir, out, splits, batch_size, max_length, dtype, attention, quantize, project,
-         project_from, layers, limit, device, shard_mb, resume, overwrite, quiet):
-    """Run a frozen backbone once over every split of a GLUE task and cache its activations."""
-    from .job import run  # heavy imports (torch, transformers) only once the arguments are fine
+def main(tasks, store, model, name, init, seed, data_dir, out, splits, batch_size, max_length, dtype, attention, quantize,
+         project, project_from, layers, limit, device, shard_mb, resume, add, overwrite, quiet):
+    """Run a frozen backbone once over every split of one or more GLUE tasks and cache its activations
+    (several tasks: one store, with one subgroup per task)."""
+    from .job import run, run_store  # heavy imports (torch, transformers) only once the arguments are fine
     from cache_store.runtime import keep_freed_memory
 
     keep_freed_memory()
 
     try:
-        if resume and overwrite:
-            raise InputError("--resume and --overwrite exclude each other")
-        config = CacheConfig(
-            task=task, model=model, name=name, init=init, seed=seed, data_dir=data_dir, out=out,
+        names = _task_list(tasks)
+        if sum((resume, overwrite, add)) > 1:
+            raise InputError("--resume, --add and --overwrite exclude each other")
+        if store is None and len(names) > 1:
+            store = "glue" if tasks == "glue" else "+".join(names)
+        configs = [CacheConfig(
+            task=task, store=store, model=model, name=name, init=init, seed=seed, data_dir=data_dir, out=out,
             splits=tuple(s for s in splits.split(",") if s), batch_size=batch_size, max_length=max_length,
             dtype=dtype, attention=attention, quantize=tuple(sorted({k for k in quantize.split(",") if k and k != "none"})), project=project, project_from=project_from,
             layers=_int_list(layers, "--layers"), limit=limit, device=device,
-            mode="resume" if resume else "overwrite" if overwrite else "new", shard_mb=shard_mb,
-        )
-        reports = run(config, progress=not quiet, log=lambda line: click.echo(line, err=True))
+            mode="resume" if resume else "add" if add else "overwrite" if overwrite else "new", shard_mb=shard_mb,
+        ) for task in names]
+        config = configs[0]
+        log = lambda line: click.echo(line, err=True)  # noqa: E731
+        reports = run_store(configs, not quiet, log) if store else run(config, not quiet, log)
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -78,11 +102,12 @@ def main(task, model, name, init, seed, data_dir, out, splits, batch_size, max_l
         sys.exit(1)
     if int(os.environ.get("RANK", "0")):  # under torchrun rank 0 reports for all
         return
-    click.echo(f"cache: {config.cache_dir}")
+    click.echo(f"{'store' if store else 'cache'}: {config.store_dir or config.cache_dir}")
     for r in reports:
         rate = f"{r.computed / r.seconds:.1f} ex/s, {r.n_tokens * r.computed / max(r.n_examples, 1) / r.seconds:.0f} tok/s" \
             if r.computed else "already complete"
-        click.echo(f"  {r.name:<10} {r.n_examples:>7} examples {r.n_tokens:>9} tokens  "
+        where = f"{r.task}/{r.name}" if store else r.name
+        click.echo(f"  {where:<16} {r.n_examples:>7} examples {r.n_tokens:>9} tokens  "
                    f"{r.disk_bytes / 2**20:8.1f} MiB  {r.disk_bytes / r.n_tokens:8.0f} B/token  "
                    f"compression {r.compression_ratio:.2f}x  {rate}")
 

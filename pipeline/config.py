@@ -13,7 +13,7 @@ from .backbones import INITS, backbone_name
 from .errors import InputError
 from .tasks import TASKS
 
-MODES = ("new", "resume", "overwrite")
+MODES = ("new", "resume", "overwrite", "add")
 # Version 1's storage: every activation as the backbone computed it, rounded only to --dtype.
 LOSSLESS = {"attention": "heads", "quantize": (), "project": 0}
 
@@ -55,7 +55,8 @@ class CacheConfig:
                                                       "comma-separated integers.")
     limit: int | None = documented(None, "Keep at most N examples of each split.")
     device: str = documented("auto", "auto | cpu | cuda[:i]")
-    mode: str = "new"  # new (refuse an existing cache) | resume | overwrite: --resume, --overwrite
+    mode: str = "new"  # new (refuse an existing cache) | resume | overwrite | add (a store's): the flags
+    store: str | None = None  # a store's name: the cache goes to OUT/<model>/<store>/<task> (cache_store.store)
     shard_mb: float = documented(DEFAULT_SHARD_BYTES / 2**20, "Shard size in MiB; one shard per array is buffered "
                                                              "in memory while writing.")
 
@@ -79,6 +80,9 @@ class CacheConfig:
             (self.layers is None or (bool(self.layers) and min(self.layers) >= 0),
              "--layers must be 'all' or non-negative layer indices"),
             (self.mode in MODES, f"mode must be one of {', '.join(MODES)}"),
+            (self.mode != "add" or self.store is not None, "--add caches tasks into a store: name it with --store"),
+            (self.store is None or (bool(self.store) and "/" not in self.store and not self.store.startswith(".")),
+             f"--store must be a folder name, got {self.store!r}"),
             (self.shard_mb > 0, "--shard-mb must be positive"),
         ]
         for ok, message in checks:
@@ -98,13 +102,22 @@ class CacheConfig:
     def topk(self) -> int:
         return parse_attention(self.attention)[1]
 
-    @property
-    def cache_dir(self) -> Path | str:
-        """OUT/<model>/<task>: a Path, or an s3:// URL."""
+    def _under_backbone(self, *names: str) -> Path | str:
+        """OUT/<model>/<names...>: a Path, or an s3:// URL."""
         leaf = f"{backbone_name(self.model, self.name)}{'-random' if self.init == 'random' else ''}"
         if is_remote(self.out):
-            return f"{str(self.out).rstrip('/')}/{leaf}/{self.task}"
-        return Path(self.out) / leaf / self.task
+            return "/".join([str(self.out).rstrip("/"), leaf, *names])
+        return Path(self.out).joinpath(leaf, *names)
+
+    @property
+    def cache_dir(self) -> Path | str:
+        """OUT/<model>/<task>, or in a store OUT/<model>/<store>/<task>."""
+        return self._under_backbone(*([self.store] if self.store else []), self.task)
+
+    @property
+    def store_dir(self) -> Path | str | None:
+        """OUT/<model>/<store> (None for a single-task cache)."""
+        return self._under_backbone(self.store) if self.store else None
 
     @property
     def shard_bytes(self) -> int:

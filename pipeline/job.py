@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 
 import numpy as np
@@ -21,7 +21,9 @@ from cache_store.format import (
 from cache_store.location import Location
 from cache_store.lock import write_lock
 from cache_store.ranked import RankedSplit, finalize, has_rank_records, open_records
+from cache_store.store import StoreWriter, shared_fields
 from cache_store.world import World, current_world
+from cache_store.writer import storage_record
 
 from .backbones import Backbone, BackboneOutput, load_backbone
 from .config import CacheConfig
@@ -212,6 +214,7 @@ def extract(out: BackboneOutput, lengths: list[int], specs: list[ArraySpec], dty
 
 @dataclass
 class SplitReport:
+    task: str
     name: str
     n_examples: int
     n_tokens: int
@@ -248,11 +251,18 @@ class Prepared:
     projection: Projection | None = None  # --project K
 
 
-def prepare(config: CacheConfig, progress: bool = True, fit_projection: bool = True) -> Prepared:
+def open_backbone(config: CacheConfig, progress: bool = True) -> Backbone:
+    return load_backbone(config.model, config.init, config.seed, config.device, progress=progress,
+                         attentions=config.attention_mode != "none", name=config.name)
+
+
+def prepare(config: CacheConfig, progress: bool = True, fit_projection: bool = True, backbone: Backbone | None = None,
+            projection: Projection | None = None) -> Prepared:
+    """Read and tokenize the task's splits, load the backbone (unless given) and, for --project, fit the
+    basis (unless given, or kept by the cache being resumed, or --project-from)."""
     task = get_task(config.task)
     protocol, splits = make_splits(task.name, load_source_splits(task, config.data_dir), config.seed)
-    backbone = load_backbone(config.model, config.init, config.seed, config.device, progress=progress,
-                             attentions=config.attention_mode != "none", name=config.name)
+    backbone = backbone or open_backbone(config, progress)
     layers = stored_layers(backbone, config.layers)
 
     def plan(name: str) -> SplitPlan:
@@ -262,8 +272,7 @@ def prepare(config: CacheConfig, progress: bool = True, fit_projection: bool = T
         return plan_split(backbone, task, split, config.max_length)
 
     plans = {name: plan(name) for name in config.splits}
-    projection = None
-    if config.project and fit_projection:  # fitted before anything is written; a resumed cache keeps its basis
+    if config.project and fit_projection and projection is None:  # fitted before anything is written; a resumed cache keeps its basis
         projection = resumed_projection(config) or shared_projection(config, backbone) or fit(
             backbone, plans["train"] if "train" in plans else plan("train"),
             layers["encoder"], config.project, config.batch_size, config.seed, progress, task.name)
@@ -293,25 +302,33 @@ def shared_projection(config: CacheConfig, backbone: Backbone) -> Projection | N
 
 def resumed_projection(config: CacheConfig) -> Projection | None:
     """The basis of the cache a --resume continues, when it was made with the same --project K."""
-    if config.mode != "resume" or not Location(config.cache_dir).exists("zarr.json"):
+    if config.mode not in ("resume", "add") or not Location(config.cache_dir).exists("zarr.json"):
         return None
     projection = Projection.of_cache(CacheReader(config.cache_dir))
     return projection if projection is not None and projection.k == config.project else None
 
 
-def run(config: CacheConfig, progress: bool = True, log=None) -> list[SplitReport]:
+@contextlib.contextmanager
+def _locked(path, log):
+    """The write lock of a cache or store (a second writer is refused, naming this one)."""
+    with write_lock(path) as lock:
+        if lock.took_over and log:
+            log(f"{path}: {lock.took_over}")
+        yield
+
+
+def run(config: CacheConfig, progress: bool = True, log=None, ready: Prepared | None = None,
+        locked: bool = False) -> list[SplitReport]:
     """Cache every split. Bad input fails in `prepare`, before anything is written; then the cache's
-    write lock is taken (a second writer is refused, naming this one). Under torchrun (WORLD_SIZE > 1)
+    write lock is taken (unless the caller holds its store's: `locked`). Under torchrun (WORLD_SIZE > 1)
     the ranks share every split shard by shard (cache_store.ranked), and a cache that ranks were writing
     is resumed that way whatever the number of processes."""
     world = current_world()
     if world.distributed or has_rank_records(config.cache_dir) and config.mode == "resume":
-        return _run_ranked(config, world, progress, log)
-    ready = prepare(config, progress)
+        return _run_ranked(config, world, progress, log, ready, locked)
+    ready = ready or prepare(config, progress)
     projection = ready.projection.on(ready.backbone.device) if ready.projection else None
-    with write_lock(config.cache_dir) as lock:
-        if lock.took_over and log:
-            log(f"{config.cache_dir}: {lock.took_over}")
+    with contextlib.nullcontext() if locked else _locked(config.cache_dir, log):
         writer = CacheWriter(config.cache_dir, ready.manifest, config.mode, shard_bytes=config.shard_bytes)
         _write_root_arrays(writer, ready)
         reports = []
@@ -328,6 +345,34 @@ def run(config: CacheConfig, progress: bool = True, log=None) -> list[SplitRepor
     return reports
 
 
+def run_store(configs: list[CacheConfig], progress: bool = True, log=None) -> list[SplitReport]:
+    """Cache several tasks into one store (cache_store.store), in order: the backbone loads once, and every
+    task's rows are read and tokenized before anything is written (bad input writes nothing). The store's
+    manifest is written, or checked against this run's settings (--resume, --add), then each task is
+    cached, resumed where a killed run stopped, or left as it is when complete. With --project the first
+    task's basis serves every task (a multi-task READ network needs one basis)."""
+    first, world = configs[0], current_world()
+    backbone = open_backbone(first, progress and world.leader)
+    prepared, projection = [], None
+    for config in configs:
+        ready = prepare(config, progress and world.leader, fit_projection=world.leader, backbone=backbone,
+                        projection=projection)
+        projection = projection or ready.projection
+        prepared.append(ready)
+    task_mode = "resume" if first.mode in ("resume", "add") else "new"
+    shared = shared_fields({**prepared[0].manifest, "storage": storage_record(first.shard_bytes)})
+    reports = []
+    with _locked(first.store_dir, log) if world.leader else contextlib.nullcontext():
+        if world.leader:
+            store = StoreWriter(first.store_dir, shared, first.mode, package_version())
+            for config in configs:
+                store.add_task(config.task)
+        world.barrier()
+        for config, ready in zip(configs, prepared):
+            reports += run(replace(config, mode=task_mode), progress, log, ready, locked=True)
+    return reports
+
+
 def _write_root_arrays(writer: CacheWriter, ready: Prepared) -> None:
     if ready.label_head is not None:
         writer.write_label_head(ready.label_head)
@@ -335,16 +380,14 @@ def _write_root_arrays(writer: CacheWriter, ready: Prepared) -> None:
         writer.write_projection(ready.projection.arrays())
 
 
-def _run_ranked(config: CacheConfig, world: World, progress: bool, log) -> list[SplitReport]:
+def _run_ranked(config: CacheConfig, world: World, progress: bool, log, ready: Prepared | None = None,
+                locked: bool = False) -> list[SplitReport]:
     """Rank 0 opens the cache (lock, manifest, split groups) while the others wait; every rank writes its
     shards of every split; rank 0 checks and completes each split once all are done."""
     leader = world.leader
-    ready = prepare(config, progress and leader, fit_projection=leader)
-    lock = write_lock(config.cache_dir) if leader else contextlib.nullcontext()
-    with lock:
+    ready = ready or prepare(config, progress and leader, fit_projection=leader)
+    with _locked(config.cache_dir, log) if leader and not locked else contextlib.nullcontext():
         if leader:
-            if lock.took_over and log:
-                log(f"{config.cache_dir}: {lock.took_over}")
             writer = CacheWriter(config.cache_dir, ready.manifest, config.mode, shard_bytes=config.shard_bytes)
             _write_root_arrays(writer, ready)
             for name, plan in ready.plans.items():  # each split's group, metadata arrays and records group
@@ -408,5 +451,5 @@ def _cache_split(sink, starts: list[int], ready: Prepared, config: CacheConfig, 
                 bar.set_postfix_str(f"{written / 2**20:.0f} MiB raw", refresh=False)
         bar.close()
     seconds = time.perf_counter() - began
-    return SplitReport(name, plan.n_examples, int(plan.lengths.sum()), computed, seconds,
+    return SplitReport(config.task, name, plan.n_examples, int(plan.lengths.sum()), computed, seconds,
                        logical_bytes(specs, plan, config.dtype), stored_bytes(config.cache_dir, name))

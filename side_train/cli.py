@@ -15,6 +15,7 @@ from cache_store import UserError
 from cache_store.commands import LOCATION, OneLineCommand, field_option
 from cache_store.location import Location
 from cache_store.source import open_live
+from cache_store.store import task_caches
 
 from .config import RunConfig
 from .read_model import POOLINGS
@@ -32,7 +33,11 @@ def _list(value: str, kind, name: str) -> list:
 @click.option("--from-cache", "caches", type=LOCATION, multiple=True,
               help="A cache written by cache-activations (a folder or s3://bucket/prefix); give several with "
                    "--multi-task.")
-@click.option("--multi-task", is_flag=True, help="One READ network, one head per task, over several caches.")
+@click.option("--tasks", "task_names", default=None, metavar="TASK[,TASK...]",
+              help="Of a store (cache-activations with several tasks): the tasks to train (default: all, "
+                   "which needs --multi-task when there are several).")
+@click.option("--multi-task", is_flag=True, help="One READ network, one head per task, over several tasks "
+                                                 "(a store's, or several caches').")
 @click.option("--task-sampling", type=click.Choice(SAMPLING), default="proportional", show_default=True,
               help="--multi-task: draw each batch's task in proportion to its training batches, or to "
                    "their 1/--temperature power.")
@@ -61,7 +66,7 @@ def _list(value: str, kind, name: str) -> list:
               help="Hold splits in memory up to this size, else stream the train split (default: half the RAM).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch.")
 @click.option("--quiet", is_flag=True)
-def main(caches, multi_task, task_sampling, temperature, online, model, task, data_dir, limit, init, cell, width, lr,
+def main(caches, task_names, multi_task, task_sampling, temperature, online, model, task, data_dir, limit, init, cell, width, lr,
          seed, epochs, patience, batch_size, pooling, dropout, weight_decay, no_recurrence, out, device, memory_gb, resume, quiet):
     """Train READ side networks straight from cached activations (never loading the backbone), or with
     --online from the backbone run live at every step (for the equivalence and speed comparisons)."""
@@ -83,10 +88,17 @@ def main(caches, multi_task, task_sampling, temperature, online, model, task, da
             raise UserError(f"--memory-gb must be positive, got {memory_gb}")
         if online == bool(caches):
             raise UserError("give either --from-cache CACHE or --online --model M --task T")
-        if len(caches) > 1 and not multi_task:
-            raise UserError("several --from-cache caches train one network only with --multi-task")
-        if multi_task and len(caches) < 2:
-            raise UserError("--multi-task needs at least two --from-cache caches (one per task)")
+        if task_names is not None and online:
+            raise UserError("--tasks picks tasks of a store; with --online give --task")
+        if caches:  # each store or cache -> its tasks' caches: [(backbone folder, task, cache path)]
+            wanted = [t for t in (task_names or "").split(",") if t] or None
+            found = [(Location(c).parent.name, task, path) for c in caches for task, path in task_caches(c, wanted)]
+            if len(found) > 1 and not multi_task:
+                raise UserError(f"{', '.join(str(c) for c in caches)} hold{'s' if len(caches) == 1 else ''} "
+                                f"{len(found)} tasks ({', '.join(t for _, t, _ in found)}): train them as one "
+                                "network with --multi-task, or one with --tasks")
+            if multi_task and len(found) < 2:
+                raise UserError("--multi-task needs at least two tasks (a store's, or several --from-cache caches)")
         if online:
             if not (model and task):
                 raise UserError("--online needs --model and --task")
@@ -94,9 +106,8 @@ def main(caches, multi_task, task_sampling, temperature, online, model, task, da
                                device=device)
             folder = out / f"online-{source.manifest['backbone']['name']}-{task}"
         else:
-            source = list(caches)  # caches/<model>/<task>: runs/<model>-<task>[+<task>...]
-            places = [Location(c) for c in caches]
-            folder = out / f"{places[0].parent.name}-{'+'.join(c.name for c in places)}"
+            source = [path for _, _, path in found]  # runs/<model>-<task>[+<task>...]
+            folder = out / f"{found[0][0]}-{'+'.join(task for _, task, _ in found)}"
         results = train(source, configs, folder, device=device, progress=not quiet,
                         log=lambda line: click.echo(line, err=True),
                         memory_bytes=int(memory_gb * 2**30) if memory_gb else None,

@@ -120,3 +120,17 @@ def test_two_ranks_share_a_sweep_with_the_single_process_results(tiny_bert, sing
 
     assert table(one) == table(two)  # rank 0 summarised every rank's runs
     assert not list(two.glob("training_state*"))
+
+
+def test_two_ranks_write_the_single_process_store(tiny_bert, glue_dir, tmp_path):
+    """A store of two tasks (cache_store/store.py) written by two ranks, task after task, equals the one a
+    single process writes, array by array."""
+    made = {}
+    for nproc in (0, 2):
+        out = tmp_path / f"nproc{nproc}"
+        done = torchrun(tiny_bert, glue_dir, out, "--task", "sst2,cola", nproc=nproc)
+        assert done.returncode == 0, done.stderr[-3000:]
+        made[nproc] = arrays_of(out / tiny_bert.name / "sst2+cola")
+    assert made[0].keys() == made[2].keys() and any(k.startswith("cola/") for k in made[0])
+    for path, value in made[0].items():
+        np.testing.assert_array_equal(made[2][path], value, err_msg=path)

@@ -153,3 +153,20 @@ def test_a_missing_bucket_is_refused_in_one_line(s3, tiny_bert, glue_dir):
     result = CliRunner().invoke(cache_main, cache_args(tiny_bert, glue_dir, "s3://no-such-bucket/x"))
     assert result.exit_code == 2 and "NoSuchBucket" in result.output, result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_store_in_a_bucket_equals_the_local_store_and_trains(s3, tiny_bert, glue_dir, tmp_path):
+    """`--task sst2,rte` into a bucket: the same arrays as the local store, inspected, and trained from
+    with --multi-task."""
+    args = ["--task", "sst2,rte", *SMALL_SHARDS]
+    for out in (f"{s3}/stores", tmp_path):
+        result = CliRunner().invoke(cache_main, cache_args(tiny_bert, glue_dir, out, *args))
+        assert result.exit_code == 0, result.output
+    url = f"{s3}/stores/{tiny_bert.name}/sst2+rte"
+    assert_same_arrays(url, tmp_path / tiny_bert.name / "sst2+rte")
+    inspected = CliRunner().invoke(inspect_main, [url, "--verify"])
+    assert inspected.exit_code == 0 and "2 task(s), sst2, rte" in inspected.output, inspected.output
+    trained = CliRunner().invoke(train_main, ["--multi-task", "--from-cache", url, "--out", str(tmp_path / "runs"),
+                                              "--epochs", "1", "--quiet"])
+    assert trained.exit_code == 0, trained.output
+    assert (tmp_path / "runs" / f"{tiny_bert.name}-sst2+rte").is_dir()

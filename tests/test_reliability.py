@@ -196,7 +196,7 @@ HEADER = "index\tsentence1\tsentence2\tlabel\n"
 
 
 @pytest.mark.parametrize("case, message", [
-    ("unknown task", "'nope' is not one of"),
+    ("unknown task", "unknown task nope"),
     ("missing data file", "missing data file"),
     ("wrong columns", "header lacks column"),
     ("label outside the label set", "label 'maybe' is not one of"),

@@ -1,0 +1,104 @@
+"""Disk size of a store of the paper's seven GLUE tasks (`cache-activations --task glue`) per backbone,
+under the default storage (top-8 uint8 attention with uint8 key positions, int8 hidden states with a
+float32 scale per token, every layer, max_length 128).
+
+Token lengths are measured with each backbone's own tokenizer and input format on the rows at hand:
+CoLA, SST-2, MRPC, STS-B and QNLI from `--glue` (their train splits), QQP and MNLI from the 8,999-row train
+subsets in `--subsets` (GLUE's full files are not on this machine). Sizes are at GLUE's full row counts
+(train and validation, and MNLI's two validation sets), logical bytes: what the arrays hold before lz4.
+`--measured STORE` (a store made with the default storage) adds the on-disk bytes of each of its tasks
+against the same formula on its own rows: the ratio lz4 achieves.
+
+    python scripts/benchmark_store_size.py --minilm models/all-MiniLM-L6-v2 --t5 models/small-t5 \\
+        --glue ../shared/data/glue --subsets ../shared/data/glue_subsets --measured STORE
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cache_store.store import GLUE_TASKS
+
+ROWS = {"cola": 8_551 + 1_043, "sst2": 67_349 + 872, "mrpc": 3_668 + 408, "qqp": 363_846 + 40_430,
+        "stsb": 5_749 + 1_500, "mnli": 392_702 + 9_815 + 9_832, "qnli": 104_743 + 5_463}
+# name -> (tokenizer family, d_model, encoder layers, decoder layers, heads)
+BACKBONES = {
+    "all-MiniLM-L6-v2": ("minilm", 384, 6, 0, 12),
+    "t5-small": ("t5", 512, 6, 6, 8),
+    "t5-base": ("t5", 768, 12, 12, 12),
+    "t5-large": ("t5", 1024, 24, 24, 16),
+}
+TOPK, SCALE = 8, 4  # entries kept per query row; float32 scale per token and layer
+
+
+def example_bytes(m: np.ndarray, d: int, n_enc: int, n_dec: int, heads: int) -> np.ndarray:
+    """Default storage, per example of m tokens: int8 hidden states and their scales at every layer
+    0..N, per layer k >= 1 each head's top-8 entries of each query row (uint8 value and key position);
+    T5's decoder start position (one row per layer) with dense uint8 cross-attention over the m tokens."""
+    keys = np.minimum(TOPK, m)
+    encoder = (n_enc + 1) * m * (d + SCALE) + n_enc * heads * m * keys * 2
+    decoder = ((n_dec + 1) * (d + SCALE) + n_dec * heads * m) if n_dec else 0
+    return encoder + decoder
+
+
+def rows_of(task: str, glue: Path, subsets: Path) -> list[dict]:
+    from pipeline.glue_data import load_source_splits
+    from pipeline.tasks import get_task
+
+    if task in ("qqp", "mnli"):
+        fields = {"qqp": ("question1", "question2"), "mnli": ("premise", "hypothesis")}[task]
+        data = json.loads((subsets / task.upper() / "train_subset.json").read_text())
+        return [{fields[0]: r["text_a"], fields[1]: r["text_b"]} for r in data.values()]
+    return load_source_splits(get_task(task), glue)["train"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--minilm", required=True, help="all-MiniLM-L6-v2 folder (its tokenizer)")
+    p.add_argument("--t5", required=True, help="a T5 folder (its tokenizer: every T5 size shares it)")
+    p.add_argument("--glue", type=Path, required=True)
+    p.add_argument("--subsets", type=Path, required=True)
+    p.add_argument("--measured", type=Path, help="a store made with the default storage")
+    args = p.parse_args()
+    from pipeline.backbones import load_backbone
+    from pipeline.tasks import get_task
+
+    tokenizers = {"minilm": load_backbone(args.minilm, "pretrained", 0, "cpu", progress=False),
+                  "t5": load_backbone(args.t5, "pretrained", 0, "cpu", progress=False)}
+    rows = {task: rows_of(task, args.glue, args.subsets) for task in GLUE_TASKS}
+    lengths = {(family, task): np.array([len(t) for t in backbone.tokenize(get_task(task), rows[task], 128)])
+               for family, backbone in tokenizers.items() for task in GLUE_TASKS}
+    print("mean tokens per example (MiniLM's tokenizer / T5's): " + ", ".join(
+        f"{t} {lengths['minilm', t].mean():.1f} / {lengths['t5', t].mean():.1f}" for t in GLUE_TASKS))
+    print("\n| backbone | " + " | ".join(GLUE_TASKS) + " | store | bytes per token |")
+    print("| --- | " + " | ".join("---" for _ in GLUE_TASKS) + " | --- | --- |")
+    for name, (family, d, n_enc, n_dec, heads) in BACKBONES.items():
+        sizes = {t: example_bytes(lengths[family, t], d, n_enc, n_dec, heads).mean() * ROWS[t] for t in GLUE_TASKS}
+        tokens = sum(lengths[family, t].mean() * ROWS[t] for t in GLUE_TASKS)
+        print(f"| {name} | " + " | ".join(f"{sizes[t] / 1e9:,.1f} GB" for t in GLUE_TASKS)
+              + f" | **{sum(sizes.values()) / 1e9:,.0f} GB** | {sum(sizes.values()) / tokens:,.0f} |")
+    if args.measured:
+        from cache_store import CacheReader
+        from cache_store.location import Location
+        from cache_store.store import task_caches
+
+        print("\n| measured task | examples | logical bytes (formula) | on disk | disk / logical |")
+        print("| --- | --- | --- | --- | --- |")
+        for task, path in task_caches(args.measured):
+            reader = CacheReader(path)
+            b = reader.manifest["backbone"]
+            logical = disk = examples = 0
+            for split in reader.split_names:
+                m = reader.split(split).lengths
+                logical += example_bytes(m, b["d_model"], b["n_layers"], b["n_decoder_layers"], b["n_heads"]).sum()
+                disk += sum(Location(path).sizes(split).values())
+                examples += len(m)
+            print(f"| {b['name']} {task} | {examples} | {logical / 2**20:,.1f} MiB | {disk / 2**20:,.1f} MiB | "
+                  f"{disk / logical:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
