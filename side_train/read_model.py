@@ -187,6 +187,7 @@ class MixSide:
     side: torch.Tensor
     members: int
     width: int
+    keep: torch.Tensor | None = None  # bool [A*c]: the real columns of the mix's output, when r % A != 0
 
 
 def mix_side(values: torch.Tensor, heads: int | None) -> MixSide:
@@ -195,12 +196,13 @@ def mix_side(values: torch.Tensor, heads: int | None) -> MixSide:
     members, batch, keys, width = values.shape
     if heads is None:
         return MixSide(values.permute(1, 2, 0, 3).reshape(batch, keys, members * width), members, width)
-    c = -(-width // heads)
+    c, keep = -(-width // heads), None
     if width % heads:  # gather each head's columns, a zero column filling the shorter slices
         columns = head_columns(width, heads).flatten().to(values.device)
         values = torch.cat([values, values.new_zeros(*values.shape[:-1], 1)], -1)[..., columns]
+        keep = columns < width
     side = values.reshape(members, batch, keys, heads, c).permute(1, 3, 2, 0, 4).reshape(batch, heads, keys, -1)
-    return MixSide(side, members, width)
+    return MixSide(side, members, width, keep)
 
 
 def mix(attention: torch.Tensor | None, values: torch.Tensor | MixSide, heads: int) -> torch.Tensor | None:
@@ -217,9 +219,7 @@ def mix(attention: torch.Tensor | None, values: torch.Tensor | MixSide, heads: i
         return mixed.view(batch, -1, members, width).permute(2, 0, 1, 3)
     heads, queries = mixed.shape[1], mixed.shape[2]
     mixed = mixed.view(batch, heads, queries, members, -1).permute(3, 0, 2, 1, 4).reshape(members, batch, queries, -1)
-    if width % heads:
-        return mixed[..., head_columns(width, heads).flatten().to(mixed.device) < width]
-    return mixed
+    return mixed if prepared.keep is None else mixed[..., prepared.keep]
 
 
 def shared_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
