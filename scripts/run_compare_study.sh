@@ -2,7 +2,8 @@
 # The all-MiniLM-L6-v2 study of the README, in the order that gives the most for the time spent. Every
 # finished configuration is appended to scripts/results/minilm.jsonl and skipped when this is run again, so it
 # can be stopped and continued. Caches: cache-activations --task T --model models/all-MiniLM-L6-v2
-# --data-dir ../shared/data/glue --limit 4000, for T in sst2 mrpc cola stsb rte.
+# --data-dir ../shared/data/glue --limit 4000 --attention heads --quantize none (version 1's storage, the
+# default when the study began), for T in sst2 mrpc cola stsb rte.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-models/all-MiniLM-L6-v2}
