@@ -1,4 +1,5 @@
-"""The paper's split protocol (DESIGN §3), seeded, with every row's source index kept for provenance.
+"""The paper's split protocol (after Zhang et al. 2020 and Karimi Mahabadi et al. 2021), seeded, with every
+row's source index kept for provenance.
 
 - MNLI: validation_mismatched is validation, validation_matched is test.
 - train < 10k rows: GLUE's validation set is shuffled and halved into validation and test.

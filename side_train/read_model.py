@@ -1,49 +1,54 @@
-"""The READ side network (DESIGN §2, equation (1) of arXiv 2305.15348), the one implementation of it.
+"""The READ side network (equation (1) of arXiv 2305.15348): the implementation every path trains and serves.
 
-For each stack (encoder, and T5's decoder at its start position), over layers i = 1..N:
+The equations, for each stack (the encoder; T5's decoder at its start position), layers i = 1..N, with
+the code that computes each term. Shapes are a batch's: T packed tokens, B examples padded to L
+positions, M members, A heads, side width r, backbone width d.
 
-    u     = F(h_{i-1})                                # [B, L, r]
-    mix   = concat_a(sigma_i[a] @ (v W_a))            # v = u (encoder) or the encoder side's h_N (decoder)
-    psi_i = Phi(u) + Psi(mix)                         # the Joiner
-    h_i   = Cell(Down(concat(phi_i, psi_i)), h_{i-1}) # h_0 = 0
-    out   = phi_N + Up(h_N)                           # Up zero-initialised: a fresh network is the backbone
+    u_i   = tanh(F h_{i-1})                         ReadLayer.joiner.F            [M, T, r]
+    mix_i = concat_a(sigma_i[a] @ (v W)[a's slice]) mix(), joiner.W; head_slices  [M, T, r]
+            (v = u_i on the encoder; the encoder side's h_N on T5's decoder, mixed by cross-attention)
+    psi_i = Phi u_i + Psi mix_i                     joiner.Phi, joiner.Psi         [M, T, r]
+    h_i   = Cell(Down [phi_i ; psi_i], h_{i-1})     ReadLayer.down, ReadLayer.cell [M, T, r]; h_0 = 0
+    out   = phi_N + Up h_N                          ReadStack.up (zero at start)   [M, B, d] after pooling
 
-The heads read T5's decoder side at its start position; an encoder-only backbone's corrected tokens are
-pooled (`pooling`: their mean over the real tokens, or the first token), after `dropout`. Pooling is
-linear, so the heads read pool(phi_N) + pool(Up(h_N)).
+    phi_i     ReadInputs.encoder_hidden[i-1]  [T, d] (cached; [T, K] on a projected cache)
+    sigma_i   ReadInputs.encoder_attention[i-1]  [B, A, L, L] or [B, L, L] (cached)
+    heads     ReadModel.heads, one per task, on `out`: T5's decoder start position, or an encoder's
+              corrected tokens pooled (`pooling`: mean over real tokens, or the first), after `dropout`
 
-Projected caches (`cache-activations --project K`) store phi_i as K coordinates z_i = (phi_i - mean_i)
-@ P_i.T. Down then reads z_i (K wide instead of d): on the span of P_i that is the same family of maps,
-Down(phi) = Down'(z) + a constant the bias takes up; what lies outside the span READ cannot see. The
-heads' pool(phi_N) is stored at full width (`ReadInputs.pooled`), so a fresh network still predicts
-what the backbone does, and Up still writes the full d-wide correction.
+`side_train/reference.py` writes these equations out plainly for one example; it is the definition this
+module is tested against. What this module adds is speed, each shortcut exact up to float rounding:
+
+- Packed tokens: per-token products run on the batch's T real tokens, none on padding. Only the mix
+  needs each example's L x L block: the side states are padded for it and packed again (`Packing`).
+- Layer 1 starts from h_0 = 0, so F h_0 and the cell's W_hh h_0 are their biases and are not multiplied.
+- Products that read one input run as one wider product: F with the cell's W_hh (both read h), Phi
+  with W (both read u). Down [phi ; psi] runs as two products, so phi, shared by every member, is read
+  once and no concatenated copy is kept for backward.
+- Pooling is linear and Up affine, so Up runs on pool(h_N), B rows instead of T.
+- Members: a `ReadModel` holds M networks of one spec; every parameter is [M, ...] and the outputs
+  [M, B, ...]. A sweep's configurations that share a seed and a shape train as one model's members; a
+  single run, a checkpoint and `predict-side` are a model of one member. Down's product with phi and
+  the attention mix run once for all members; no product mixes two members, so each trains as alone.
+
+T5's encoder stack has no Up: its correction reaches the head through the decoder side's mix of h_N.
 Parameters are shared across layers (one ReadLayer), or one per layer with `recurrence=False`.
 
-Packed tokens. Everything READ computes per token runs on the batch's real tokens only, packed one
-example after another ([T, ...], T = the batch's token count): no product is spent on padding. Only the
-attention mix needs each example's L x L block: the side states are padded for it and packed again
-(`Packing`). Three exact shortcuts (equal up to float rounding): layer 1 starts from the zero state, so
-F(h_0) and the cell's W_hh h_0 are their biases and are not multiplied; products that read the same
-input run as one wider product (F and W_hh on h, Phi and W on u); pooling is linear and Up affine, so
-Up(pool(h_N)) is pool(Up(h_N)) at 1/L of the cost.
+Projected caches (`cache-activations --project K`) store phi_i as K coordinates z_i = (phi_i - mean_i)
+@ P_i.T; Down then reads z_i. On the span of P_i that is the same family of maps (the mean is a constant
+the bias takes up); what lies outside the span READ cannot see. The heads' pool(phi_N) is stored at full
+width (`ReadInputs.pooled`), so a fresh network still predicts what the backbone does.
 
-Members. A `ReadModel` holds M networks of one spec side by side: every parameter is [M, ...], and the
-outputs are [M, B, ...]. A sweep's configurations that share a seed and a shape train as the members of
-one model; a single run, a checkpoint and `predict-side` are a model of one member. Each product runs
-once for all members: Down on the cached states phi (d -> r), the largest, as one wide product
-phi @ [W_1 .. W_M] that reads phi once; the attention mix as one product of the cached maps with all
-members' side states side by side; the rest as batched products. No product mixes two members, so each
-trains as it would alone, up to float rounding.
-
-Every member starts as torch's nn.Linear and nn.GRUCell / LSTMCell / RNNCell start (they are built and
-copied, in the order of the modules), and a member's weights (`member_state`) are a state dict with the keys of those
-modules: the checkpoint format. `ReadAdamW` is torch's AdamW with one learning rate per member, and
-members that have stopped left untouched.
+Every member starts as torch's nn.Linear and cell modules start (built and copied, in module order),
+and `member_state` gives one member's weights keyed as those modules' state dicts: the checkpoint
+format. `ReadAdamW` is torch's AdamW with one learning rate per member, leaving stopped members as
+they are.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -51,8 +56,41 @@ from torch import nn
 from cache_store import UserError
 from cache_store.format import POOLINGS, dequantize_probabilities, pool
 
-# The cells READ can use: torch's, whose equations `Cell` computes for M members at once.
-CELLS: dict[str, type[nn.RNNCellBase]] = {"rnn": nn.RNNCell, "gru": nn.GRUCell, "lstm": nn.LSTMCell}
+State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def _rnn(gi: torch.Tensor, gh: torch.Tensor, state: State) -> State:
+    return torch.tanh(gi + gh)
+
+
+def _gru(gi: torch.Tensor, gh: torch.Tensor, state: State) -> State:
+    i_r, i_z, i_n = gi.chunk(3, -1)
+    h_r, h_z, h_n = gh.chunk(3, -1)
+    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return (1 - z) * n + z * state
+
+
+def _lstm(gi: torch.Tensor, gh: torch.Tensor, state: State) -> State:
+    i, f, g, o = (gi + gh).chunk(4, -1)
+    c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+@dataclass(frozen=True)
+class CellKind:
+    """What READ needs of a recurrent cell. A new cell is one entry of CELLS."""
+
+    torch_cell: type[nn.RNNCellBase]  # parameters (weight_ih, weight_hh [G*r, r], bias_ih, bias_hh [G*r]),
+    # their initialisation and the checkpoint keys; also the cell `reference.py` runs
+    update: Callable[[torch.Tensor, torch.Tensor, State], State]  # the gate equations: the new state from
+    # the input's gate products gi [M, N, G*r], the state's gh (perhaps [M, 1, G*r], broadcast) and the state
+    paired_state: bool = False  # the state is (h, c), as LSTM's
+
+
+# The one list of cells: torch's, whose gate equations `Cell` computes for M members at once.
+CELLS: dict[str, CellKind] = {"rnn": CellKind(nn.RNNCell, _rnn), "gru": CellKind(nn.GRUCell, _gru),
+                              "lstm": CellKind(nn.LSTMCell, _lstm, paired_state=True)}
 
 
 @dataclass(frozen=True)
@@ -169,14 +207,18 @@ class _Mix(torch.autograd.Function):
         return None, grad_values  # the cached maps are data: they get no gradient
 
 
+def head_slices(width: int, heads: int) -> list[tuple[int, int]]:
+    """(start, size) of the side-state columns each head mixes: contiguous and as even as they can be, the
+    first r mod A heads one column wider (r = 128 over 12 heads: 8 slices of 11 columns, 4 of 10)."""
+    sizes = [width // heads + (1 if a < width % heads else 0) for a in range(heads)]
+    return [(sum(sizes[:a]), sizes[a]) for a in range(heads)]
+
+
 def head_columns(width: int, heads: int) -> torch.Tensor:
-    """int64 [A, c], c = ceil(r/A): the side-state columns each head mixes. Head slices are contiguous and
-    as even as they can be: the first r mod A heads take c columns, the others c - 1, the last entry of
-    their row then being r, a zero column (so r = 128 works with 12 heads: 8 slices of 11, 4 of 10)."""
-    c, extra = -(-width // heads), width % heads
-    sizes = [c if not extra or a < extra else c - 1 for a in range(heads)]
-    starts = [sum(sizes[:a]) for a in range(heads)]
-    return torch.tensor([[starts[a] + j if j < sizes[a] else width for j in range(c)] for a in range(heads)])
+    """int64 [A, c], c = ceil(r/A): head_slices as a gather index, a slice shorter than c padded with r,
+    which mix_side points at a zero column."""
+    c = -(-width // heads)
+    return torch.tensor([[start + j if j < size else width for j in range(c)] for start, size in head_slices(width, heads)])
 
 
 @dataclass
@@ -256,35 +298,23 @@ class Linear(nn.Module):
 
 
 class Cell(nn.Module):
-    """M cells of one kind of CELLS, computing torch's gate equations (RNNCell is tanh) with its parameter
-    names and layout; every member starts as a fresh torch cell."""
+    """M cells of one kind of CELLS, with torch's parameter names and layout; every member starts as a
+    fresh torch cell."""
 
     def __init__(self, members: int, width: int, kind: str):
         super().__init__()
-        self.kind = kind
-        start = CELLS[kind](width, width)
+        self.kind = CELLS[kind]
+        start = self.kind.torch_cell(width, width)
         for name, value in start.named_parameters():  # weight_ih, weight_hh [G*r, r]; bias_ih, bias_hh [G*r]
             self.register_parameter(name, nn.Parameter(value.detach().expand(members, *value.shape).clone()))
 
-    def forward(self, x: torch.Tensor, state):
-        """x [M, N, r]; state [M, N, r], or (h, c) for lstm."""
-        h = state[0] if self.kind == "lstm" else state
+    def forward(self, x: torch.Tensor, state: State) -> State:
+        """x [M, N, r]; state [M, N, r], or (h, c)."""
+        h = state[0] if self.kind.paired_state else state
         return self.update(product(x, self.weight_ih, self.bias_ih), product(h, self.weight_hh, self.bias_hh), state)
 
-    def update(self, gi: torch.Tensor, gh: torch.Tensor, state):
-        """The new state from the input's gate products gi [M, N, G*r] and the state's gh (which may be
-        [M, 1, G*r], broadcast: the zero state's are its biases)."""
-        if self.kind == "rnn":
-            return torch.tanh(gi + gh)
-        if self.kind == "gru":
-            i_r, i_z, i_n = gi.chunk(3, -1)
-            h_r, h_z, h_n = gh.chunk(3, -1)
-            r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
-            n = torch.tanh(i_n + r * h_n)
-            return (1 - z) * n + z * state
-        i, f, g, o = (gi + gh).chunk(4, -1)
-        c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+    def update(self, gi: torch.Tensor, gh: torch.Tensor, state: State) -> State:
+        return self.kind.update(gi, gh, state)
 
 
 class Joiner(nn.Module):
@@ -305,7 +335,7 @@ class ReadLayer(nn.Module):
 
     def __init__(self, members: int, d_in: int, width: int, heads: int, cell: str):
         super().__init__()
-        self.d_in, self.width, self.is_lstm = d_in, width, cell == "lstm"
+        self.d_in, self.width, self.paired = d_in, width, CELLS[cell].paired_state
         self.joiner = Joiner(members, width, heads)
         self.down = Linear(members, d_in + width, width)
         self.cell = Cell(members, width, cell)
@@ -315,7 +345,7 @@ class ReadLayer(nn.Module):
         (h, c) pair of them, zero when `first`. The attention mix reads, on the tokens of `keys`, W(u) or,
         given, `values` (T5's decoder: mix_side of W of the encoder side's h_N, see ReadStack)."""
         joiner, cell, r = self.joiner, self.cell, self.width
-        h_prev = state[0] if self.is_lstm else state
+        h_prev = state[0] if self.paired else state
         f = joiner.F[0]
         if first:  # h_0 = 0: F(h_0) and W_hh h_0 are their biases, the same for every token
             u, gh = torch.tanh(f.bias).unsqueeze(1), cell.bias_hh.unsqueeze(1)  # [M, 1, r], [M, 1, G*r]
@@ -351,7 +381,7 @@ class ReadStack(nn.Module):
     def __init__(self, members: int, n_layers: int, d_in: int, d_model: int, width: int, heads: int, cell: str,
                  recurrence: bool, output: bool = True):
         super().__init__()
-        self.members, self.n_layers, self.width, self.is_lstm = members, n_layers, width, cell == "lstm"
+        self.members, self.n_layers, self.width, self.paired = members, n_layers, width, CELLS[cell].paired_state
         self.layers = nn.ModuleList(ReadLayer(members, d_in, width, heads, cell)
                                     for _ in range(1 if recurrence else n_layers))
         self.up = Linear(members, width, d_model) if output else None
@@ -363,7 +393,7 @@ class ReadStack(nn.Module):
         """hidden: phi_1..phi_N [N, d_in]; attention: sigma_1..sigma_N or None; values: T5's decoder side
         mixes the encoder side's h_N [M, T, r] (over the tokens of `keys`). Returns h_N [M, N, r]."""
         zeros = hidden[0].new_zeros(self.members, hidden[0].shape[0], self.width)
-        state = (zeros, zeros) if self.is_lstm else zeros
+        state = (zeros, zeros) if self.paired else zeros
         projected = {}  # W(values), laid out for the mix, once per distinct layer (once in all with recurrence)
         for i in range(self.n_layers):
             layer = self.layers[min(i, len(self.layers) - 1)]
@@ -374,7 +404,7 @@ class ReadStack(nn.Module):
                     source = projected[id(layer)] = mix_side(keys.pad(layer.joiner.W(values)),
                                                                layer.joiner.heads if attention[i].dim() == 4 else None)
             state = layer(hidden[i], attention[i] if attention is not None else None, state, keys, i == 0, source)
-        return state[0] if self.is_lstm else state
+        return state[0] if self.paired else state
 
 
 class ReadModel(nn.Module):

@@ -9,6 +9,7 @@ from transformers import T5ForConditionalGeneration
 from cache_store import CacheReader
 from side_train.data import InMemorySplit, StreamingSplit, open_splits, read_spec
 from side_train.read_model import CELLS, Cell, ReadAdamW, ReadModel, head_columns, mix
+from side_train.reference import reference_outputs
 from side_train.tasks import TaskInfo, loss_of
 from side_train.evaluation import evaluate
 from side_train.stacks import member_losses
@@ -154,7 +155,7 @@ def test_each_member_of_a_cell_is_torchs_cell(kind):
     x, h, c = torch.randn(3, 5, 6), torch.randn(3, 5, 6), torch.randn(3, 5, 6)
     out = cell(x, (h, c) if kind == "lstm" else h)
     for m in range(3):
-        reference = CELLS[kind](6, 6)
+        reference = CELLS[kind].torch_cell(6, 6)
         reference.load_state_dict({k: v[m] for k, v in cell.state_dict().items()})
         expected = reference(x[m], (h[m], c[m]) if kind == "lstm" else h[m])
         for got, want in zip(out if kind == "lstm" else [out], expected if kind == "lstm" else [expected]):
@@ -252,54 +253,6 @@ def test_the_papers_width_trains_on_a_backbone_whose_heads_do_not_divide_it(t5_c
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.layers.parameters())
 
 
-def _reference_outputs(state: dict, spec, example: dict, task: str) -> torch.Tensor:
-    """Equation (1) of the paper written out plainly for one member and one example, unpadded: nn.Linear
-    products, torch's own cell, per-head slices of about r/A columns. The independent reference for ReadModel."""
-    r = spec.width
-
-    def linear(prefix, x):
-        bias = state.get(prefix + ".bias")
-        return x @ state[prefix + ".weight"].T + (bias if bias is not None else 0)
-
-    def mixed(attention, v):  # attention [A, Lq, Lk] or [Lq, Lk]; v [Lk, r]
-        if attention.dim() == 2:
-            return attention @ v
-        heads = attention.shape[0]
-        sizes = [r // heads + (1 if a < r % heads else 0) for a in range(heads)]
-        starts = [sum(sizes[:a]) for a in range(heads)]
-        return torch.cat([attention[a] @ v[:, s:s + n] for a, (s, n) in enumerate(zip(starts, sizes))], -1)
-
-    def stack(name, hidden, attention, values=None):
-        cell = CELLS[spec.cell](r, r)
-        h = torch.zeros(hidden[0].shape[0], r)
-        c = torch.zeros_like(h)
-        for i, phi in enumerate(hidden):
-            p = f"{name}.layers.{i if not spec.recurrence else 0}."
-            cell.load_state_dict({k.removeprefix(p + "cell."): v for k, v in state.items() if k.startswith(p + "cell.")})
-            u = torch.tanh(linear(p + "joiner.F.0", h))
-            psi = linear(p + "joiner.Phi", u) + linear(p + "joiner.Psi", mixed(
-                attention[i], linear(p + "joiner.W", u if values is None else values)))
-            x = linear(p + "down", torch.cat([phi, psi], -1))
-            if spec.cell == "lstm":
-                h, c = cell(x, (h, c))
-            else:
-                h = cell(x, h)
-        return h
-
-    encoder = [example[f"encoder/hidden/{k}"].float() for k in range(1, spec.n_layers + 1)]
-    maps = [example[f"encoder/attention/{k}"].float() for k in range(1, spec.n_layers + 1)]
-    h_encoder = stack("encoder", encoder, maps)
-    if not spec.n_decoder_layers:
-        corrected = encoder[-1] + linear("encoder.up", h_encoder)
-        features = corrected.mean(0) if spec.pooling == "mean" else corrected[0]
-    else:
-        decoder = [example[f"decoder/hidden/{k}"].float().reshape(1, -1) for k in range(1, spec.n_decoder_layers + 1)]
-        cross = [example[f"decoder/cross_attention/{k}"].float().unsqueeze(-2)  # [A, 1, L] or [1, L]
-                 for k in range(1, spec.n_decoder_layers + 1)]
-        features = (decoder[-1] + linear("decoder.up", stack("decoder", decoder, cross, h_encoder)))[0]
-    return linear(f"heads.{task}", features)
-
-
 @pytest.mark.parametrize("which", ["t5 heads", "t5 mean", "bert"])
 @pytest.mark.parametrize("cell, recurrence, width, pooling", [("gru", True, 10, "mean"), ("lstm", False, 8, "first"),
                                                               ("rnn", True, 8, "mean")])
@@ -321,5 +274,5 @@ def test_read_model_computes_the_papers_equations(caches, which, cell, recurrenc
     for row, j in enumerate(index.tolist()):
         example = reader.example(j, paths)
         for m in range(2):
-            expected = _reference_outputs(model.member_state(m), model.spec, example, task.name)
+            expected = reference_outputs(model.member_state(m), model.spec, example, task.name)
             torch.testing.assert_close(outputs[m, row], expected, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,73 @@
+"""Equation (1) of the READ paper written out plainly: the definition the fast network is tested against.
+
+One network, one example, no padding, no members, no fused products: nn.Linear-style products, torch's
+own cell, and each attention head mixing its own slice of the side state. `read_model.py` computes the
+same outputs fused, packed and for M members at once; `tests/test_read_model.py` checks every member
+of a `ReadModel` against `reference_outputs` for T5 with per-head and head-mean maps and for an
+encoder-only backbone, every cell, with and without recurrence, and widths the heads do not divide.
+
+For one stack (the encoder; T5's decoder at its start position), layers i = 1..N:
+
+    u_i    = tanh(F h_{i-1})                        # F: r -> r
+    mix_i  = concat_a(sigma_i[a] @ (v W)[:, a's columns])   # v = u_i (encoder) or the encoder side's h_N (decoder)
+    psi_i  = Phi u_i + Psi mix_i                    # the Joiner
+    h_i    = Cell(Down [phi_i ; psi_i], h_{i-1})    # Down: d + r -> r;  h_0 = 0
+    out    = phi_N + Up h_N                         # Up: r -> d, zero at the start
+
+The heads read `out`: T5's decoder start position, or an encoder's tokens pooled (mean or first).
+"""
+from __future__ import annotations
+
+import torch
+
+from .read_model import CELLS, ReadSpec, head_slices
+
+
+def reference_outputs(state: dict[str, torch.Tensor], spec: ReadSpec, example: dict[str, torch.Tensor],
+                      task: str) -> torch.Tensor:
+    """One task's head outputs [C] for one example.
+
+    state: one member's weights in the checkpoint format (`ReadModel.member_state`); example: the
+    example's arrays as `SplitReader.example` gives them from a cache with dense maps (`--attention
+    heads` or `mean`): hidden [m, d], attention [A, m, m] or [m, m], decoder [d], cross [A, m] or [m]."""
+    r = spec.width
+
+    def linear(prefix: str, x: torch.Tensor) -> torch.Tensor:
+        bias = state.get(prefix + ".bias")
+        return x @ state[prefix + ".weight"].T + (bias if bias is not None else 0)
+
+    def mixed(attention: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # [A, Lq, Lk] or [Lq, Lk]; v [Lk, r]
+        if attention.dim() == 2:
+            return attention @ v
+        return torch.cat([attention[a] @ v[:, s:s + n] for a, (s, n) in enumerate(head_slices(r, len(attention)))], -1)
+
+    def stack(name: str, hidden: list[torch.Tensor], attention: list[torch.Tensor], values=None) -> torch.Tensor:
+        cell = CELLS[spec.cell].torch_cell(r, r)
+        h = torch.zeros(hidden[0].shape[0], r)
+        c = torch.zeros_like(h)
+        for i, phi in enumerate(hidden):
+            p = f"{name}.layers.{i if not spec.recurrence else 0}."
+            cell.load_state_dict({k.removeprefix(p + "cell."): v for k, v in state.items() if k.startswith(p + "cell.")})
+            u = torch.tanh(linear(p + "joiner.F.0", h))
+            psi = linear(p + "joiner.Phi", u) + linear(p + "joiner.Psi", mixed(
+                attention[i], linear(p + "joiner.W", u if values is None else values)))
+            x = linear(p + "down", torch.cat([phi, psi], -1))
+            if CELLS[spec.cell].paired_state:
+                h, c = cell(x, (h, c))
+            else:
+                h = cell(x, h)
+        return h
+
+    layers = range(1, spec.n_layers + 1)
+    encoder = [example[f"encoder/hidden/{k}"].float() for k in layers]
+    maps = [example[f"encoder/attention/{k}"].float() for k in layers]
+    h_encoder = stack("encoder", encoder, maps)
+    if not spec.n_decoder_layers:
+        corrected = encoder[-1] + linear("encoder.up", h_encoder)  # [m, d]
+        features = corrected.mean(0) if spec.pooling == "mean" else corrected[0]
+    else:
+        layers = range(1, spec.n_decoder_layers + 1)
+        decoder = [example[f"decoder/hidden/{k}"].float().reshape(1, -1) for k in layers]  # [1, d]
+        cross = [example[f"decoder/cross_attention/{k}"].float().unsqueeze(-2) for k in layers]  # [A, 1, m] or [1, m]
+        features = (decoder[-1] + linear("decoder.up", stack("decoder", decoder, cross, h_encoder)))[0]
+    return linear(f"heads.{task}", features)
