@@ -19,6 +19,8 @@ READABLE_VERSIONS = (1, 2)  # v1: every float array in storage_dtype; v2 adds th
 MANIFEST_KEY = "read_cache"
 SPLITS = ("train", "validation", "test")
 ATTENTION_MODES = ("heads", "mean", "none")
+# What a manifest's task.metric may name: stage one records it, stage two computes it (side_train/metrics.py).
+METRIC_NAMES = ("accuracy", "matthews", "f1_accuracy", "pearson_spearman")
 
 # logical dtype -> (numpy storage dtype, torch logical dtype). bfloat16 has no numpy dtype: its bits
 # are stored as uint16 and reinterpreted on read.
@@ -36,7 +38,7 @@ ARRAY_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
     "int16": (np.dtype(np.int16), torch.int16)}  # int16: top-k key positions past 255
 PROBABILITY_UNITS = 255  # a uint8 attention entry q stands for q / 255
 
-# Chosen by scripts/bench_compression.py on real-row T5 activations: bit shuffle groups the sign and
+# Chosen by scripts/bench/compression.py on real-row T5 activations: bit shuffle groups the sign and
 # exponent bits, which is what compresses in float activations; lz4 keeps within ~6% of zstd's ratio
 # at 3-4x its speed, so the writer keeps up with the backbone on two cores.
 COMPRESSOR = {"codec": "blosc", "cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}

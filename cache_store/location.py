@@ -2,7 +2,7 @@
 
 Object storage goes through obstore (zarr's `ObjectStore`): on the same S3 server it read a cache 1.6x
 faster than zarr's fsspec store (s3fs), and it offers conditional PUTs, which the write lock needs
-(scripts/bench_object_storage.py). Credentials and the endpoint come from the standard environment
+(scripts/bench/scale_out.py). Credentials and the endpoint come from the standard environment
 variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL), so MinIO,
 Ceph or a local test server need no code; a plain http:// endpoint is allowed because it says so.
 

@@ -20,7 +20,7 @@ def keep_freed_memory(threshold: int = 1 << 30) -> bool:
     Every batch allocates and frees the same large buffers (activations, unpadded copies, compressed
     shards). By default glibc serves blocks over 32 MiB with mmap and unmaps them on free, so each
     batch pays first-touch page faults again; on some VMs that costs more than the compression itself
-    (measured with scripts/bench_cache_throughput.py). Returns False where it does not apply.
+    (measured with scripts/bench/cache_throughput.py). Returns False where it does not apply.
     """
     if not sys.platform.startswith("linux"):
         return False

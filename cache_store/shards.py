@@ -9,7 +9,7 @@ The writer only ever writes complete shards of arrays it created itself, with on
                  chunk order; 2**64-1 for chunks wholly past the array's end
 
 For that case zarr's general async path (copy per chunk, merge, encode, combine) costs about 2.5x what
-the same bytes cost here (scripts/bench_cache_throughput.py). The bytes are exactly zarr's own: a test
+the same bytes cost here (scripts/bench/cache_throughput.py). The bytes are exactly zarr's own: a test
 writes the same data both ways and compares the files, and every read goes through plain zarr.
 """
 from __future__ import annotations

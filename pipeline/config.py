@@ -38,7 +38,8 @@ class CacheConfig:
     dtype: str = documented("bfloat16", "Storage dtype of every float array.")
     # The storage defaults (topk:8, int8 hidden and uint8 attention) are the smallest choice that kept READ's
     # mean test metric within 0.3 points of full bfloat16 storage on all-MiniLM-L6-v2 over five GLUE tasks;
-    # --project 32 or 64 is smaller but cost about 1.7 points (README, "Compact storage"). LOSSLESS undoes them.
+    # --project 32 or 64 is smaller but cost 4.3 to 5.5 points of the four-task mean (docs/storage.md).
+    # LOSSLESS undoes them.
     attention: str = documented("topk:8", "Store attention maps per head (heads), as the head mean, or not at "
                                           "all; topk:K keeps each query row's K largest entries per head, "
                                           "renormalised to sum to 1, with their key positions.")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-METRICS = ("accuracy", "matthews", "f1_accuracy", "pearson_spearman")
+from cache_store.format import METRIC_NAMES
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class TaskSpec:
     source_splits: tuple[str, ...] = ("train", "validation")
 
     def __post_init__(self):
-        if self.metric not in METRICS:
+        if self.metric not in METRIC_NAMES:
             raise ValueError(f"task {self.name}: unknown metric {self.metric!r}")
         if len(self.tsv.columns) != len(self.fields) + 1:
             raise ValueError(f"task {self.name}: tsv columns must be the fields then the label")

@@ -1,6 +1,6 @@
 """Save a T5 with t5-small's config resized, seeded random weights and the real tokenizer: the small
-backbone the README's learning and multi-task figures use (the hub is unreachable here, and the shared
-t5-small folder has its config and tokenizer but no weights).
+backbone of the sweep benchmark and the store-size study, for machines without pretrained T5 weights
+(the shared t5-small folder has its config and tokenizer but no weights).
 
     python scripts/make_random_t5.py --base ../shared/data/t5/t5-small --out models/small-t5
 """

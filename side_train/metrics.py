@@ -1,10 +1,12 @@
-"""GLUE metrics from scikit-learn and SciPy (never hand-written), in points (0-100) as GLUE reports them.
-The registry of metric names is the task spec's `metric` field in the cache manifest."""
+"""GLUE metrics from scikit-learn and SciPy (never hand-written), in points (0-100) as GLUE reports them:
+one for each name of cache_store.format.METRIC_NAMES, which a cache manifest's task.metric holds."""
 from __future__ import annotations
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from cache_store.format import METRIC_NAMES
 
 
 def _accuracy(labels, predictions):
@@ -27,6 +29,7 @@ def _pearson_spearman(labels, predictions):
 
 METRICS = {"accuracy": _accuracy, "matthews": _matthews, "f1_accuracy": _f1_accuracy,
            "pearson_spearman": _pearson_spearman}
+assert tuple(METRICS) == METRIC_NAMES, "every metric a manifest may name is computed here"
 
 
 def score(metric: str, labels: np.ndarray, predictions: np.ndarray) -> float:

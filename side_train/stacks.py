@@ -36,7 +36,7 @@ class Run:
 
 @dataclass
 class Stack:
-    """The runs of one seed and one shape (cell, width, recurrence), trained as the members of one ReadModel."""
+    """The runs that differ only in learning rate (make_stacks' key), trained as the members of one ReadModel."""
 
     runs: list[Run]
     model: ReadModel

@@ -72,6 +72,7 @@ def test_bad_storage_options_are_one_line_errors(tiny_t5, glue_dir, tmp_path, ex
     assert not (tmp_path / tiny_t5.name / "rte" / "train").exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("storage", [[], ["--project", "8", "--quantize", "hidden"]], ids=["v1", "projected"])
 def test_sigkill_mid_split_then_resume_equals_uninterrupted(tiny_t5, glue_dir, tmp_path, storage):
     args = cache_args(tiny_t5, glue_dir, "OUT", "--shard-mb", "0.02", "--splits", "train,validation", *storage)

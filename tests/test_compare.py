@@ -1,4 +1,4 @@
-"""scripts/compare_methods.py: the baselines read what READ reads, and the study runs end to end."""
+"""scripts/compare/methods.py: the baselines read what READ reads, and the study runs end to end."""
 from __future__ import annotations
 
 import json
@@ -12,10 +12,10 @@ import torch
 
 from cache_store import CacheReader, hidden_path
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "compare"
 sys.path.insert(0, str(SCRIPTS))
 
-import compare_baselines as baselines  # noqa: E402
+import baselines  # noqa: E402
 
 
 @pytest.mark.parametrize("family", ["t5", "bert"])
@@ -37,6 +37,7 @@ def test_a_fresh_classifier_reads_the_cached_final_state(tiny_t5, tiny_bert, mak
         torch.testing.assert_close(logits, cached @ cache.label_head().T, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_bitfit_and_peft_train_what_they_say(tiny_bert, make_cache):
     cache = CacheReader(make_cache(tiny_bert, task="rte", limit=24))
     shares = {}
@@ -72,7 +73,7 @@ def test_probe_matches_scikit_learn_on_the_cached_features(tiny_bert, make_cache
 
 
 def _compare(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPTS / "compare_methods.py"), *map(str, args)],
+    return subprocess.run([sys.executable, str(SCRIPTS / "methods.py"), *map(str, args)],
                           capture_output=True, text=True)
 
 
@@ -119,7 +120,7 @@ def _row(task, method, config, seed, validation, test, memory_mib=100.0, epoch_s
 
 
 def test_report_chooses_by_mean_validation_and_states_the_targets(tmp_path):
-    import compare_report
+    import report as compare_report
 
     rows = [_row("sst2", "read", {"lr": 1e-3}, 0, 80, 70), _row("sst2", "read", {"lr": 1e-3}, 1, 82, 74),
             _row("sst2", "read", {"lr": 3e-3}, 0, 90, 99),  # the best seed alone, but one seed among two configs

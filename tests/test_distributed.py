@@ -17,6 +17,7 @@ from cache_store.faults import CRASH_AFTER_COMMITS_ENV, CRASH_RANK_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 # The default (compact) storage, in shards of about 10 KiB: every array has several, so both ranks write some.
+pytestmark = pytest.mark.integration
 ARGS = ["--shard-mb", "0.01", "--attention", "topk:8", "--quantize", "attention,hidden"]
 
 
@@ -61,7 +62,7 @@ def assert_same_cache(ours: Path, reference: Path) -> None:
     assert verify_cache(ours) == []
 
 
-@pytest.mark.parametrize("model", [pytest.param("tiny_t5", marks=pytest.mark.slow), "tiny_bert"])
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_bert"])
 def test_two_ranks_write_the_single_process_cache(model, request, single_process, glue_dir, tmp_path):
     model = request.getfixturevalue(model)
     reference = single_process(model)
@@ -72,7 +73,7 @@ def test_two_ranks_write_the_single_process_cache(model, request, single_process
     assert_same_cache(tmp_path / model.name / "rte", reference)
 
 
-@pytest.mark.parametrize("resume_with", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("resume_with", [1, 2])
 def test_rank_killed_mid_split_resumes(resume_with, tiny_bert, single_process, glue_dir, tmp_path):
     reference = single_process(tiny_bert)
     killed = torchrun(tiny_bert, glue_dir, tmp_path, env={CRASH_AFTER_COMMITS_ENV: "4", CRASH_RANK_ENV: "1"})

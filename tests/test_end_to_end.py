@@ -39,7 +39,7 @@ def test_sst2_uses_a_train_holdout(tiny_bert, glue_dir, tmp_path):
     train, validation = reader.split("train"), reader.split("validation")
     assert reader.split("test").cache.manifest["split_protocol"]["sources"]["test"] == "validation"
     assert not set(train.example_index) & set(validation.example_index)
-    m = reader.manifest  # cache-activations' default storage: the compact choice the README measures
+    m = reader.manifest  # cache-activations' default storage: the compact choice docs/storage.md measures
     assert (m["attention_topk"]["k"], m["quantize"], m["projection"]) == (8, ["attention", "hidden"], None)
 
 

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,34 +25,35 @@ from pipeline.cli import main as cache_main
 from side_train.cli import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
 SMALL_SHARDS = ["--shard-mb", "0.01"]
+
+
+# The server binds a port of the kernel's choosing itself and prints it once it listens: no port is probed
+# and released for another process to take first.
+SERVER = ("from moto.server import ThreadedMotoServer; import threading; "
+          "server = ThreadedMotoServer('127.0.0.1', 0, verbose=False); server.start(); "
+          "print(server.get_host_and_port()[1], flush=True); threading.Event().wait()")
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """A moto S3 server on a free local port, with a bucket; the AWS_* variables point at it meanwhile."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    """A moto S3 server on 127.0.0.1, with a bucket; the AWS_* variables point at it meanwhile."""
+    server = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True)
+    saved = {}
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        port = int(server.stdout.readline())  # the server is listening once it has said where
+        env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         import boto3
 
         boto3.client("s3").create_bucket(Bucket="caches")
         yield "s3://caches"
     finally:
-        server.terminate()
+        server.kill()
         server.wait(10)
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -143,6 +143,7 @@ def rte_cache(tiny_t5, make_cache) -> Path:
     return make_cache(tiny_t5, task="rte", limit=12)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("mode", ["single", "sweep", "multi-task"])
 def test_training_killed_after_an_epoch_resumes_to_the_same_metrics(rte_cache, stsb_cache, tmp_path, mode):
     sources = [rte_cache, stsb_cache] if mode == "multi-task" else [rte_cache]

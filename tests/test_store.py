@@ -72,6 +72,7 @@ def test_a_store_equals_the_single_task_caches_array_by_array(store, singles):
             assert top[field] == manifest(single)[field], field  # recorded once at the top, as every task has it
 
 
+@pytest.mark.integration
 def test_sigkill_in_the_second_task_then_resume_gives_the_same_store(store, tiny_t5, glue_dir, tmp_path):
     command = [sys.executable, "-m", "pipeline.cli", *cache_args(tiny_t5, glue_dir, tmp_path, "sst2,cola")]
     env = {**os.environ, "PYTHONPATH": str(REPO), CRASH_AFTER_COMMITS_ENV: "3", CRASH_TASK_ENV: "cola"}

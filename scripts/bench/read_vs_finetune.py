@@ -2,10 +2,10 @@
 
 Both train on the cache's training split in the same length-bucketed batches of 32 and validate once;
 an epoch's time counts its training batches and its validation pass (READ: train-side's own `train`,
-GRU r=144, the cache held in memory; full fine-tuning: compare_methods' `full` method, AdamW at lr 1e-4).
+GRU r=144, the cache held in memory; full fine-tuning: scripts/compare's `full` method, AdamW at lr 1e-4).
 Opening the cache and loading the backbone are not counted.
 
-    python scripts/bench_read_vs_finetune.py --cache caches/all-MiniLM-L6-v2/sst2 --model models/all-MiniLM-L6-v2
+    python scripts/bench/read_vs_finetune.py --cache caches/all-MiniLM-L6-v2/sst2 --model models/all-MiniLM-L6-v2
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # compare_baselines, a sibling
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "compare"))  # the comparison's baselines
 
 from cache_store import CacheReader  # noqa: E402
 from cache_store.runtime import keep_freed_memory  # noqa: E402
-from compare_baselines import train_backprop  # noqa: E402
+from baselines import train_backprop  # noqa: E402
 from side_train.config import RunConfig  # noqa: E402
 from side_train.train import train  # noqa: E402
 

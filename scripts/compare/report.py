@@ -1,4 +1,4 @@
-"""Tables, plots and a JSON summary from compare_methods.py's results (JSON lines, one per finished
+"""Tables, plots and a JSON summary from methods.py's results (JSON lines, one per finished
 configuration and seed). Per (backbone, task, method) the configuration with the best mean validation
 metric over its seeds is chosen, and its test metric at each seed's best validation epoch is reported
 (mean and spread over seeds)."""

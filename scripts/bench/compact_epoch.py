@@ -14,7 +14,7 @@ measured side by side in one run. For each cache:
 Epoch times are train-side's `sweep_epoch_seconds` (training batches, their reading and assembly, and
 the validation pass). Caches and rounds alternate to spread machine noise.
 
-    python scripts/bench_compact_epoch.py --v1 caches/compact/bf16/all-MiniLM-L6-v2/rte \\
+    python scripts/bench/compact_epoch.py --v1 caches/compact/bf16/all-MiniLM-L6-v2/rte \\
         --compact caches/compact/p32+top8+int8+uint8/all-MiniLM-L6-v2/rte --model models/all-MiniLM-L6-v2
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The sweep reads the cache into memory once and assembles each batch once for all runs of a seed; the
 separate runs each load the cache and assemble their own batches. Same configurations, same epochs.
 
-    python scripts/bench_sweep.py --cache caches/small-t5/sst2 --epochs 1
+    python scripts/bench/sweep.py --cache caches/small-t5/sst2 --epochs 1
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ configurations side by side), after `--warmup` untimed steps. Printed per cache:
 - the rate of plain float32 matmuls (torch.mm) of exactly the same products (the same rows, widths,
   forward and backward), timed in the same run, and READ's share of it.
 
-    python scripts/bench_throughput.py caches/all-MiniLM-L6-v2/rte caches/all-MiniLM-L6-v2/sst2
+    python scripts/bench/throughput.py caches/all-MiniLM-L6-v2/rte caches/all-MiniLM-L6-v2/sst2
 
 `--device cuda` measures on a GPU (the reference matmuls too), synchronising before every clock read.
 
@@ -33,18 +33,21 @@ from side_train.config import RunConfig
 from side_train.data import InMemorySplit, read_spec
 from side_train.devices import to_device
 from side_train.evaluation import evaluate_members
-from side_train.read_model import ReadSpec
+from side_train.read_model import CELLS, ReadSpec
 from side_train.stacks import make_stacks, member_losses
 from side_train.tasks import TaskInfo
 
-GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+def gates_of(cell: str) -> int:
+    """G: the cell's weight_ih is [G * r, r]."""
+    return CELLS[cell].torch_cell(1, 1).weight_ih.shape[0]
 
 
 def products(spec: ReadSpec, lengths: list[int], attention: bool) -> tuple[list[tuple[int, int, int, bool]], int]:
     """READ's products for one member and one batch of examples of `lengths`: (rows, in, out, reads data),
     each forward as [rows, in] @ [in, out]; `reads data` when its input is a cached activation (no
     gradient for it). Also the attention mix's multiply-adds (forward)."""
-    r, g, tokens = spec.width, GATES[spec.cell], sum(lengths)
+    r, g, tokens = spec.width, gates_of(spec.cell), sum(lengths)
     d_in = spec.projection or spec.d_model
     out, mix = [], 0
 

@@ -1,7 +1,7 @@
 """READ against the methods a user would pick instead (the paper's Table 1, Table 2's recurrence ablation
 and Figure 2), on exactly the rows and splits of one READ cache per invocation:
 
-    python scripts/compare_methods.py --cache caches/all-MiniLM-L6-v2/sst2 --model models/all-MiniLM-L6-v2 \\
+    python scripts/compare/methods.py --cache caches/all-MiniLM-L6-v2/sst2 --model models/all-MiniLM-L6-v2 \\
         --data-dir ../shared/data/glue --results results/minilm.jsonl --out results/minilm
 
 Methods (`METHODS`): READ from the cache (train-side's own training), READ without recurrence, READ
@@ -9,7 +9,7 @@ online (the backbone run live for every batch), full fine-tuning, BitFit, LoRA a
 and a linear probe. Each configuration (method, learning rate, seed) trains in a fresh process, so its
 peak memory is its own; every finished one is appended to the --results JSON-lines file and skipped
 when the command is run again, so a study can be run in pieces. After the runs, the tables, plots and
-a JSON summary are rebuilt from everything in that file (`compare_report.py`).
+a JSON summary are rebuilt from everything in that file (`report.py`).
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def worker(payload: dict) -> dict:
     import torch
     import transformers  # noqa: F401  imported before the meter starts, for every method alike
 
-    import compare_baselines as baselines
+    import baselines
     from cache_store import CacheReader
     from cache_store.runtime import resolve_device
     from side_train.train import train  # noqa: F401  (ditto)
@@ -229,7 +229,7 @@ def main(argv=None) -> None:
             print(f"[{i}/{len(pending)}] {job['task']} {job['method']} {job['config']} seed {job['seed']}: "
                   + (f"validation {result['validation']:.2f} test {result['test']:.2f}" if result["status"] == "ok"
                      else result["status"]) + f" ({time.perf_counter() - began:.0f} s)", file=sys.stderr)
-    from compare_report import write_report
+    from report import write_report
 
     for path in write_report(args.results, args.out):
         print(f"wrote {path}", file=sys.stderr)

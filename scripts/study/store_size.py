@@ -9,7 +9,7 @@ subsets in `--subsets` (GLUE's full files are not on this machine). Sizes are at
 `--measured STORE` (a store made with the default storage) adds the on-disk bytes of each of its tasks
 against the same formula on its own rows: the ratio lz4 achieves.
 
-    python scripts/benchmark_store_size.py --minilm models/all-MiniLM-L6-v2 --t5 models/small-t5 \\
+    python scripts/study/store_size.py --minilm models/all-MiniLM-L6-v2 --t5 models/small-t5 \\
         --glue ../shared/data/glue --subsets ../shared/data/glue_subsets --measured STORE
 """
 from __future__ import annotations

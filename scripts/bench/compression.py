@@ -3,7 +3,7 @@
 Runs the backbone over real GLUE rows, takes every array a cache would store (bfloat16 bits by default)
 and times each codec on 1 MiB chunks, single-threaded, as the cache's inner chunks are compressed.
 
-    python scripts/bench_compression.py --model ../shared/data/t5/t5-small --init random \
+    python scripts/bench/compression.py --model ../shared/data/t5/t5-small --init random \
         --data-dir ../shared/data/glue --task rte --limit 64
 """
 from __future__ import annotations

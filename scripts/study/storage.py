@@ -7,7 +7,7 @@ side width, learning rate and epochs given). Every finished (task, choice, seed)
 --results (JSON lines) and skipped when run again, so the study can span sessions; the table is
 rebuilt from that file each time (--report-only: nothing trained).
 
-    python scripts/compact_study.py --model models/all-MiniLM-L6-v2 --data-dir ../shared/data/glue \\
+    python scripts/study/storage.py --model models/all-MiniLM-L6-v2 --data-dir ../shared/data/glue \\
         --tasks sst2,mrpc,cola,stsb,rte --seeds sst2=0,1,2 --seeds mrpc=0,1,2 --limit 2000
 
 Choices (`CHOICES`): the name, then cache-activations' options. `bf16` is the reference: what version 1
@@ -54,7 +54,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--caches", type=Path, default=Path("caches/compact"))
     p.add_argument("--runs", type=Path, default=Path("runs/compact"))
-    p.add_argument("--results", type=Path, default=Path("scripts/results/compact-minilm.jsonl"))
+    p.add_argument("--results", type=Path, default=Path("scripts/study/results/compact-minilm.jsonl"))
     p.add_argument("--report-only", action="store_true")
     return p.parse_args(argv)
 

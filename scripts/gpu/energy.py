@@ -1,7 +1,7 @@
 """Run a command and report what it cost the GPU: wall seconds, energy (NVML's counter) and the most
 device memory in use while it ran (NVML, sampled every 50 ms; the whole device, every process).
 
-    python scripts/gpu_energy.py -- cache-activations --task sst2 --model MODEL --device cuda
+    python scripts/gpu/energy.py -- cache-activations --task sst2 --model MODEL --device cuda
 
 Prints one line, `gpu_energy: {...}` (JSON), after the command's own output; exits with its status.
 """

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The all-MiniLM-L6-v2 study of the README, in the order that gives the most for the time spent. Every
-# finished configuration is appended to scripts/results/minilm.jsonl and skipped when this is run again, so it
-# can be stopped and continued. Caches: cache-activations --task T --model models/all-MiniLM-L6-v2
-# --data-dir ../shared/data/glue --limit 4000 --attention heads --quantize none (version 1's storage, the
-# default when the study began), for T in sst2 mrpc cola stsb rte.
+# The all-MiniLM-L6-v2 method study (docs/method-study.md), in the order that gives the most for the time
+# spent. Every finished configuration is appended to scripts/study/results/minilm.jsonl and skipped when this
+# is run again, so it can be stopped and continued. Caches: cache-activations --task T --model
+# models/all-MiniLM-L6-v2 --data-dir ../shared/data/glue --limit 4000 --attention heads --quantize none
+# (version 1's lossless storage), for T in sst2 mrpc cola stsb rte.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 MODEL=${MODEL:-models/all-MiniLM-L6-v2}
 CACHES=${CACHES:-caches/all-MiniLM-L6-v2}
 TASKS=${TASKS:-"sst2 cola stsb mrpc rte"}  # shortest sequences first: the cheapest tasks finish first
-compare() { python scripts/compare_methods.py --model "$MODEL" --data-dir ../shared/data/glue \
-    --results scripts/results/minilm.jsonl --out scripts/results/minilm --read-lrs 3e-4,1e-3 --read-epochs 6 \
+compare() { python scripts/compare/methods.py --model "$MODEL" --data-dir ../shared/data/glue \
+    --results scripts/study/results/minilm.jsonl --out scripts/study/results/minilm --read-lrs 3e-4,1e-3 --read-epochs 6 \
     --read-memory-gb 0.05 --epochs 3 "$@"; }
 for t in $TASKS; do compare --cache "$CACHES/$t" --methods probe; done
 # First what the issue's four targets need (READ over 3 seeds, full fine-tuning, LoRA) on every task, then the

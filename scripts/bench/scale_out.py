@@ -4,7 +4,7 @@
 2. reading a training epoch's windows from a local S3 server (moto, started here) against local disk;
 3. the same cache as one HDF5 file (gzip and lzf) against zarr: size and read speed.
 
-    python scripts/bench_scale_out.py --model models/all-MiniLM-L6-v2 --task mrpc --limit 1000 \
+    python scripts/bench/scale_out.py --model models/all-MiniLM-L6-v2 --task mrpc --limit 1000 \
         --cache caches/compact/top8+int8+uint8/all-MiniLM-L6-v2/mrpc
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 

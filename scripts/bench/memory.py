@@ -6,7 +6,7 @@ script reports each process's peak resident memory, absolute and above its basel
 with AdamW on the label word (T5's own objective); READ trains from the cache, streaming the split so
 that only two windows of `--window` examples' activations are held.
 
-    python scripts/bench_memory.py --cache caches/t5-small-random/rte --model ../shared/data/t5/t5-small \
+    python scripts/bench/memory.py --cache caches/t5-small-random/rte --model ../shared/data/t5/t5-small \
         --init random --data-dir ../shared/data/glue
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ Both loops use the same backbone object, the same length-bucketed batches, the s
 same attention outputs; the caching loop also drops padding, converts to the storage dtype and writes
 the compressed, sharded cache on its background thread. Rounds alternate to spread machine noise.
 
-    python scripts/bench_cache_throughput.py --model ../shared/data/t5/t5-small --init random \
+    python scripts/bench/cache_throughput.py --model ../shared/data/t5/t5-small --init random \
         --data-dir ../shared/data/glue --task rte --split validation --limit 128
 
 Compact storage choices take cache-activations' options (--quantize, --attention topk:K, --project K);

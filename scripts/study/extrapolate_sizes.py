@@ -2,7 +2,7 @@
 token lengths measured with T5's tokenizer and each task's T5 template (truncated at 128 tokens), and
 whether each fits in one 80 GB GPU.
 
-    python scripts/extrapolate_sizes.py --tokenizer ../shared/data/t5/t5-small --glue ../shared/data/glue
+    python scripts/study/extrapolate_sizes.py --tokenizer ../shared/data/t5/t5-small --glue ../shared/data/glue
 
 QNLI's lengths come from its rows here (an 8,999-row train subset); MNLI's rows are not here, so its
 lengths come from GLUE's diagnostic set, 1,104 sentence pairs in MNLI's premise/hypothesis form (an

@@ -5,7 +5,7 @@ Caches the task first (not timed), then trains one epoch each way and compares t
 the data. Both runs see the same batches, so they also end with the
 same losses (the equivalence test checks this on a float32 cache).
 
-    python scripts/bench_epoch.py --model ../shared/data/t5/t5-small --init random \
+    python scripts/bench/epoch.py --model ../shared/data/t5/t5-small --init random \
         --data-dir ../shared/data/glue --task rte --limit 256
 """
 from __future__ import annotations

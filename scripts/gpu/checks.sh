@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Every CUDA path of the pipeline, once, on one GPU, with the measurements the README reports from it.
+# Every CUDA path of the pipeline, once, on one GPU, with the measurements docs/benchmarks.md reports from it.
 # Needs the package installed (pip install -e ".[compare]", nvidia-ml-py) and, in $DATA:
 #   all-MiniLM-L6-v2/, glue/{SST-2,RTE}/{train,dev}.tsv, t5/t5-small/ (config and tokenizer)
 #
-#     DATA=path/to/data WORK=/tmp/gpu bash scripts/gpu_checks.sh 2>&1 | tee gpu.log
+#     DATA=path/to/data WORK=/tmp/gpu bash scripts/gpu/checks.sh 2>&1 | tee gpu.log
 #
 # Steps run in order of importance, each under its own time limit; after a failure the script goes on
 # and the log says which step failed. DATA=... DEVICE=cpu SST_LIMIT=200 tries the script on a CPU.
@@ -20,7 +20,7 @@ C="$WORK/caches"; R="$WORK/runs"; MINI="$DATA/all-MiniLM-L6-v2"; GLUE="$DATA/glu
 SST="$C/all-MiniLM-L6-v2/sst2"; RTE="$C/all-MiniLM-L6-v2/rte"
 mkdir -p "$WORK"
 
-energy() { if [[ $DEVICE == cuda* ]]; then $PY scripts/gpu_energy.py -- "$@"; else "$@"; fi; }
+energy() { if [[ $DEVICE == cuda* ]]; then $PY scripts/gpu/energy.py -- "$@"; else "$@"; fi; }
 step() {  # step NAME SECONDS COMMAND...; ONLY="name name ..." runs those steps alone (a lease in parts)
     local name=$1 limit=$2 began=$SECONDS rc
     shift 2
@@ -62,16 +62,16 @@ head -c 300 "$WORK/pred-multi.jsonl"; echo
 step train-t5 60 train --from-cache "$C/t5-small-random/rte" --epochs 1
 
 # The methods on the same rows, each in its own process: peak GPU memory, energy, epoch time
-step compare 300 $PY scripts/compare_methods.py --cache "$SST" --model "$MINI" --data-dir "$GLUE" \
+step compare 300 $PY scripts/compare/methods.py --cache "$SST" --model "$MINI" --data-dir "$GLUE" \
     --methods read,read-online,full,bitfit,lora --seeds 0 --read-lrs 1e-3 --full-lrs 5e-5 --bitfit-lrs 3e-3 \
     --lora-lrs 1e-3 --read-epochs 3 --epochs 3 --device "$DEVICE" --results "$WORK/compare.jsonl" --out "$WORK/compare"
 
 # Throughput: one member and a sweep's stack of eight, against torch.mm of the same products
-step throughput 120 $PY scripts/bench_throughput.py "$SST" --device "$DEVICE" --batches 60 --profile
-step throughput-8 60 $PY scripts/bench_throughput.py "$SST" --device "$DEVICE" --batches 60 --members 8
+step throughput 120 $PY scripts/bench/throughput.py "$SST" --device "$DEVICE" --batches 60 --profile
+step throughput-8 60 $PY scripts/bench/throughput.py "$SST" --device "$DEVICE" --batches 60 --members 8
 
 # A torchrun sweep of two ranks (both on this one GPU); a sweep trained together against one by one
 step torchrun 120 torchrun --nproc-per-node 2 "$(which train-side)" --from-cache "$RTE" --lr 3e-4,1e-3 \
     --seeds 0,1 --epochs 1 --out "$R/torchrun" --device "$DEVICE" --quiet
-step sweep 150 $PY scripts/bench_sweep.py --cache "$SST" --epochs 1 --rnn gru --hidden 64 --lr 1e-4,3e-4,1e-3,3e-3
+step sweep 150 $PY scripts/bench/sweep.py --cache "$SST" --epochs 1 --rnn gru --hidden 64 --lr 1e-4,3e-4,1e-3,3e-3
 du -sh "$C"/*/*
