@@ -7,8 +7,8 @@
 #
 # Steps run in order of importance, each under its own time limit; after a failure the script goes on
 # and the log says which step failed. DATA=... DEVICE=cpu SST_LIMIT=200 tries the script on a CPU.
-# The steps' limits add up to more than one device call may take (10 minutes): on a short lease, run
-# them in parts, e.g. ONLY="cache-sst2 train-sst2 predict compare" first, with the same WORK.
+# The steps' limits add up to more than 10 minutes: to run them in parts, name the steps, e.g.
+# ONLY="cache-sst2 train-sst2 predict compare" first, with the same WORK.
 set -u
 DATA=${DATA:?folder with all-MiniLM-L6-v2/, glue/ and t5/}
 WORK=${WORK:-/tmp/gpu-checks}
@@ -21,7 +21,7 @@ SST="$C/all-MiniLM-L6-v2/sst2"; RTE="$C/all-MiniLM-L6-v2/rte"
 mkdir -p "$WORK"
 
 energy() { if [[ $DEVICE == cuda* ]]; then $PY scripts/gpu/energy.py -- "$@"; else "$@"; fi; }
-step() {  # step NAME SECONDS COMMAND...; ONLY="name name ..." runs those steps alone (a lease in parts)
+step() {  # step NAME SECONDS COMMAND...; ONLY="name name ..." runs those steps alone
     local name=$1 limit=$2 began=$SECONDS rc
     shift 2
     [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]] && return 0

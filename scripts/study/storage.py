@@ -4,7 +4,7 @@ For every task and storage choice it makes the cache (`cache-activations --limit
 options, under --caches/<choice>/), measures its bytes per token on disk (hidden states and attention
 maps apart), and trains READ from it over the seeds, with one fixed configuration for every choice (the
 side width, learning rate and epochs given). Every finished (task, choice, seed) is appended to
---results (JSON lines) and skipped when run again, so the study can span sessions; the table is
+--results (JSON lines) and skipped when run again, so the study can be run in pieces; the table is
 rebuilt from that file each time (--report-only: nothing trained).
 
     python scripts/study/storage.py --model models/all-MiniLM-L6-v2 --data-dir ../shared/data/glue \\
