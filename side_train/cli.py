@@ -58,6 +58,10 @@ def _list(value: str, kind, name: str) -> list:
 @field_option(RunConfig, "batch_size", type=int)
 @field_option(RunConfig, "pooling", type=click.Choice(POOLINGS))
 @field_option(RunConfig, "dropout", type=float)
+@field_option(RunConfig, "side_dropout", type=float)
+@field_option(RunConfig, "layer_drop", type=float)
+@field_option(RunConfig, "cutoff", type=float)
+@field_option(RunConfig, "noise", type=float)
 @field_option(RunConfig, "weight_decay", type=float)
 @click.option("--no-recurrence", is_flag=True, help="One set of parameters per layer (the paper's ablation).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
@@ -67,7 +71,8 @@ def _list(value: str, kind, name: str) -> list:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch.")
 @click.option("--quiet", is_flag=True)
 def main(caches, task_names, multi_task, task_sampling, temperature, online, model, task, data_dir, limit, init, cell, width, lr,
-         seed, epochs, patience, batch_size, pooling, dropout, weight_decay, no_recurrence, out, device, memory_gb, resume, quiet):
+         seed, epochs, patience, batch_size, pooling, dropout, side_dropout, layer_drop, cutoff, noise, weight_decay,
+         no_recurrence, out, device, memory_gb, resume, quiet):
     """Train READ side networks straight from cached activations (never loading the backbone), or with
     --online from the backbone run live at every step (for the equivalence and speed comparisons)."""
     from cache_store.runtime import keep_freed_memory
@@ -81,6 +86,7 @@ def main(caches, task_names, multi_task, task_sampling, temperature, online, mod
         configs = grid(_list(cell, str, "--rnn"), _list(width, int, "--hidden"), _list(lr, float, "--lr"),
                        _list(seed, int, "--seeds"), recurrence=not no_recurrence, epochs=epochs,
                        patience=patience, batch_size=batch_size, pooling=pooling, dropout=dropout,
+                       side_dropout=side_dropout, layer_drop=layer_drop, cutoff=cutoff, noise=noise,
                        weight_decay=weight_decay)
         if not configs:
             raise UserError("the grid is empty")

@@ -27,6 +27,14 @@ class RunConfig:
     pooling: str = documented("mean", "Encoder-only backbones: the heads read the mean of the corrected "
                                       "tokens, or the first ([CLS]).")
     dropout: float = documented(0.0, "Dropout on the features the heads read.")
+    side_dropout: float = documented(0.0, "Dropout on the side state each cell writes (what later layers and Up "
+                                          "read).")
+    layer_drop: float = documented(0.0, "Per example, skip each layer's update after the first with this "
+                                        "probability (stochastic depth over layers).")
+    cutoff: float = documented(0.0, "Drop this fraction of each example's tokens (never its first) from the "
+                                    "cached hidden states and attention maps READ reads.")
+    noise: float = documented(0.0, "Add Gaussian noise of this many standard deviations of each layer's cached "
+                                   "hidden states.")
 
     def __post_init__(self):
         checks = [
@@ -39,6 +47,10 @@ class RunConfig:
             (0 <= self.warmup < 1, f"warmup must be a fraction in [0, 1), got {self.warmup}"),
             (self.pooling in POOLINGS, f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}"),
             (0 <= self.dropout < 1, f"--dropout must be a fraction in [0, 1), got {self.dropout}"),
+            (0 <= self.side_dropout < 1, f"--side-dropout must be a fraction in [0, 1), got {self.side_dropout}"),
+            (0 <= self.layer_drop < 1, f"--layer-drop must be a fraction in [0, 1), got {self.layer_drop}"),
+            (0 <= self.cutoff < 1, f"--cutoff must be a fraction in [0, 1), got {self.cutoff}"),
+            (self.noise >= 0, f"--noise must not be negative, got {self.noise}"),
             (self.weight_decay >= 0, f"--weight-decay must not be negative, got {self.weight_decay}"),
         ]
         for ok, message in checks:

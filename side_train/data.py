@@ -18,7 +18,7 @@ from .read_model import Packing, ReadInputs, ReadSpec
 
 
 def read_spec(cache: CacheReader, width: int, cell: str, recurrence: bool = True, pooling: str = "mean",
-              dropout: float = 0.0) -> ReadSpec:
+              dropout: float = 0.0, side_dropout: float = 0.0, layer_drop: float = 0.0) -> ReadSpec:
     m = cache.manifest
     backbone, layers = m["backbone"], m["layers"]
     needed = {"encoder": list(range(backbone["n_layers"] + 1)),
@@ -32,7 +32,7 @@ def read_spec(cache: CacheReader, width: int, cell: str, recurrence: bool = True
                     n_decoder_layers=backbone["n_decoder_layers"],
                     heads=backbone["n_heads"] if m["attention"] == "heads" else 1,
                     width=width, cell=cell, recurrence=recurrence, pooling=pooling, dropout=dropout,
-                    projection=stored_projection(m))
+                    side_dropout=side_dropout, layer_drop=layer_drop, projection=stored_projection(m))
 
 
 def array_paths(spec: ReadSpec, manifest: dict) -> list[str]:

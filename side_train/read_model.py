@@ -107,6 +107,8 @@ class ReadSpec:
     recurrence: bool = True
     pooling: str = "mean"  # encoder-only backbones: mean | first (the corrected [CLS])
     dropout: float = 0.0  # on the features the heads read, while training
+    side_dropout: float = 0.0  # on each cell's output h_i (what later layers and Up read), while training
+    layer_drop: float = 0.0  # per example, skip a layer's update (h_i = h_{i-1}) after the first, while training
     projection: int = 0  # K: the cache stores encoder hidden states as K PCA coordinates (0: full width)
 
     def __post_init__(self):
@@ -116,6 +118,9 @@ class ReadSpec:
             raise UserError(f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
         if self.width <= 0:
             raise UserError(f"side width must be positive, got {self.width}")
+        for name in ("dropout", "side_dropout", "layer_drop"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"{name} must be a fraction in [0, 1), got {getattr(self, name)}")
 
 
 @dataclass
@@ -379,9 +384,10 @@ class ReadStack(nn.Module):
     correction reaches the decoder side through h_N alone."""
 
     def __init__(self, members: int, n_layers: int, d_in: int, d_model: int, width: int, heads: int, cell: str,
-                 recurrence: bool, output: bool = True):
+                 recurrence: bool, output: bool = True, side_dropout: float = 0.0, layer_drop: float = 0.0):
         super().__init__()
         self.members, self.n_layers, self.width, self.paired = members, n_layers, width, CELLS[cell].paired_state
+        self.side_dropout, self.layer_drop = nn.Dropout(side_dropout), layer_drop
         self.layers = nn.ModuleList(ReadLayer(members, d_in, width, heads, cell)
                                     for _ in range(1 if recurrence else n_layers))
         self.up = Linear(members, width, d_model) if output else None
@@ -403,8 +409,22 @@ class ReadStack(nn.Module):
                 if source is None:
                     source = projected[id(layer)] = mix_side(keys.pad(layer.joiner.W(values)),
                                                                layer.joiner.heads if attention[i].dim() == 4 else None)
-            state = layer(hidden[i], attention[i] if attention is not None else None, state, keys, i == 0, source)
+            new = layer(hidden[i], attention[i] if attention is not None else None, state, keys, i == 0, source)
+            state = self._regularised(new, state, keys, values is None, i) if self.training else new
         return state[0] if self.paired else state
+
+    def _regularised(self, new, state, keys: Packing, per_token: bool, i: int):
+        """Training only: dropout on the new side state h_i, and with `layer_drop` an example keeps
+        h_{i-1} instead (layer 1 always runs: h_0 is zero)."""
+        h = self.side_dropout(new[0] if self.paired else new)
+        new = (h, new[1]) if self.paired else h
+        if not self.layer_drop or i == 0:
+            return new
+        runs = torch.rand(keys.mask.shape[0], device=h.device) >= self.layer_drop  # [B]: this layer runs
+        rows = (runs[keys.real // keys.mask.shape[1]] if per_token else runs).view(1, -1, 1)  # [1, N, 1]
+        if self.paired:
+            return tuple(torch.where(rows, a, b) for a, b in zip(new, state))
+        return torch.where(rows, new, state)
 
 
 class ReadModel(nn.Module):
@@ -416,10 +436,11 @@ class ReadModel(nn.Module):
         self.spec, self.members = spec, members
         # The heads are drawn first, as they always were, so that a seed still gives the weights it gave.
         starts = {name: build_head(spec.d_model, outputs, rows) for name, (outputs, rows) in tasks.items()}
+        regularised = dict(side_dropout=spec.side_dropout, layer_drop=spec.layer_drop)
         self.encoder = ReadStack(members, spec.n_layers, spec.projection or spec.d_model, spec.d_model, spec.width,
-                                 spec.heads, spec.cell, spec.recurrence, output=not spec.n_decoder_layers)
+                                 spec.heads, spec.cell, spec.recurrence, output=not spec.n_decoder_layers, **regularised)
         self.decoder = (ReadStack(members, spec.n_decoder_layers, spec.d_model, spec.d_model, spec.width, spec.heads,
-                                  spec.cell, spec.recurrence) if spec.n_decoder_layers else None)
+                                  spec.cell, spec.recurrence, **regularised) if spec.n_decoder_layers else None)
         self.heads = nn.ModuleDict({name: Linear(members, spec.d_model, head.out_features, start=head)
                                     for name, head in starts.items()})
         self.dropout = nn.Dropout(spec.dropout)  # independent masks per member, as alone

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .augment import augment
 from .config import RunConfig
 from .data import TrainBatch, read_spec
 from .read_model import ReadAdamW, ReadModel
@@ -67,7 +68,8 @@ def init_model(config: RunConfig, cache, tasks: list[TaskInfo] | TaskInfo, devic
     the seed's initialisation (the same alone or in a sweep)."""
     tasks = tasks if isinstance(tasks, list) else [tasks]
     torch.manual_seed(config.seed)
-    spec = read_spec(cache, config.width, config.cell, config.recurrence, config.pooling, config.dropout)
+    spec = read_spec(cache, config.width, config.cell, config.recurrence, config.pooling, config.dropout,
+                     config.side_dropout, config.layer_drop)
     return ReadModel(spec, {t.name: (t.num_labels, t.label_head) for t in tasks}, members).to(device)
 
 
@@ -81,8 +83,8 @@ def make_stacks(configs: list[RunConfig], cache, tasks: list[TaskInfo], steps: i
     """Group configurations by seed and shape; each group becomes one Stack."""
     groups: dict[tuple, list[RunConfig]] = {}
     for c in configs:
-        groups.setdefault((c.seed, c.cell, c.width, c.recurrence, c.pooling, c.dropout, c.weight_decay), []
-                          ).append(c)
+        groups.setdefault((c.seed, c.cell, c.width, c.recurrence, c.pooling, c.dropout, c.weight_decay,
+                           c.side_dropout, c.layer_drop, c.cutoff, c.noise), []).append(c)
     stacks = []
     for members in groups.values():
         model = init_model(members[0], cache, tasks, device, len(members))
@@ -105,7 +107,9 @@ def member_losses(task: TaskInfo, outputs: torch.Tensor, labels: torch.Tensor) -
 def train_step(stack: Stack, task: TaskInfo, batch: TrainBatch, epoch: int, log) -> None:
     """One optimiser step for every member still training; a member whose loss is not finite stops."""
     active = stack.active()
-    losses = member_losses(task, stack.model(batch.inputs, task.name), batch.labels)  # [M]
+    config = stack.runs[0].config  # the augmentation every member of the stack shares
+    inputs = augment(batch.inputs, config.cutoff, config.noise)
+    losses = member_losses(task, stack.model(inputs, task.name), batch.labels)  # [M]
     finite = torch.isfinite(losses.detach())
     for m, run in enumerate(stack.runs):
         if active[m] and not finite[m]:
