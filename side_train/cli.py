@@ -17,7 +17,7 @@ from cache_store.location import Location
 from cache_store.source import open_live
 from cache_store.store import task_caches
 
-from .config import RunConfig
+from .config import PRESETS, RunConfig
 from .read_model import POOLINGS
 from .tasks import SAMPLING
 
@@ -63,7 +63,13 @@ def _list(value: str, kind, name: str) -> list:
 @field_option(RunConfig, "cutoff", type=float)
 @field_option(RunConfig, "noise", type=float)
 @field_option(RunConfig, "weight_decay", type=float)
+@field_option(RunConfig, "down_norm", is_flag=True)
+@field_option(RunConfig, "layer_mix", is_flag=True)
+@field_option(RunConfig, "output_gate", is_flag=True)
 @click.option("--no-recurrence", is_flag=True, help="One set of parameters per layer (the paper's ablation).")
+@click.option("--preset", type=click.Choice(PRESETS), default=None,
+              help="paper: the paper's READ (every option beside its network off); options given on the "
+                   "command line still apply.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--memory-gb", type=float, default=None,
@@ -71,8 +77,7 @@ def _list(value: str, kind, name: str) -> list:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch.")
 @click.option("--quiet", is_flag=True)
 def main(caches, task_names, multi_task, task_sampling, temperature, online, model, task, data_dir, limit, init, cell, width, lr,
-         seed, epochs, patience, batch_size, pooling, dropout, side_dropout, layer_drop, cutoff, noise, weight_decay,
-         no_recurrence, out, device, memory_gb, resume, quiet):
+         seed, no_recurrence, preset, out, device, memory_gb, resume, quiet, **choices):
     """Train READ side networks straight from cached activations (never loading the backbone), or with
     --online from the backbone run live at every step (for the equivalence and speed comparisons)."""
     from cache_store.runtime import keep_freed_memory
@@ -82,12 +87,13 @@ def main(caches, task_names, multi_task, task_sampling, temperature, online, mod
     from .train import train
 
     keep_freed_memory()
+    if preset:  # the preset's values, except where an option was given on the command line
+        given = click.get_current_context().get_parameter_source
+        choices.update({k: v for k, v in PRESETS[preset].items()
+                        if k not in choices or given(k) == click.core.ParameterSource.DEFAULT})
     try:
         configs = grid(_list(cell, str, "--rnn"), _list(width, int, "--hidden"), _list(lr, float, "--lr"),
-                       _list(seed, int, "--seeds"), recurrence=not no_recurrence, epochs=epochs,
-                       patience=patience, batch_size=batch_size, pooling=pooling, dropout=dropout,
-                       side_dropout=side_dropout, layer_drop=layer_drop, cutoff=cutoff, noise=noise,
-                       weight_decay=weight_decay)
+                       _list(seed, int, "--seeds"), recurrence=not no_recurrence, **choices)
         if not configs:
             raise UserError("the grid is empty")
         if memory_gb is not None and memory_gb <= 0:

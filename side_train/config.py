@@ -35,6 +35,12 @@ class RunConfig:
                                     "cached hidden states and attention maps READ reads.")
     noise: float = documented(0.0, "Add Gaussian noise of this many standard deviations of each layer's cached "
                                    "hidden states.")
+    down_norm: bool = documented(False, "Normalise each layer's cached hidden state (LayerNorm, no affine) "
+                                        "before Down reads it.")
+    layer_mix: bool = documented(False, "Encoder-only backbones: the heads read a learned softmax mix of every "
+                                        "layer's pooled hidden state (plus READ's correction), not only the last's.")
+    output_gate: bool = documented(False, "Gate the correction: the heads read s*base + (1-s)*Up(h_N), "
+                                          "s = sigmoid(z) learned, z = 1 at the start.")
 
     def __post_init__(self):
         checks = [
@@ -57,6 +63,14 @@ class RunConfig:
             if not ok:
                 raise UserError(message)
 
+    def spec_choices(self) -> dict:
+        """The fields that shape the network (ReadSpec's), beside width and cell."""
+        return {name: getattr(self, name) for name in SPEC_FIELDS}
+
+    def stack_key(self) -> tuple:
+        """Configurations equal in everything but the learning rate train as the members of one stack."""
+        return tuple(sorted((k, v) for k, v in asdict(self).items() if k != "lr"))
+
     @property
     def name(self) -> str:
         shared = "" if self.recurrence else "-norec"
@@ -64,6 +78,17 @@ class RunConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+SPEC_FIELDS = ("recurrence", "pooling", "dropout", "side_dropout", "layer_drop", "down_norm", "layer_mix",
+               "output_gate")
+
+
+# train-side --preset NAME: RunConfig values. "paper" is the paper's READ: nothing beside equation (1)'s network.
+PRESETS: dict[str, dict] = {
+    "paper": {"dropout": 0.0, "side_dropout": 0.0, "layer_drop": 0.0, "cutoff": 0.0, "noise": 0.0,
+              "down_norm": False, "layer_mix": False, "output_gate": False},
+}
 
 
 def grid(cells, widths, lrs, seeds, **shared) -> list[RunConfig]:

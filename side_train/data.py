@@ -17,8 +17,9 @@ from cache_store.format import (
 from .read_model import Packing, ReadInputs, ReadSpec
 
 
-def read_spec(cache: CacheReader, width: int, cell: str, recurrence: bool = True, pooling: str = "mean",
-              dropout: float = 0.0, side_dropout: float = 0.0, layer_drop: float = 0.0) -> ReadSpec:
+def read_spec(cache: CacheReader, width: int, cell: str, **choices) -> ReadSpec:
+    """The ReadSpec of a network reading `cache`; `choices`: ReadSpec's other fields (recurrence, pooling,
+    dropout, ...), at their defaults when not given."""
     m = cache.manifest
     backbone, layers = m["backbone"], m["layers"]
     needed = {"encoder": list(range(backbone["n_layers"] + 1)),
@@ -31,8 +32,7 @@ def read_spec(cache: CacheReader, width: int, cell: str, recurrence: bool = True
     return ReadSpec(family=backbone["family"], d_model=backbone["d_model"], n_layers=backbone["n_layers"],
                     n_decoder_layers=backbone["n_decoder_layers"],
                     heads=backbone["n_heads"] if m["attention"] == "heads" else 1,
-                    width=width, cell=cell, recurrence=recurrence, pooling=pooling, dropout=dropout,
-                    side_dropout=side_dropout, layer_drop=layer_drop, projection=stored_projection(m))
+                    width=width, cell=cell, projection=stored_projection(m), **choices)
 
 
 def array_paths(spec: ReadSpec, manifest: dict) -> list[str]:

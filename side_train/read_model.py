@@ -11,6 +11,11 @@ positions, M members, A heads, side width r, backbone width d.
     h_i   = Cell(Down [phi_i ; psi_i], h_{i-1})     ReadLayer.down, ReadLayer.cell [M, T, r]; h_0 = 0
     out   = phi_N + Up h_N                          ReadStack.up (zero at start)   [M, B, d] after pooling
 
+Options beside the paper's network (ReadSpec, all off by default): `down_norm`, Down reads LayerNorm(phi_i);
+`layer_mix` (encoder-only), out's phi_N becomes sum_i softmax(w)_i phi_i; `output_gate`,
+out = s phi_N + (1 - s) Up h_N with s = sigmoid(z). While training only: `side_dropout` on each h_i,
+`layer_drop` keeps h_{i-1} for an example, `dropout` on what the heads read.
+
     phi_i     ReadInputs.encoder_hidden[i-1]  [T, d] (cached; [T, K] on a projected cache)
     sigma_i   ReadInputs.encoder_attention[i-1]  [B, A, L, L] or [B, L, L] (cached)
     heads     ReadModel.heads, one per task, on `out`: T5's decoder start position, or an encoder's
@@ -110,8 +115,15 @@ class ReadSpec:
     side_dropout: float = 0.0  # on each cell's output h_i (what later layers and Up read), while training
     layer_drop: float = 0.0  # per example, skip a layer's update (h_i = h_{i-1}) after the first, while training
     projection: int = 0  # K: the cache stores encoder hidden states as K PCA coordinates (0: full width)
+    down_norm: bool = False  # Down reads LayerNorm(phi_i) (no affine: Down's weights and bias take it up)
+    layer_mix: bool = False  # encoder-only: base = sum_i softmax(w)_i pool(phi_i) instead of pool(phi_N)
+    output_gate: bool = False  # out = s base + (1 - s) Up h_N, s = sigmoid(z), z = 1 at the start
 
     def __post_init__(self):
+        if self.layer_mix and (self.n_decoder_layers or self.projection):
+            raise UserError("--layer-mix needs an encoder-only backbone and a cache of full-width hidden states "
+                            f"(this one is {self.family}" + (f", projected to {self.projection})" if self.projection
+                                                             else ")"))
         if self.pooling not in POOLINGS:
             raise UserError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
         if self.cell not in CELLS:
@@ -384,9 +396,11 @@ class ReadStack(nn.Module):
     correction reaches the decoder side through h_N alone."""
 
     def __init__(self, members: int, n_layers: int, d_in: int, d_model: int, width: int, heads: int, cell: str,
-                 recurrence: bool, output: bool = True, side_dropout: float = 0.0, layer_drop: float = 0.0):
+                 recurrence: bool, output: bool = True, side_dropout: float = 0.0, layer_drop: float = 0.0,
+                 down_norm: bool = False):
         super().__init__()
         self.members, self.n_layers, self.width, self.paired = members, n_layers, width, CELLS[cell].paired_state
+        self.down_norm = down_norm
         self.side_dropout, self.layer_drop = nn.Dropout(side_dropout), layer_drop
         self.layers = nn.ModuleList(ReadLayer(members, d_in, width, heads, cell)
                                     for _ in range(1 if recurrence else n_layers))
@@ -409,7 +423,8 @@ class ReadStack(nn.Module):
                 if source is None:
                     source = projected[id(layer)] = mix_side(keys.pad(layer.joiner.W(values)),
                                                                layer.joiner.heads if attention[i].dim() == 4 else None)
-            new = layer(hidden[i], attention[i] if attention is not None else None, state, keys, i == 0, source)
+            phi = nn.functional.layer_norm(hidden[i], hidden[i].shape[-1:]) if self.down_norm else hidden[i]
+            new = layer(phi, attention[i] if attention is not None else None, state, keys, i == 0, source)
             state = self._regularised(new, state, keys, values is None, i) if self.training else new
         return state[0] if self.paired else state
 
@@ -436,7 +451,7 @@ class ReadModel(nn.Module):
         self.spec, self.members = spec, members
         # The heads are drawn first, as they always were, so that a seed still gives the weights it gave.
         starts = {name: build_head(spec.d_model, outputs, rows) for name, (outputs, rows) in tasks.items()}
-        regularised = dict(side_dropout=spec.side_dropout, layer_drop=spec.layer_drop)
+        regularised = dict(side_dropout=spec.side_dropout, layer_drop=spec.layer_drop, down_norm=spec.down_norm)
         self.encoder = ReadStack(members, spec.n_layers, spec.projection or spec.d_model, spec.d_model, spec.width,
                                  spec.heads, spec.cell, spec.recurrence, output=not spec.n_decoder_layers, **regularised)
         self.decoder = (ReadStack(members, spec.n_decoder_layers, spec.d_model, spec.d_model, spec.width, spec.heads,
@@ -444,6 +459,10 @@ class ReadModel(nn.Module):
         self.heads = nn.ModuleDict({name: Linear(members, spec.d_model, head.out_features, start=head)
                                     for name, head in starts.items()})
         self.dropout = nn.Dropout(spec.dropout)  # independent masks per member, as alone
+        if spec.layer_mix:  # w: the weight of each layer's pooled state, uniform at the start
+            self.layer_weights = nn.Parameter(torch.zeros(members, spec.n_layers))
+        if spec.output_gate:  # z: s = sigmoid(z) weighs the backbone's state against the correction
+            self.gate = nn.Parameter(torch.ones(members))
 
     @classmethod
     def from_member_state(cls, spec: ReadSpec, outputs: dict[str, int], state: dict[str, torch.Tensor]) -> "ReadModel":
@@ -465,11 +484,22 @@ class ReadModel(nn.Module):
         h_last = self.encoder(inputs.encoder_hidden, inputs.encoder_attention, packing)  # [M, T, r]
         if self.decoder is None:
             pooling, mask = self.spec.pooling, packing.mask
-            base = inputs.pooled[pooling] if inputs.pooled is not None else \
-                pool(packing.pad(inputs.encoder_hidden[-1]), mask, pooling)  # [B, d]
-            return self.dropout(base + self.encoder.up(pool(packing.pad(h_last), mask, pooling)))
+            if self.spec.layer_mix:  # [M, B, d]: each member's mix of every layer's pooled state
+                pooled = torch.stack([pool(packing.pad(phi), mask, pooling) for phi in inputs.encoder_hidden])
+                base = torch.einsum("mn,nbd->mbd", torch.softmax(self.layer_weights, -1), pooled)
+            else:  # [B, d]
+                base = inputs.pooled[pooling] if inputs.pooled is not None else \
+                    pool(packing.pad(inputs.encoder_hidden[-1]), mask, pooling)
+            return self.dropout(self._join(base, self.encoder.up(pool(packing.pad(h_last), mask, pooling))))
         h_decoder = self.decoder(inputs.decoder_hidden, inputs.cross_attention, packing, values=h_last)  # [M, B, r]
-        return self.dropout(inputs.decoder_hidden[-1] + self.decoder.up(h_decoder))
+        return self.dropout(self._join(inputs.decoder_hidden[-1], self.decoder.up(h_decoder)))
+
+    def _join(self, base: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
+        """out = base + correction, or with the output gate s base + (1 - s) correction; [M, B, d]."""
+        if not self.spec.output_gate:
+            return base + correction
+        s = torch.sigmoid(self.gate).view(-1, 1, 1)
+        return s * base + (1 - s) * correction
 
     def forward(self, inputs: ReadInputs, task: str) -> torch.Tensor:
         """[M, B, C] outputs of one task's heads."""

@@ -14,6 +14,9 @@ For one stack (the encoder; T5's decoder at its start position), layers i = 1..N
     h_i    = Cell(Down [phi_i ; psi_i], h_{i-1})    # Down: d + r -> r;  h_0 = 0
     out    = phi_N + Up h_N                         # Up: r -> d, zero at the start
 
+with the options: Down reads LayerNorm(phi_i) (`down_norm`); phi_N in `out` is sum_i softmax(w)_i phi_i
+(`layer_mix`); out = s phi_N + (1 - s) Up h_N, s = sigmoid(z) (`output_gate`).
+
 The heads read `out`: T5's decoder start position, or an encoder's tokens pooled (mean or first).
 """
 from __future__ import annotations
@@ -51,6 +54,8 @@ def reference_outputs(state: dict[str, torch.Tensor], spec: ReadSpec, example: d
             u = torch.tanh(linear(p + "joiner.F.0", h))
             psi = linear(p + "joiner.Phi", u) + linear(p + "joiner.Psi", mixed(
                 attention[i], linear(p + "joiner.W", u if values is None else values)))
+            if spec.down_norm:
+                phi = (phi - phi.mean(-1, keepdim=True)) / torch.sqrt(phi.var(-1, unbiased=False, keepdim=True) + 1e-5)
             x = linear(p + "down", torch.cat([phi, psi], -1))
             if CELLS[spec.cell].paired_state:
                 h, c = cell(x, (h, c))
@@ -58,16 +63,25 @@ def reference_outputs(state: dict[str, torch.Tensor], spec: ReadSpec, example: d
                 h = cell(x, h)
         return h
 
+    def join(base: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:  # out, with or without the gate
+        if not spec.output_gate:
+            return base + correction
+        s = torch.sigmoid(state["gate"])
+        return s * base + (1 - s) * correction
+
     layers = range(1, spec.n_layers + 1)
     encoder = [example[f"encoder/hidden/{k}"].float() for k in layers]
     maps = [example[f"encoder/attention/{k}"].float() for k in layers]
     h_encoder = stack("encoder", encoder, maps)
     if not spec.n_decoder_layers:
-        corrected = encoder[-1] + linear("encoder.up", h_encoder)  # [m, d]
+        base = encoder[-1]  # [m, d]
+        if spec.layer_mix:  # every layer's state, weighed by the softmax of the learned w
+            base = sum(w * phi for w, phi in zip(torch.softmax(state["layer_weights"], -1), encoder))
+        corrected = join(base, linear("encoder.up", h_encoder))  # [m, d]
         features = corrected.mean(0) if spec.pooling == "mean" else corrected[0]
     else:
         layers = range(1, spec.n_decoder_layers + 1)
         decoder = [example[f"decoder/hidden/{k}"].float().reshape(1, -1) for k in layers]  # [1, d]
         cross = [example[f"decoder/cross_attention/{k}"].float().unsqueeze(-2) for k in layers]  # [A, 1, m] or [1, m]
-        features = (decoder[-1] + linear("decoder.up", stack("decoder", decoder, cross, h_encoder)))[0]
+        features = join(decoder[-1], linear("decoder.up", stack("decoder", decoder, cross, h_encoder)))[0]
     return linear(f"heads.{task}", features)

@@ -68,8 +68,7 @@ def init_model(config: RunConfig, cache, tasks: list[TaskInfo] | TaskInfo, devic
     the seed's initialisation (the same alone or in a sweep)."""
     tasks = tasks if isinstance(tasks, list) else [tasks]
     torch.manual_seed(config.seed)
-    spec = read_spec(cache, config.width, config.cell, config.recurrence, config.pooling, config.dropout,
-                     config.side_dropout, config.layer_drop)
+    spec = read_spec(cache, config.width, config.cell, **config.spec_choices())
     return ReadModel(spec, {t.name: (t.num_labels, t.label_head) for t in tasks}, members).to(device)
 
 
@@ -83,8 +82,7 @@ def make_stacks(configs: list[RunConfig], cache, tasks: list[TaskInfo], steps: i
     """Group configurations by seed and shape; each group becomes one Stack."""
     groups: dict[tuple, list[RunConfig]] = {}
     for c in configs:
-        groups.setdefault((c.seed, c.cell, c.width, c.recurrence, c.pooling, c.dropout, c.weight_decay,
-                           c.side_dropout, c.layer_drop, c.cutoff, c.noise), []).append(c)
+        groups.setdefault(c.stack_key(), []).append(c)
     stacks = []
     for members in groups.values():
         model = init_model(members[0], cache, tasks, device, len(members))

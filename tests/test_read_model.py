@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import T5ForConditionalGeneration
 
-from cache_store import CacheReader
+from cache_store import CacheReader, UserError
 from side_train.data import InMemorySplit, StreamingSplit, open_splits, read_spec
 from side_train.read_model import CELLS, Cell, ReadAdamW, ReadModel, head_columns, mix
 from side_train.reference import reference_outputs
@@ -276,3 +276,36 @@ def test_read_model_computes_the_papers_equations(caches, which, cell, recurrenc
         for m in range(2):
             expected = reference_outputs(model.member_state(m), model.spec, example, task.name)
             torch.testing.assert_close(outputs[m, row], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("which, options", [
+    ("t5 heads", {"down_norm": True}), ("t5 mean", {"output_gate": True}), ("bert", {"down_norm": True}),
+    ("bert", {"layer_mix": True}), ("bert", {"output_gate": True, "layer_mix": True, "pooling": "first"})])
+def test_the_side_network_options_compute_their_equations(caches, which, options):
+    """down_norm, layer_mix and output_gate: every member against the per-example reference."""
+    cache = caches[which]
+    task, model = model_of(cache, 10, "gru", 2, **options)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # members differ; the mix and the gate away from their start
+    split = InMemorySplit(cache.split("test"), model.spec)
+    index = torch.tensor([3, 0, 11, 6])
+    with torch.no_grad():
+        outputs = model.eval()(split.batch(index).inputs, task.name)
+    reader = cache.split("test")
+    for row, j in enumerate(index.tolist()):
+        example = reader.example(j, reader.array_paths())
+        for m in range(2):
+            expected = reference_outputs(model.member_state(m), model.spec, example, task.name)
+            torch.testing.assert_close(outputs[m, row], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_fresh_gate_and_mix_start_where_documented(caches):
+    _, model = model_of(caches["bert"], 8, "gru", 3, layer_mix=True, output_gate=True)
+    assert model.layer_weights.shape == (3, model.spec.n_layers) and not model.layer_weights.any()
+    torch.testing.assert_close(model.gate, torch.ones(3))
+
+
+def test_layer_mix_is_refused_where_it_has_no_meaning(caches):
+    with pytest.raises(UserError, match="--layer-mix needs an encoder-only backbone"):
+        read_spec(caches["t5 heads"], 8, "gru", layer_mix=True)

@@ -75,3 +75,31 @@ def test_a_small_memory_budget_streams_the_train_split(rte_cache, tmp_path):
                                              "--memory-gb", "0.000001", "--out", str(tmp_path), "--quiet"])
     assert result.exit_code == 0, result.output
     assert "streaming train" in result.output
+
+
+def test_the_paper_preset_turns_every_option_off_but_those_given(rte_cache, tmp_path, monkeypatch):
+    import side_train.config as config
+
+    monkeypatch.setitem(config.PRESETS, "paper", {**config.PRESETS["paper"]})
+    seen = []
+    monkeypatch.setattr("side_train.train.train", lambda source, configs, *a, **k: seen.extend(configs) or [])
+    monkeypatch.setattr("side_train.report.write_summary", lambda results, folder: [])
+    args = ["--from-cache", str(rte_cache), "--out", str(tmp_path), "--quiet"]
+    assert CliRunner().invoke(train_main, [*args, "--cutoff", "0.2", "--down-norm"]).exit_code == 0
+    assert seen[-1].cutoff == 0.2 and seen[-1].down_norm
+    result = CliRunner().invoke(train_main, [*args, "--preset", "paper", "--noise", "0.1"])
+    assert result.exit_code == 0, result.output
+    paper = seen[-1]
+    assert paper.noise == 0.1  # given on the command line: kept
+    assert all(getattr(paper, k) == v for k, v in config.PRESETS["paper"].items() if k != "noise")
+
+
+def test_the_side_network_options_reach_the_checkpoint(rte_cache, tmp_path):
+    result = CliRunner().invoke(train_main, [
+        "--from-cache", str(rte_cache), "--hidden", "8", "--epochs", "1", "--batch-size", "8", "--down-norm",
+        "--output-gate", "--out", str(tmp_path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    run = next(p for p in (tmp_path / f"{rte_cache.parent.name}-rte").iterdir() if p.is_dir())
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["read"]["down_norm"] and saved["read"]["output_gate"] and not saved["read"]["layer_mix"]
+    assert "gate" in load_file(run / "model.safetensors")

@@ -1,0 +1,185 @@
+"""Which side-network choices make READ generalise: each candidate trained on the all-MiniLM-L6-v2 caches
+(`--limit 4000`, `cache-activations`' default storage) over a learning-rate grid, test metric at the best
+validation epoch.
+
+    python scripts/study/generalise.py --stage screen    # MRPC, STS-B, SST-2; seed 0; every candidate
+    python scripts/study/generalise.py --stage confirm --candidates baseline,best   # five tasks, seeds 0-2
+
+A candidate is a set of `train-side` options (`CANDIDATES`). One process trains one (task, candidate,
+seed): its learning rates as the members of one sweep, as `train-side --lr a,b,c` does. Every finished
+(task, candidate, learning rate, seed) is appended to the results' JSON lines and skipped when the command
+is run again, so the study can be stopped and continued. `--report` prints the tables from the results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+# name -> train-side options (RunConfig fields) on top of the study's budget. "paper" is the paper's READ
+# (`--preset paper`); the others change one thing each unless their name says otherwise.
+CANDIDATES: dict[str, dict] = {
+    "paper": {},
+    "cutoff-0.1": {"cutoff": 0.1},
+    "cutoff-0.2": {"cutoff": 0.2},
+    "noise-0.1": {"noise": 0.1},
+    "noise-0.3": {"noise": 0.3},
+    "side-dropout-0.1": {"side_dropout": 0.1},
+    "side-dropout-0.3": {"side_dropout": 0.3},
+    "layer-drop-0.2": {"layer_drop": 0.2},
+    "dropout-0.1": {"dropout": 0.1},
+    "width-256": {"width": 256},
+    "no-recurrence": {"recurrence": False},
+    "down-norm": {"down_norm": True},
+    "layer-mix": {"layer_mix": True},
+    "output-gate": {"output_gate": True},
+    "weight-decay-0.1": {"weight_decay": 0.1},
+}
+STAGES = {"screen": (("sst2", "stsb", "mrpc"), (0,)), "confirm": (("cola", "mrpc", "rte", "sst2", "stsb"), (0, 1, 2))}
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stage", choices=STAGES, default="screen")
+    p.add_argument("--candidates", default=",".join(CANDIDATES),
+                   help="comma-separated names of CANDIDATES, or name=a+b to combine candidates")
+    p.add_argument("--tasks", help="comma-separated (default: the stage's)")
+    p.add_argument("--seeds", help="comma-separated (default: the stage's)")
+    p.add_argument("--lrs", default="1e-3,3e-3")
+    p.add_argument("--epochs", type=int, default=10, help="every run takes all of them; the best epoch is kept")
+    p.add_argument("--caches", type=Path, default=ROOT / "caches/all-MiniLM-L6-v2")
+    p.add_argument("--results", type=Path, default=ROOT / "scripts/study/results/generalise.jsonl")
+    p.add_argument("--report", action="store_true", help="print the tables and stop")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def options_of(name: str) -> dict:
+    """A candidate's options: one of CANDIDATES, or `label=a+b` combining several."""
+    parts = name.split("=", 1)[-1].split("+")
+    unknown = [p for p in parts if p not in CANDIDATES]
+    if unknown:
+        raise SystemExit(f"unknown candidate(s) {', '.join(unknown)}; choose from {', '.join(CANDIDATES)}")
+    merged = {}
+    for part in parts:
+        merged.update(CANDIDATES[part])
+    return merged
+
+
+def key(task: str, candidate: str, lr: float, seed: int, epochs: int) -> str:
+    return json.dumps([task, candidate, lr, seed, epochs])
+
+
+def done(results: Path) -> set[str]:
+    if not results.is_file():
+        return set()
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    return {key(r["task"], r["candidate"], r["config"]["lr"], r["seed"], r["config"]["epochs"]) for r in rows}
+
+
+def worker(payload: dict) -> list[dict]:
+    """In a fresh process: one (task, candidate, seed) over its learning rates, as one sweep."""
+    from side_train.config import RunConfig
+    from side_train.train import train
+
+    options = options_of(payload["candidate"])
+    configs = [RunConfig(lr=lr, seed=payload["seed"], epochs=payload["epochs"], patience=payload["epochs"],
+                         **options) for lr in payload["lrs"]]
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        results = train(Path(payload["cache"]), configs, Path(out), progress=False, log=lambda line: None)
+    wall = time.perf_counter() - began
+    rows = []
+    for config, metrics in zip(configs, results):
+        rows.append({"backbone": "all-MiniLM-L6-v2", "task": payload["task"], "method": "read",
+                     "candidate": payload["candidate"], "options": options,
+                     "config": {"lr": config.lr, "epochs": config.epochs}, "seed": config.seed,
+                     "status": metrics["status"], "validation": metrics["best_validation"], "test": metrics["test"],
+                     "best_epoch": metrics["best_epoch"], "validation_curve": metrics["validation"],
+                     "train_loss": metrics["train_loss"], "epoch_seconds": metrics["sweep_epoch_seconds"],
+                     "trainable": metrics["parameters"], "sweep_wall_seconds": round(wall, 1),
+                     "sweep_members": len(configs), "device": "cpu"})
+    return rows
+
+
+def report(results: Path, lrs: list[float]) -> str:
+    """Per candidate and task, among the learning rates `lrs`: the one with the best mean validation, its
+    test metric (mean ± standard deviation over seeds where there are several); the mean over tasks."""
+    import numpy as np
+
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["config"]["lr"] in lrs and r["status"] == "ok"]
+    by = {}
+    for r in rows:
+        by.setdefault((r["candidate"], r["config"]["epochs"]), {}).setdefault(r["task"], []).append(r)
+    tasks = sorted({r["task"] for r in rows})
+    lines = ["| candidate | epochs | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 3) + "|"]
+    for (candidate, epochs), per_task in sorted(by.items()):
+        cells, means = [], []
+        for task in tasks:
+            found = per_task.get(task, [])
+            if not found:
+                cells.append("")
+                continue
+            lrs = {}
+            for r in found:
+                lrs.setdefault(r["config"]["lr"], []).append(r)
+            lr, best = max(lrs.items(), key=lambda kv: np.mean([r["validation"] for r in kv[1]]))
+            test = [r["test"] for r in best]
+            means.append(np.mean(test))
+            spread = f" ± {np.std(test):.2f}" if len(test) > 1 else ""
+            cells.append(f"{np.mean(test):.2f}{spread} ({lr:g}, n={len(test)})")
+        mean = f"{np.mean(means):.2f}" if len(means) == len(tasks) else ""
+        lines.append(f"| {candidate} | {epochs} | " + " | ".join(cells) + f" | {mean} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    lrs = [float(v) for v in args.lrs.split(",")]
+    if args.report:
+        print(report(args.results, lrs))
+        return
+    tasks = args.tasks.split(",") if args.tasks else STAGES[args.stage][0]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else STAGES[args.stage][1]
+    candidates = args.candidates.split(",")
+    for name in candidates:
+        options_of(name)  # every name known before anything runs
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    for candidate in candidates:  # every task of one candidate before the next candidate
+        for task in tasks:
+            for seed in seeds:
+                finished = done(args.results)
+                todo = [lr for lr in lrs if key(task, candidate, lr, seed, args.epochs) not in finished]
+                if not todo:
+                    continue
+                began = time.perf_counter()
+                payload = {"task": task, "candidate": candidate, "seed": seed, "lrs": todo, "epochs": args.epochs,
+                           "cache": str(args.caches / task)}
+                proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(payload)],
+                                      stdout=subprocess.PIPE, text=True)
+                lines = proc.stdout.strip().splitlines()
+                if proc.returncode or not lines:
+                    print(f"{task} {candidate} seed {seed}: failed (exit {proc.returncode})", file=sys.stderr)
+                    continue
+                rows = json.loads(lines[-1])
+                with open(args.results, "a") as handle:  # whole lines, once the sweep has finished
+                    for row in rows:
+                        handle.write(json.dumps(row) + "\n")
+                summary = ", ".join(f"lr {r['config']['lr']:g}: {r['validation']:.2f}/{r['test']:.2f}" for r in rows)
+                print(f"{task} {candidate} seed {seed}: {summary} ({time.perf_counter() - began:.0f} s)",
+                      file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
