@@ -66,6 +66,7 @@ def _list(value: str, kind, name: str) -> list:
 @field_option(RunConfig, "down_norm", is_flag=True)
 @field_option(RunConfig, "layer_mix", is_flag=True)
 @field_option(RunConfig, "output_gate", is_flag=True)
+@field_option(RunConfig, "token_mix", is_flag=True)
 @click.option("--no-recurrence", is_flag=True, help="One set of parameters per layer (the paper's ablation).")
 @click.option("--preset", type=click.Choice(PRESETS), default=None,
               help="paper: the paper's READ (every option beside its network off); options given on the "

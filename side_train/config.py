@@ -41,6 +41,9 @@ class RunConfig:
                                         "layer's pooled hidden state (plus READ's correction), not only the last's.")
     output_gate: bool = documented(False, "Gate the correction: the heads read s*base + (1-s)*Up(h_N), "
                                           "s = sigmoid(z) learned, z = 1 at the start.")
+    token_mix: bool = documented(False, "Add a small self-attention block (one head, width r, residual) over each "
+                                        "example's final encoder-side states: a path between tokens beside the "
+                                        "frozen attention maps, for sentence pairs.")
 
     def __post_init__(self):
         checks = [
@@ -81,13 +84,13 @@ class RunConfig:
 
 
 SPEC_FIELDS = ("recurrence", "pooling", "dropout", "side_dropout", "layer_drop", "down_norm", "layer_mix",
-               "output_gate")
+               "output_gate", "token_mix")
 
 
 # train-side --preset NAME: RunConfig values. "paper" is the paper's READ: nothing beside equation (1)'s network.
 PRESETS: dict[str, dict] = {
     "paper": {"dropout": 0.0, "side_dropout": 0.0, "layer_drop": 0.0, "cutoff": 0.0, "noise": 0.0,
-              "down_norm": False, "layer_mix": False, "output_gate": False},
+              "down_norm": False, "layer_mix": False, "output_gate": False, "token_mix": False},
 }
 
 

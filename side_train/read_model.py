@@ -13,7 +13,9 @@ positions, M members, A heads, side width r, backbone width d.
 
 Options beside the paper's network (ReadSpec, all off by default): `down_norm`, Down reads LayerNorm(phi_i);
 `layer_mix` (encoder-only), out's phi_N becomes sum_i softmax(w)_i phi_i; `output_gate`,
-out = s phi_N + (1 - s) Up h_N with s = sigmoid(z). While training only: `side_dropout` on each h_i,
+out = s phi_N + (1 - s) Up h_N with s = sigmoid(z); `token_mix`, the encoder side's h_N gets a residual
+self-attention block over its example's tokens, h_N + O softmax(q k^T / sqrt(r)) v with q, k, v = Q, K, V
+LayerNorm(h_N): a path between tokens that the frozen maps do not fix (for pair tasks). While training only: `side_dropout` on each h_i,
 `layer_drop` keeps h_{i-1} for an example, `dropout` on what the heads read.
 
     phi_i     ReadInputs.encoder_hidden[i-1]  [T, d] (cached; [T, K] on a projected cache)
@@ -118,6 +120,7 @@ class ReadSpec:
     down_norm: bool = False  # Down reads LayerNorm(phi_i) (no affine: Down's weights and bias take it up)
     layer_mix: bool = False  # encoder-only: base = sum_i softmax(w)_i pool(phi_i) instead of pool(phi_N)
     output_gate: bool = False  # out = s base + (1 - s) Up h_N, s = sigmoid(z), z = 1 at the start
+    token_mix: bool = False  # the encoder side's h_N += one self-attention block over its example's tokens
 
     def __post_init__(self):
         if self.layer_mix and (self.n_decoder_layers or self.projection):
@@ -442,6 +445,23 @@ class ReadStack(nn.Module):
         return torch.where(rows, new, state)
 
 
+class TokenMix(nn.Module):
+    """One residual self-attention block (one head, width r) over each example's side states:
+    h + O softmax(q k^T / sqrt(r)) v, with q, k, v = Q, K, V LayerNorm(h) (no affine)."""
+
+    def __init__(self, members: int, width: int):
+        super().__init__()
+        self.qkv = Linear(members, width, 3 * width)  # Q, K, V side by side: one product
+        self.out = Linear(members, width, width)
+
+    def forward(self, h: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """h [M, T, r] (packed tokens) -> [M, T, r]."""
+        q, k, v = packing.pad(self.qkv(nn.functional.layer_norm(h, h.shape[-1:]))).chunk(3, -1)  # [M, B, L, r]
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(h.shape[-1])  # [M, B, L, L]
+        scores = scores.masked_fill(~packing.mask[None, :, None, :], float("-inf"))  # keys: real tokens only
+        return h + self.out(packing.unpad(torch.softmax(scores, -1) @ v))
+
+
 class ReadModel(nn.Module):
     """M READ networks of one spec: the encoder side (and T5's decoder side) and one head per task.
     tasks: name -> (number of outputs, label-head rows [C, d] or None), see build_head."""
@@ -463,6 +483,8 @@ class ReadModel(nn.Module):
             self.layer_weights = nn.Parameter(torch.zeros(members, spec.n_layers))
         if spec.output_gate:  # z: s = sigmoid(z) weighs the backbone's state against the correction
             self.gate = nn.Parameter(torch.ones(members))
+        if spec.token_mix:
+            self.token_mix = TokenMix(members, spec.width)
 
     @classmethod
     def from_member_state(cls, spec: ReadSpec, outputs: dict[str, int], state: dict[str, torch.Tensor]) -> "ReadModel":
@@ -482,6 +504,8 @@ class ReadModel(nn.Module):
         """[M, B, d]: the corrected state each member's heads read."""
         packing = inputs.packing
         h_last = self.encoder(inputs.encoder_hidden, inputs.encoder_attention, packing)  # [M, T, r]
+        if self.spec.token_mix:
+            h_last = self.token_mix(h_last, packing)
         if self.decoder is None:
             pooling, mask = self.spec.pooling, packing.mask
             if self.spec.layer_mix:  # [M, B, d]: each member's mix of every layer's pooled state

@@ -15,7 +15,8 @@ For one stack (the encoder; T5's decoder at its start position), layers i = 1..N
     out    = phi_N + Up h_N                         # Up: r -> d, zero at the start
 
 with the options: Down reads LayerNorm(phi_i) (`down_norm`); phi_N in `out` is sum_i softmax(w)_i phi_i
-(`layer_mix`); out = s phi_N + (1 - s) Up h_N, s = sigmoid(z) (`output_gate`).
+(`layer_mix`); out = s phi_N + (1 - s) Up h_N, s = sigmoid(z) (`output_gate`); the encoder side's h_N
+becomes h_N + O softmax(q k^T / sqrt(r)) v, q, k, v = Q, K, V LayerNorm(h_N) (`token_mix`).
 
 The heads read `out`: T5's decoder start position, or an encoder's tokens pooled (mean or first).
 """
@@ -55,13 +56,16 @@ def reference_outputs(state: dict[str, torch.Tensor], spec: ReadSpec, example: d
             psi = linear(p + "joiner.Phi", u) + linear(p + "joiner.Psi", mixed(
                 attention[i], linear(p + "joiner.W", u if values is None else values)))
             if spec.down_norm:
-                phi = (phi - phi.mean(-1, keepdim=True)) / torch.sqrt(phi.var(-1, unbiased=False, keepdim=True) + 1e-5)
+                phi = normalised(phi)
             x = linear(p + "down", torch.cat([phi, psi], -1))
             if CELLS[spec.cell].paired_state:
                 h, c = cell(x, (h, c))
             else:
                 h = cell(x, h)
         return h
+
+    def normalised(x: torch.Tensor) -> torch.Tensor:  # LayerNorm without affine, over the last axis
+        return (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
 
     def join(base: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:  # out, with or without the gate
         if not spec.output_gate:
@@ -73,6 +77,9 @@ def reference_outputs(state: dict[str, torch.Tensor], spec: ReadSpec, example: d
     encoder = [example[f"encoder/hidden/{k}"].float() for k in layers]
     maps = [example[f"encoder/attention/{k}"].float() for k in layers]
     h_encoder = stack("encoder", encoder, maps)
+    if spec.token_mix:
+        q, k, v = linear("token_mix.qkv", normalised(h_encoder)).chunk(3, -1)  # [m, r] each
+        h_encoder = h_encoder + linear("token_mix.out", torch.softmax(q @ k.T / r ** 0.5, -1) @ v)
     if not spec.n_decoder_layers:
         base = encoder[-1]  # [m, d]
         if spec.layer_mix:  # every layer's state, weighed by the softmax of the learned w

@@ -280,9 +280,11 @@ def test_read_model_computes_the_papers_equations(caches, which, cell, recurrenc
 
 @pytest.mark.parametrize("which, options", [
     ("t5 heads", {"down_norm": True}), ("t5 mean", {"output_gate": True}), ("bert", {"down_norm": True}),
-    ("bert", {"layer_mix": True}), ("bert", {"output_gate": True, "layer_mix": True, "pooling": "first"})])
+    ("bert", {"layer_mix": True}), ("bert", {"output_gate": True, "layer_mix": True, "pooling": "first"}),
+    ("bert", {"token_mix": True}), ("t5 heads", {"token_mix": True, "recurrence": False})])
 def test_the_side_network_options_compute_their_equations(caches, which, options):
-    """down_norm, layer_mix and output_gate: every member against the per-example reference."""
+    """down_norm, layer_mix, output_gate and token_mix: every member against the per-example reference, on a
+    batch of examples of different lengths (token_mix must not attend to another example's or padding)."""
     cache = caches[which]
     task, model = model_of(cache, 10, "gru", 2, **options)
     with torch.no_grad():

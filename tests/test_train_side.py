@@ -97,9 +97,10 @@ def test_the_paper_preset_turns_every_option_off_but_those_given(rte_cache, tmp_
 def test_the_side_network_options_reach_the_checkpoint(rte_cache, tmp_path):
     result = CliRunner().invoke(train_main, [
         "--from-cache", str(rte_cache), "--hidden", "8", "--epochs", "1", "--batch-size", "8", "--down-norm",
-        "--output-gate", "--out", str(tmp_path), "--quiet"])
+        "--output-gate", "--token-mix", "--out", str(tmp_path), "--quiet"])
     assert result.exit_code == 0, result.output
     run = next(p for p in (tmp_path / f"{rte_cache.parent.name}-rte").iterdir() if p.is_dir())
     saved = json.loads((run / "config.json").read_text())
     assert saved["read"]["down_norm"] and saved["read"]["output_gate"] and not saved["read"]["layer_mix"]
+    assert saved["read"]["token_mix"]
     assert "gate" in load_file(run / "model.safetensors")

@@ -40,6 +40,7 @@ CANDIDATES: dict[str, dict] = {
     "down-norm": {"down_norm": True},
     "layer-mix": {"layer_mix": True},
     "output-gate": {"output_gate": True},
+    "token-mix": {"token_mix": True},
     "weight-decay-0.1": {"weight_decay": 0.1},
 }
 STAGES = {"screen": (("sst2", "stsb", "mrpc"), (0,)), "confirm": (("cola", "mrpc", "rte", "sst2", "stsb"), (0, 1, 2))}
