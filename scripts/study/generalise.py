@@ -4,6 +4,7 @@ validation epoch.
 
     python scripts/study/generalise.py --stage screen    # MRPC, STS-B, SST-2; seed 0; every candidate
     python scripts/study/generalise.py --stage confirm --candidates baseline,best   # five tasks, seeds 0-2
+    python scripts/study/generalise.py --stage confirm --candidates best --multi-task  # one network, five heads
 
 A candidate is a set of `train-side` options (`CANDIDATES`). One process trains one (task, candidate,
 seed): its learning rates as the members of one sweep, as `train-side --lr a,b,c` does. Every finished
@@ -57,7 +58,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=10, help="every run takes all of them; the best epoch is kept")
     p.add_argument("--caches", type=Path, default=ROOT / "caches/all-MiniLM-L6-v2")
     p.add_argument("--results", type=Path, default=ROOT / "scripts/study/results/generalise.jsonl")
-    p.add_argument("--report", action="store_true", help="print the tables and stop")
+    p.add_argument("--baselines", type=Path, default=ROOT / "scripts/study/results/minilm.jsonl",
+                   help="the method study's results, for the targets")
+    p.add_argument("--multi-task", action="store_true",
+                   help="one READ network over the stage's tasks per candidate and seed (rows: 'NAME (multi-task)')")
+    p.add_argument("--report", action="store_true", help="print the stage's tables and stop")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -86,59 +91,100 @@ def done(results: Path) -> set[str]:
 
 
 def worker(payload: dict) -> list[dict]:
-    """In a fresh process: one (task, candidate, seed) over its learning rates, as one sweep."""
+    """In a fresh process: one (task, candidate, seed) over its learning rates, as one sweep; or, with
+    several tasks, one multi-task READ network over them (a row per task, the epoch chosen by the mean
+    of their validation metrics, as `train-side --multi-task` chooses it)."""
     from side_train.config import RunConfig
     from side_train.train import train
 
     options = options_of(payload["candidate"])
     configs = [RunConfig(lr=lr, seed=payload["seed"], epochs=payload["epochs"], patience=payload["epochs"],
                          **options) for lr in payload["lrs"]]
+    tasks = payload["task"].split("+")
+    caches = [Path(payload["caches"]) / task for task in tasks]
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        results = train(Path(payload["cache"]), configs, Path(out), progress=False, log=lambda line: None)
+        results = train(caches[0] if len(caches) == 1 else caches, configs, Path(out), progress=False,
+                        log=lambda line: None)
     wall = time.perf_counter() - began
     rows = []
     for config, metrics in zip(configs, results):
-        rows.append({"backbone": "all-MiniLM-L6-v2", "task": payload["task"], "method": "read",
-                     "candidate": payload["candidate"], "options": options,
-                     "config": {"lr": config.lr, "epochs": config.epochs}, "seed": config.seed,
-                     "status": metrics["status"], "validation": metrics["best_validation"], "test": metrics["test"],
-                     "best_epoch": metrics["best_epoch"], "validation_curve": metrics["validation"],
-                     "train_loss": metrics["train_loss"], "epoch_seconds": metrics["sweep_epoch_seconds"],
-                     "trainable": metrics["parameters"], "sweep_wall_seconds": round(wall, 1),
-                     "sweep_members": len(configs), "device": "cpu"})
+        for task in tasks:
+            one = metrics if len(tasks) == 1 else {**metrics, **metrics["tasks"].get(task, {})}
+            rows.append({"backbone": "all-MiniLM-L6-v2", "task": task, "method": "read",
+                         "candidate": payload["candidate"] + (" (multi-task)" if len(tasks) > 1 else ""),
+                         "options": options, "config": {"lr": config.lr, "epochs": config.epochs},
+                         "seed": config.seed, "status": metrics["status"], "validation": one["best_validation"],
+                         "test": one["test"], "best_epoch": metrics["best_epoch"], "validation_curve": one["validation"],
+                         "train_loss": metrics["train_loss"], "epoch_seconds": metrics["sweep_epoch_seconds"],
+                         "trainable": metrics["parameters"], "sweep_wall_seconds": round(wall, 1),
+                         "sweep_members": len(configs), "device": "cpu"})
     return rows
 
 
-def report(results: Path, lrs: list[float]) -> str:
-    """Per candidate and task, among the learning rates `lrs`: the one with the best mean validation, its
-    test metric (mean ± standard deviation over seeds where there are several); the mean over tasks."""
+def summarise(results: Path, lrs: list[float], tasks, seeds) -> dict:
+    """(candidate, epochs) -> task -> the learning rate among `lrs` with the best mean validation over
+    `seeds`, and its test metric per seed; `tasks` only."""
     import numpy as np
 
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r["config"]["lr"] in lrs and r["status"] == "ok"]
     by = {}
     for r in rows:
-        by.setdefault((r["candidate"], r["config"]["epochs"]), {}).setdefault(r["task"], []).append(r)
-    tasks = sorted({r["task"] for r in rows})
+        if r["config"]["lr"] in lrs and r["status"] == "ok" and r["task"] in tasks and r["seed"] in seeds:
+            by.setdefault((r["candidate"], r["config"]["epochs"]), {}).setdefault(r["task"], {}) \
+                .setdefault(r["config"]["lr"], []).append(r)
+    return {run: {task: (lambda lr, found: {"lr": lr, "tests": [r["test"] for r in found]})(
+        *max(per_lr.items(), key=lambda kv: np.mean([r["validation"] for r in kv[1]])))
+        for task, per_lr in per_task.items()} for run, per_task in by.items()}
+
+
+def baselines(path: Path) -> dict:
+    """method -> task -> test metric, for LoRA, full fine-tuning and the probe from the method study's
+    results (the same rows and splits; they are not rerun here)."""
+    from scripts.compare.report import choose, load
+
+    return {method: {task: c["test"] for (backbone, task, m), c in choose(load(path)).items()
+                     if m == method and backbone == "all-MiniLM-L6-v2"} for method in ("lora", "full", "probe")}
+
+
+def report(results: Path, lrs: list[float], baseline_path: Path, tasks, seeds) -> str:
+    """Per candidate and task: test mean ± standard deviation over seeds at the chosen learning rate; the
+    mean over tasks; then, for candidates with 3 seeds of every task of the confirm stage, the accuracy
+    targets against the method study's baselines."""
+    import numpy as np
+
+    summary = summarise(results, lrs, tasks, seeds)
+    tasks = sorted(tasks)
     lines = ["| candidate | epochs | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 3) + "|"]
-    for (candidate, epochs), per_task in sorted(by.items()):
-        cells, means = [], []
+    confirm, screened = STAGES["confirm"][0], STAGES["screen"][0]
+    for (candidate, epochs), per_task in sorted(summary.items()):
+        if set(tasks) == set(confirm) and not (set(per_task) - set(screened)):
+            continue  # screened only: that table is the screen's
+        cells = []
         for task in tasks:
-            found = per_task.get(task, [])
-            if not found:
-                cells.append("")
-                continue
-            lrs = {}
-            for r in found:
-                lrs.setdefault(r["config"]["lr"], []).append(r)
-            lr, best = max(lrs.items(), key=lambda kv: np.mean([r["validation"] for r in kv[1]]))
-            test = [r["test"] for r in best]
-            means.append(np.mean(test))
-            spread = f" ± {np.std(test):.2f}" if len(test) > 1 else ""
-            cells.append(f"{np.mean(test):.2f}{spread} ({lr:g}, n={len(test)})")
-        mean = f"{np.mean(means):.2f}" if len(means) == len(tasks) else ""
+            found = per_task.get(task)
+            spread = f" ± {np.std(found['tests']):.2f}" if found and len(found["tests"]) > 1 else ""
+            cells.append(f"{np.mean(found['tests']):.2f}{spread} ({found['lr']:g}, n={len(found['tests'])})"
+                         if found else "")
+        mean = f"{np.mean([np.mean(per_task[t]['tests']) for t in tasks]):.2f}" if len(per_task) == len(tasks) else ""
         lines.append(f"| {candidate} | {epochs} | " + " | ".join(cells) + f" | {mean} |")
+    if not baseline_path.is_file() or set(tasks) != set(confirm):
+        return "\n".join(lines)
+    base = baselines(baseline_path)
+    average = {m: np.mean([base[m][t] for t in confirm]) for m in base}
+    lines += ["", f"Targets on the five-task average (LoRA {average['lora']:.2f}, full fine-tuning "
+                  f"{average['full']:.2f}, probe {average['probe']:.2f}), for candidates with 3 seeds of every task:",
+              "", "| candidate | average | vs LoRA | vs full fine-tuning | tasks below the probe |", "|---" * 5 + "|"]
+    for (candidate, epochs), per_task in sorted(summary.items()):
+        if not all(t in per_task and len(per_task[t]["tests"]) >= 3 for t in confirm):
+            continue
+        means = {t: float(np.mean(per_task[t]["tests"])) for t in confirm}
+        mine = np.mean(list(means.values()))
+        below = [t for t in confirm if means[t] < base["probe"][t]]
+        lines.append(f"| {candidate} | {mine:.2f} | {mine - average['lora']:+.2f} "
+                     f"({'met' if mine >= average['lora'] else 'not met'}) | {mine - average['full']:+.2f} "
+                     f"({'within 3' if mine >= average['full'] - 3 else 'not within 3'}"
+                     f"{', within 1.5' if mine >= average['full'] - 1.5 else ''}) | {', '.join(below) or 'none'} |")
     return "\n".join(lines)
 
 
@@ -148,37 +194,40 @@ def main(argv=None) -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     lrs = [float(v) for v in args.lrs.split(",")]
-    if args.report:
-        print(report(args.results, lrs))
-        return
     tasks = args.tasks.split(",") if args.tasks else STAGES[args.stage][0]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else STAGES[args.stage][1]
+    if args.report:
+        print(report(args.results, lrs, args.baselines, tasks, seeds))
+        return
     candidates = args.candidates.split(",")
     for name in candidates:
         options_of(name)  # every name known before anything runs
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for candidate in candidates:  # every task of one candidate before the next candidate
-        for task in tasks:
+        for task in (["+".join(tasks)] if args.multi_task else tasks):
+            label = candidate + (" (multi-task)" if args.multi_task else "")
             for seed in seeds:
                 finished = done(args.results)
-                todo = [lr for lr in lrs if key(task, candidate, lr, seed, args.epochs) not in finished]
+                todo = [lr for lr in lrs if any(key(t, label, lr, seed, args.epochs) not in finished
+                                                for t in task.split("+"))]
                 if not todo:
                     continue
                 began = time.perf_counter()
                 payload = {"task": task, "candidate": candidate, "seed": seed, "lrs": todo, "epochs": args.epochs,
-                           "cache": str(args.caches / task)}
+                           "caches": str(args.caches)}
                 proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(payload)],
                                       stdout=subprocess.PIPE, text=True)
                 lines = proc.stdout.strip().splitlines()
                 if proc.returncode or not lines:
-                    print(f"{task} {candidate} seed {seed}: failed (exit {proc.returncode})", file=sys.stderr)
+                    print(f"{task} {label} seed {seed}: failed (exit {proc.returncode})", file=sys.stderr)
                     continue
                 rows = json.loads(lines[-1])
                 with open(args.results, "a") as handle:  # whole lines, once the sweep has finished
                     for row in rows:
                         handle.write(json.dumps(row) + "\n")
-                summary = ", ".join(f"lr {r['config']['lr']:g}: {r['validation']:.2f}/{r['test']:.2f}" for r in rows)
-                print(f"{task} {candidate} seed {seed}: {summary} ({time.perf_counter() - began:.0f} s)",
+                summary = ", ".join(f"{r['task']} lr {r['config']['lr']:g}: {r['validation']:.2f}/{r['test']:.2f}"
+                                    for r in rows)
+                print(f"{label} seed {seed}: {summary} ({time.perf_counter() - began:.0f} s)",
                       file=sys.stderr, flush=True)
 
 
