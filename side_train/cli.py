@@ -67,10 +67,10 @@ def _list(value: str, kind, name: str) -> list:
 @field_option(RunConfig, "layer_mix", is_flag=True)
 @field_option(RunConfig, "output_gate", is_flag=True)
 @field_option(RunConfig, "token_mix", is_flag=True)
-@click.option("--no-recurrence", is_flag=True, help="One set of parameters per layer (the paper's ablation).")
+@field_option(RunConfig, "recurrence", "--recurrence/--no-recurrence")
 @click.option("--preset", type=click.Choice(PRESETS), default=None,
-              help="paper: the paper's READ (every option beside its network off); options given on the "
-                   "command line still apply.")
+              help="paper: the paper's READ (recurrence on, every option beside its network off); options "
+                   "given on the command line still apply.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--memory-gb", type=float, default=None,
@@ -78,7 +78,7 @@ def _list(value: str, kind, name: str) -> list:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch.")
 @click.option("--quiet", is_flag=True)
 def main(caches, task_names, multi_task, task_sampling, temperature, online, model, task, data_dir, limit, init, cell, width, lr,
-         seed, no_recurrence, preset, out, device, memory_gb, resume, quiet, **choices):
+         seed, preset, out, device, memory_gb, resume, quiet, **choices):
     """Train READ side networks straight from cached activations (never loading the backbone), or with
     --online from the backbone run live at every step (for the equivalence and speed comparisons)."""
     from cache_store.runtime import keep_freed_memory
@@ -94,7 +94,7 @@ def main(caches, task_names, multi_task, task_sampling, temperature, online, mod
                         if k not in choices or given(k) == click.core.ParameterSource.DEFAULT})
     try:
         configs = grid(_list(cell, str, "--rnn"), _list(width, int, "--hidden"), _list(lr, float, "--lr"),
-                       _list(seed, int, "--seeds"), recurrence=not no_recurrence, **choices)
+                       _list(seed, int, "--seeds"), **choices)
         if not configs:
             raise UserError("the grid is empty")
         if memory_gb is not None and memory_gb <= 0:

@@ -87,11 +87,15 @@ def test_the_paper_preset_turns_every_option_off_but_those_given(rte_cache, tmp_
     args = ["--from-cache", str(rte_cache), "--out", str(tmp_path), "--quiet"]
     assert CliRunner().invoke(train_main, [*args, "--cutoff", "0.2", "--down-norm"]).exit_code == 0
     assert seen[-1].cutoff == 0.2 and seen[-1].down_norm
+    assert not seen[-1].recurrence and seen[-1].name == "gru-r144-lr0.001-s0"  # the default: one set per layer
     result = CliRunner().invoke(train_main, [*args, "--preset", "paper", "--noise", "0.1"])
     assert result.exit_code == 0, result.output
     paper = seen[-1]
     assert paper.noise == 0.1  # given on the command line: kept
+    assert paper.recurrence and paper.name.endswith("-rec")
     assert all(getattr(paper, k) == v for k, v in config.PRESETS["paper"].items() if k != "noise")
+    assert CliRunner().invoke(train_main, [*args, "--preset", "paper", "--no-recurrence"]).exit_code == 0
+    assert not seen[-1].recurrence and seen[-1].dropout == 0.0
 
 
 def test_the_side_network_options_reach_the_checkpoint(rte_cache, tmp_path):

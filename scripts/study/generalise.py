@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-# name -> train-side options (RunConfig fields) on top of the study's budget. "paper" is the paper's READ
-# (`--preset paper`); the others change one thing each unless their name says otherwise.
+# name -> train-side options (RunConfig fields) on top of the paper's READ (`--preset paper`) and the
+# study's budget; each changes one thing unless its name says otherwise.
 CANDIDATES: dict[str, dict] = {
     "paper": {},
     "cutoff-0.1": {"cutoff": 0.1},
@@ -94,12 +94,12 @@ def worker(payload: dict) -> list[dict]:
     """In a fresh process: one (task, candidate, seed) over its learning rates, as one sweep; or, with
     several tasks, one multi-task READ network over them (a row per task, the epoch chosen by the mean
     of their validation metrics, as `train-side --multi-task` chooses it)."""
-    from side_train.config import RunConfig
+    from side_train.config import PRESETS, RunConfig
     from side_train.train import train
 
     options = options_of(payload["candidate"])
     configs = [RunConfig(lr=lr, seed=payload["seed"], epochs=payload["epochs"], patience=payload["epochs"],
-                         **options) for lr in payload["lrs"]]
+                         **{**PRESETS["paper"], **options}) for lr in payload["lrs"]]
     tasks = payload["task"].split("+")
     caches = [Path(payload["caches"]) / task for task in tasks]
     began = time.perf_counter()
