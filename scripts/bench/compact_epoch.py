@@ -118,7 +118,7 @@ def main() -> None:
         held, tokens = sizes[name]
         print(f"| {name} ({cache.path}) | {held / tokens:,.0f} | {disk_bytes(cache) / tokens:,.0f} | "
               f"{args.budget_gb * 2**30 / (held / tokens) / 1e6:.2f} |")
-    config = RunConfig(width=args.width, lr=1e-3, epochs=1, patience=1)
+    config = RunConfig(width=args.width, lr=1e-3, epochs=1, patience=1, recurrence=True)
     small = sizes["compact"][0] // 2  # below both: the train splits stream
     fits = int(sizes["compact"][0] * 1.2)  # holds the compact cache, not v1
     if fits >= sizes["v1"][0]:

@@ -36,7 +36,7 @@ def main(model, init, data_dir, task, limit, hidden, rnn):
     out = Path(tempfile.mkdtemp(prefix="bench-epoch-"))
     config = CacheConfig(task=task, model=model, init=init, data_dir=data_dir, out=out, limit=limit)
     cache_run(config, progress=False)
-    run = RunConfig(cell=rnn, width=hidden, epochs=1, patience=1)
+    run = RunConfig(cell=rnn, width=hidden, epochs=1, patience=1, recurrence=True)
     quiet = dict(progress=False, log=lambda line: None)
     (cached,) = train(config.cache_dir, [run], out / "cached", **quiet)
     (online,) = train(open_online(model, task, data_dir=data_dir, limit=limit, init=init), [run], out / "online",

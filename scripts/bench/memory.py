@@ -36,7 +36,7 @@ def _read(cache: str, batch_size: int, steps: int, window: int) -> dict:
     baseline = _rss()
     reader = CacheReader(cache)
     task = TaskInfo.from_cache(reader)
-    config = RunConfig(batch_size=batch_size)
+    config = RunConfig(batch_size=batch_size, recurrence=True)
     spec = read_spec(reader, config.width, config.cell)
     train = StreamingSplit(reader.split("train"), spec, window)
     (stack,) = make_stacks([config], reader, [task], steps, torch.device("cpu"))

@@ -32,7 +32,7 @@ def main(cache, model, repeats):
     keep_freed_memory()
     quiet = dict(progress=False, log=lambda line: None)
     with tempfile.TemporaryDirectory() as out:
-        read = min(train(cache, [RunConfig(epochs=1, patience=1)], Path(out) / str(i), **quiet)[0]
+        read = min(train(cache, [RunConfig(epochs=1, patience=1, recurrence=True)], Path(out) / str(i), **quiet)[0]
                    ["sweep_epoch_seconds"][0] for i in range(repeats))
     full = train_backprop("full", model, CacheReader(cache), lr=1e-4, seed=0, epochs=1, batch_size=32, device="cpu",
                           options={})["epoch_seconds"][0]

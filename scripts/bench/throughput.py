@@ -123,7 +123,7 @@ def matmul_seconds(batches: list[list[tuple[int, int, int, bool]]], members: int
 def bench(path: str, n_batches: int, warmup: int, members: int, width: int, cell: str, profile: bool,
           device: torch.device) -> int:
     cache = CacheReader(path)
-    configs = [RunConfig(cell=cell, width=width, lr=1e-3 * (m + 1)) for m in range(members)]
+    configs = [RunConfig(cell=cell, width=width, lr=1e-3 * (m + 1), recurrence=True) for m in range(members)]
     spec = read_spec(cache, width, cell)
     split = InMemorySplit(cache.split("train"), spec)
     info = TaskInfo.from_cache(cache)

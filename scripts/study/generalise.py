@@ -185,6 +185,18 @@ def report(results: Path, lrs: list[float], baseline_path: Path, tasks, seeds) -
                      f"({'met' if mine >= average['lora'] else 'not met'}) | {mine - average['full']:+.2f} "
                      f"({'within 3' if mine >= average['full'] - 3 else 'not within 3'}"
                      f"{', within 1.5' if mine >= average['full'] - 1.5 else ''}) | {', '.join(below) or 'none'} |")
+    complete = {run: per_task for run, per_task in summary.items() if all(t in per_task for t in confirm)}
+    for (candidate, epochs), multi in sorted(complete.items()):
+        single = complete.get((candidate.removesuffix(" (multi-task)"), epochs))
+        if not candidate.endswith(" (multi-task)") or single is None:
+            continue
+        diffs = {t: np.mean(multi[t]["tests"]) - np.mean(single[t]["tests"]) for t in confirm}
+        mean = np.mean(list(diffs.values()))
+        lines += ["", f"{candidate} against the single-task networks (test, multi-task minus single-task; the "
+                      f"target is within 1 point on the average): {mean:+.2f} "
+                      f"({'met' if abs(mean) <= 1 or mean > 0 else 'not met'})", "",
+                  "| " + " | ".join(confirm) + " | average |", "|---" * (len(confirm) + 1) + "|",
+                  "| " + " | ".join(f"{diffs[t]:+.2f}" for t in confirm) + f" | {mean:+.2f} |"]
     return "\n".join(lines)
 
 
