@@ -1,6 +1,9 @@
 """Which side-network choices make READ generalise: each candidate trained on the all-MiniLM-L6-v2 caches
 (`--limit 4000`, `cache-activations`' default storage) over a learning-rate grid, test metric at the best
-validation epoch.
+validation epoch. The caches:
+
+    cache-activations --task cola,mrpc,rte,sst2,stsb --model models/all-MiniLM-L6-v2 --name all-MiniLM-L6-v2 \
+        --data-dir ../shared/data/glue --limit 4000
 
     python scripts/study/generalise.py --stage screen    # MRPC, STS-B, SST-2; seed 0; every candidate
     python scripts/study/generalise.py --stage confirm --candidates baseline,best   # five tasks, seeds 0-2
@@ -56,7 +59,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", help="comma-separated (default: the stage's)")
     p.add_argument("--lrs", default="1e-3,3e-3")
     p.add_argument("--epochs", type=int, default=10, help="every run takes all of them; the best epoch is kept")
-    p.add_argument("--caches", type=Path, default=ROOT / "caches/all-MiniLM-L6-v2")
+    p.add_argument("--caches", type=Path, default=ROOT / "caches/all-MiniLM-L6-v2/cola+mrpc+rte+sst2+stsb",
+                   help="a folder of the tasks' caches: the store `cache-activations --task cola,mrpc,rte,sst2,stsb` "
+                        "writes")
     p.add_argument("--results", type=Path, default=ROOT / "scripts/study/results/generalise.jsonl")
     p.add_argument("--baselines", type=Path, default=ROOT / "scripts/study/results/minilm.jsonl",
                    help="the method study's results, for the targets")
