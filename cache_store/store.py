@@ -52,6 +52,13 @@ def store_manifest(path) -> dict | None:
     return dict(attrs[STORE_KEY]) if attrs is not None and STORE_KEY in attrs else None
 
 
+def backbone_folder(path) -> str:
+    """The <model> of caches/<model>/<task>, of a store caches/<model>/<store> and of a task inside one,
+    caches/<model>/<store>/<task>: the name train-side gives its runs' folder."""
+    parent = Location(path).parent
+    return parent.parent.name if _attrs(parent) is not None and STORE_KEY in _attrs(parent) else parent.name
+
+
 def task_caches(path, tasks: list[str] | None = None) -> list[tuple[str, str | Path]]:
     """(task, cache path) for each of `tasks` (default: all) in the store at `path`, in the store's order,
     after checking that each task agrees with the store manifest; a single-task cache gives itself."""

@@ -13,9 +13,8 @@ import click
 
 from cache_store import UserError
 from cache_store.commands import LOCATION, OneLineCommand, field_option
-from cache_store.location import Location
 from cache_store.source import open_live
-from cache_store.store import task_caches
+from cache_store.store import backbone_folder, task_caches
 
 from .config import PRESETS, RunConfig
 from .read_model import POOLINGS
@@ -105,7 +104,7 @@ def main(caches, task_names, multi_task, task_sampling, temperature, online, mod
             raise UserError("--tasks picks tasks of a store; with --online give --task")
         if caches:  # each store or cache -> its tasks' caches: [(backbone folder, task, cache path)]
             wanted = [t for t in (task_names or "").split(",") if t] or None
-            found = [(Location(c).parent.name, task, path) for c in caches for task, path in task_caches(c, wanted)]
+            found = [(backbone_folder(c), task, path) for c in caches for task, path in task_caches(c, wanted)]
             if len(found) > 1 and not multi_task:
                 raise UserError(f"{', '.join(str(c) for c in caches)} hold{'s' if len(caches) == 1 else ''} "
                                 f"{len(found)} tasks ({', '.join(t for _, t, _ in found)}): train them as one "

@@ -137,6 +137,9 @@ def test_train_side_takes_a_store_whole_or_by_task(store, tmp_path):
                         "--quiet"])
     metrics = json.loads(next((tmp_path / f"{store.parent.name}-cola").glob("*/metrics.json")).read_text())
     assert metrics["metric"] == "matthews"
+    # a task of the store given as its own folder: the runs are still named after the model, not the store
+    invoke(train_main, ["--from-cache", store / "sst2", "--epochs", "1", "--hidden", "8", "--out", tmp_path, "--quiet"])
+    assert (tmp_path / f"{store.parent.name}-sst2").is_dir() and not (tmp_path / f"{store.name}-sst2").exists()
 
 
 def test_multi_task_from_a_store_equals_two_single_caches_and_predicts_every_head(store, singles, tiny_t5, tmp_path):
