@@ -56,7 +56,7 @@ def backbone_folder(path) -> str:
     """The <model> of caches/<model>/<task>, of a store caches/<model>/<store> and of a task inside one,
     caches/<model>/<store>/<task>: the name train-side gives its runs' folder."""
     parent = Location(path).parent
-    return parent.parent.name if _attrs(parent) is not None and STORE_KEY in _attrs(parent) else parent.name
+    return parent.parent.name if store_manifest(parent) is not None else parent.name
 
 
 def task_caches(path, tasks: list[str] | None = None) -> list[tuple[str, str | Path]]:

@@ -93,8 +93,8 @@ SPEC_FIELDS = ("recurrence", "pooling", "dropout", "side_dropout", "layer_drop",
 # train-side --preset NAME: RunConfig values. "paper" is the paper's READ: equation (1)'s network, its
 # parameters shared across layers, and nothing beside it.
 PRESETS: dict[str, dict] = {
-    "paper": {"recurrence": True, "dropout": 0.0, "side_dropout": 0.0, "layer_drop": 0.0, "cutoff": 0.0, "noise": 0.0,
-              "down_norm": False, "layer_mix": False, "output_gate": False, "token_mix": False},
+    "paper": {"recurrence": True, "dropout": 0.0, "side_dropout": 0.0, "layer_drop": 0.0, "cutoff": 0.0,
+              "noise": 0.0, "down_norm": False, "layer_mix": False, "output_gate": False, "token_mix": False},
 }
 
 

@@ -6,10 +6,11 @@ and Figure 2), on exactly the rows and splits of one READ cache per invocation:
 
 Methods (`METHODS`): the paper's READ from the cache (train-side's own training, `--recurrence`), READ
 without recurrence (train-side's default), READ online (the backbone run live for every batch), full
-fine-tuning, BitFit, LoRA and prompt tuning (PEFT), and a linear probe. Each configuration (method, learning rate, seed) trains in a fresh process, so its
-peak memory is its own; every finished one is appended to the --results JSON-lines file and skipped
-when the command is run again, so a study can be run in pieces. After the runs, the tables, plots and
-a JSON summary are rebuilt from everything in that file (`report.py`).
+fine-tuning, BitFit, LoRA and prompt tuning (PEFT), and a linear probe. Each configuration (method,
+learning rate, seed) trains in a fresh process, so its peak memory is its own; every finished one is
+appended to the --results JSON-lines file and skipped when the command is run again, so a study can be
+run in pieces. After the runs, the tables, plots and a JSON summary are rebuilt from everything in that
+file (`report.py`).
 """
 from __future__ import annotations
 
