@@ -20,6 +20,7 @@ from pathlib import Path
 from .errors import CacheError
 
 REMOTE = ("s3://",)
+PARTIAL = ".partial"  # the suffix of a file being written on disk (`write`), renamed to its key when whole
 
 
 def is_remote(where) -> bool:
@@ -121,9 +122,16 @@ class Location:
         """Size of every object (file) below `prefix`, by key."""
         if not self.remote:
             root = Path(self.url)
-            folder = root / prefix
-            return {str(f.relative_to(root)): f.stat().st_size for f in folder.rglob("*") if f.is_file()} \
-                if folder.is_dir() else {}
+            sizes, folder = {}, root / prefix
+            for f in folder.rglob("*") if folder.is_dir() else ():
+                if f.name.endswith(PARTIAL):  # a write in progress (write's temporary), not yet an object
+                    continue
+                try:
+                    if f.is_file():
+                        sizes[str(f.relative_to(root))] = f.stat().st_size
+                except FileNotFoundError:  # renamed or removed by another writer while this listed (torchrun)
+                    continue
+            return sizes
         with self._client() as (obstore, store):
             return {item["path"]: item["size"] for batch in obstore.list(store, prefix=prefix or None)
                     for item in batch}
@@ -140,7 +148,7 @@ class Location:
             return
         path = Path(self.url) / key
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.partial")
+        temporary = path.with_name(f".{path.name}{PARTIAL}")
         try:
             with open(temporary, "wb") as handle:
                 if before:

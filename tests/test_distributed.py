@@ -31,6 +31,13 @@ def torchrun(model, glue_dir, out, *extra, nproc=2, env=None) -> subprocess.Comp
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+def failure(done: subprocess.CompletedProcess) -> str:
+    """What a failed command said: every rank's one-line errors first (a later rank's traceback can bury
+    them), then the end of its output."""
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    return "\n".join([*errors, done.stderr[-3000:]])
+
+
 @pytest.fixture(scope="module")
 def single_process(glue_dir, tmp_path_factory):
     """The cache one process writes, per model, made once."""
@@ -40,7 +47,7 @@ def single_process(glue_dir, tmp_path_factory):
         if model not in made:
             out = tmp_path_factory.mktemp("single")
             done = torchrun(model, glue_dir, out, nproc=0)
-            assert done.returncode == 0, done.stderr[-3000:]
+            assert done.returncode == 0, failure(done)
             made[model] = out / model.name / "rte"
         return made[model]
 
@@ -68,7 +75,7 @@ def test_two_ranks_write_the_single_process_cache(model, request, single_process
     reference = single_process(model)
     assert len(zarr.open_group(str(reference / "train"))["encoder/hidden/0"].metadata.chunk_grid.chunk_shape) == 2
     done = torchrun(model, glue_dir, tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure(done)
     assert done.stdout.count("cache:") == 1  # rank 0 reports for both
     assert_same_cache(tmp_path / model.name / "rte", reference)
 
@@ -84,7 +91,7 @@ def test_rank_killed_mid_split_resumes(resume_with, tiny_bert, single_process, g
     records = zarr.open_group(str(cache / "train" / "ranks"), mode="r")
     assert {name for name, _ in records.groups()} == {"0", "1"}
     resumed = torchrun(tiny_bert, glue_dir, tmp_path, "--resume", nproc=0 if resume_with == 1 else resume_with)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure(resumed)
     assert not (cache / "train" / "ranks").exists()
     assert_same_cache(cache, reference)
 
@@ -106,7 +113,7 @@ def test_two_ranks_share_a_sweep_with_the_single_process_results(tiny_bert, sing
     cache = single_process(tiny_bert)
     for name, nproc in (("one", 0), ("two", 2)):
         done = train_side(cache, tmp_path / name, nproc)
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == 0, failure(done)
     (one,), (two,) = (list((tmp_path / name).iterdir()) for name in ("one", "two"))
     runs = sorted(p.name for p in one.iterdir() if p.is_dir())
     assert len(runs) == 4 and runs == sorted(p.name for p in two.iterdir() if p.is_dir())
@@ -130,7 +137,7 @@ def test_two_ranks_write_the_single_process_store(tiny_bert, glue_dir, tmp_path)
     for nproc in (0, 2):
         out = tmp_path / f"nproc{nproc}"
         done = torchrun(tiny_bert, glue_dir, out, "--task", "sst2,cola", nproc=nproc)
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == 0, failure(done)
         made[nproc] = arrays_of(out / tiny_bert.name / "sst2+cola")
     assert made[0].keys() == made[2].keys() and any(k.startswith("cola/") for k in made[0])
     for path, value in made[0].items():

@@ -61,6 +61,24 @@ def test_disk_full_is_explained_keeps_what_was_committed_and_resume_finishes(tin
     assert expected.keys() == got.keys() and all(np.array_equal(expected[k], got[k]) for k in expected)
 
 
+def test_sizing_a_split_while_another_rank_writes_it_skips_files_in_flight(tmp_path, monkeypatch):
+    """Under torchrun rank 0 sizes a split it has finished while other ranks still write theirs: a
+    temporary listed, then renamed away before its size is read, must be skipped, not fail the run."""
+    from cache_store.location import Location
+
+    location = Location(tmp_path)
+    location.write("train/a/c/0/0", [b"12345"])
+    (tmp_path / "train/a/c/1").mkdir(parents=True)
+    (tmp_path / "train/a/c/1/.0.partial").write_bytes(b"in flight")  # another writer's, mid-write
+    listed = list((tmp_path / "train").rglob("*"))
+    vanished = tmp_path / "train/a/c/2/0"  # listed by rglob, then renamed away before its stat
+    real_rglob, real_is_file = Path.rglob, Path.is_file
+    monkeypatch.setattr(Path, "rglob", lambda self, pattern: iter([*listed, vanished])
+                        if self == tmp_path / "train" else real_rglob(self, pattern))
+    monkeypatch.setattr(Path, "is_file", lambda self: self == vanished or real_is_file(self))
+    assert location.sizes("train") == {"train/a/c/0/0": 5}
+
+
 def test_a_second_writer_is_refused_naming_the_holder(tiny_t5, glue_dir, tmp_path):
     with WriteLock(tmp_path / tiny_t5.name / "rte"):
         result = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path, *SMALL_SHARDS))
