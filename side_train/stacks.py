@@ -69,7 +69,12 @@ def init_model(config: RunConfig, cache, tasks: list[TaskInfo] | TaskInfo, devic
     tasks = tasks if isinstance(tasks, list) else [tasks]
     torch.manual_seed(config.seed)
     spec = read_spec(cache, config.width, config.cell, **config.spec_choices())
-    return ReadModel(spec, {t.name: (t.num_labels, t.label_head) for t in tasks}, members).to(device)
+    model = ReadModel(spec, {t.name: (t.num_labels, t.label_head) for t in tasks}, members)
+    with torch.no_grad():
+        for t in tasks:
+            if t.regression:  # see TaskInfo.label_mean
+                model.heads[t.name].bias.fill_(t.label_mean)
+    return model.to(device)
 
 
 def schedule_of(config: RunConfig, steps: int):
@@ -96,7 +101,7 @@ def member_losses(task: TaskInfo, outputs: torch.Tensor, labels: torch.Tensor) -
     """outputs [M, B, C] -> each member's mean loss [M]."""
     members, batch = outputs.shape[:2]
     if task.regression:
-        return ((outputs.squeeze(-1).float() - labels.float()) ** 2).mean(1)
+        return ((outputs.squeeze(-1).float() - labels.float()) ** 2).mean(1) / task.label_var
     flat = nn.functional.cross_entropy(outputs.reshape(members * batch, -1), labels.long().repeat(members),
                                        reduction="none")
     return flat.view(members, batch).mean(1)

@@ -28,7 +28,7 @@ from .devices import default_memory_bytes, to_device
 from .evaluation import evaluate_members
 from .stacks import Stack, make_stacks, train_step
 from .state import load_state, save_state, state_file
-from .tasks import TaskInfo, check_compatible, endless_batches, epoch_schedule, task_weights
+from .tasks import TaskInfo, check_compatible, endless_batches, epoch_schedule, task_weights, with_label_scale
 
 
 @dataclass
@@ -59,7 +59,8 @@ def open_tasks(sources: list, config: RunConfig, memory_bytes: int, log) -> list
             splits, how = open_splits(cache, spec, memory_bytes // len(caches), config.batch_size)
         log(f"{cache.path}: {how}; {', '.join(f'{n} {s.n_examples}' for n, s in splits.items())} examples; "
             f"opened in {time.perf_counter() - began:.1f} s")
-        tasks.append(TaskData(TaskInfo.from_cache(cache), cache, splits))
+        info = with_label_scale(TaskInfo.from_cache(cache), splits["train"].labels)
+        tasks.append(TaskData(info, cache, splits))
     return tasks
 
 

@@ -311,3 +311,23 @@ def test_a_fresh_gate_and_mix_start_where_documented(caches):
 def test_layer_mix_is_refused_where_it_has_no_meaning(caches):
     with pytest.raises(UserError, match="--layer-mix needs an encoder-only backbone"):
         read_spec(caches["t5 heads"], 8, "gru", layer_mix=True)
+
+
+def test_a_regression_head_starts_at_the_label_mean_and_its_loss_is_in_label_variances(caches):
+    """STS-B's 0-5 scores: the loss of an error of one standard deviation is 1, alone or as a member, so a
+    regression task's gradients have the scale of a classification task's (several share one network)."""
+    from side_train.config import RunConfig
+    from side_train.stacks import init_model
+    from side_train.tasks import with_label_scale
+
+    cache = caches["t5 mean"]
+    labels = torch.tensor([0.0, 1.0, 4.0, 5.0])
+    task = with_label_scale(TaskInfo.from_cache(cache), labels)
+    assert task.regression and task.label_mean == pytest.approx(2.5) and task.label_var == pytest.approx(4.25)
+    model = init_model(RunConfig(width=8), cache, task, members=2)
+    assert torch.equal(model.heads["stsb"].bias, torch.full((2, 1), 2.5))
+    off_by_one_std = (labels + 4.25 ** 0.5)[:, None]
+    assert loss_of(task, off_by_one_std, labels).item() == pytest.approx(1.0)
+    assert member_losses(task, off_by_one_std.expand(2, -1, -1).clone(), labels).tolist() == pytest.approx([1.0, 1.0])
+    rte = TaskInfo.from_cache(caches["bert"])
+    assert with_label_scale(rte, torch.tensor([0, 1, 1])) is rte  # classification: as it was
