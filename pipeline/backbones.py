@@ -1,7 +1,16 @@
-"""Frozen backbones behind one small interface. `FAMILIES` is the only list of supported model types.
+"""Frozen backbones behind one small interface, one class per family. A family's class declares the
+`model_types` (config.json's) it serves and is registered with `@register_family`; `FAMILIES` is the only list of
+supported model types. A family says:
 
-A backbone tokenizes a task's rows and, for a right-padded batch, returns every layer's hidden states
-and attention maps: T5 also runs its decoder for the single start position.
+    tokenize      how a task's rows become input ids (T5's template, or the tokenizer's text pairs)
+    forward       what it caches per layer, for a right-padded batch: every layer's hidden states and
+                  attention maps; T5 also runs its decoder for the single start position
+    model_inputs  the keyword arguments its transformers model takes besides the ids and mask
+    label_head    the label words' LM-head rows (T5), or None: a fresh linear head
+    lora_targets  the attention projections LoRA adapts (the method comparison's baseline)
+
+The readout (which positions a head pools) follows from the cache: T5's decoder start position, an
+encoder's mean or first token (`--pooling`).
 """
 from __future__ import annotations
 
@@ -29,8 +38,11 @@ class BackboneOutput:
 
 
 class Backbone:
-    family = ""
+    family = ""  # recorded in manifests: t5 | bert (BERT-style encoders)
     input_format = ""
+    model_types: tuple[str, ...] = ()
+    auto_class = "AutoModel"  # the transformers auto class that loads it
+    lora_targets: tuple[str, ...] = ()
 
     def __init__(self, name: str, model, tokenizer, device: torch.device, init: str, init_seed: int | None):
         self.name, self.model, self.tokenizer, self.device = name, model, tokenizer, device
@@ -50,6 +62,10 @@ class Backbone:
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, attentions: bool) -> BackboneOutput:
         raise NotImplementedError
+
+    def model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        """Keyword arguments the transformers model takes besides the ids and the mask."""
+        return {}
 
     def label_head(self, task: TaskSpec) -> tuple[list[int], np.ndarray] | None:
         """(label token ids, [C, d] rows mapping the final decoder state to label-word logits) or None."""
@@ -85,9 +101,25 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+FAMILIES: dict[str, type[Backbone]] = {}  # model_type -> its family's class
+
+
+def register_family(cls: type[Backbone]) -> type[Backbone]:
+    """Register a family for its model types."""
+    for model_type in cls.model_types:
+        if model_type in FAMILIES:
+            raise ValueError(f"model type {model_type} has two families")
+        FAMILIES[model_type] = cls
+    return cls
+
+
+@register_family
 class T5Backbone(Backbone):
     family = "t5"
     input_format = "t5-template"
+    model_types = ("t5", "mt5")  # Flan-T5 is model type t5
+    auto_class = "AutoModelForSeq2SeqLM"
+    lora_targets = ("q", "v")
 
     @property
     def n_layers(self):
@@ -130,19 +162,28 @@ class T5Backbone(Backbone):
         if len(set(ids)) != len(ids):
             raise InputError(f"{task.name}: label words {task.label_words} share their first token {ids}")
         rows = self.model.lm_head.weight[ids].detach().float()
-        # T5 scales the decoder output before a tied LM head; folding the scale in makes
+        # T5 scales the decoder output before a tied LM head (mT5 never does); folding the scale in makes
         # logits = final decoder state @ label_head.T exactly the backbone's label-word logits.
-        scale = getattr(self.config, "scale_decoder_outputs", self.config.tie_word_embeddings)
+        scale = getattr(self.config, "scale_decoder_outputs",
+                        self.config.model_type == "t5" and self.config.tie_word_embeddings)
         if scale:
             rows = rows * self.config.d_model ** -0.5
         return ids, rows.cpu().numpy()
 
 
+@register_family
 class EncoderBackbone(Backbone):
-    """BERT-style encoders (e.g. all-MiniLM-L6-v2): sentence pairs as the tokenizer's text pairs."""
+    """BERT-style encoders (e.g. all-MiniLM-L6-v2): sentence pairs as the tokenizer's text pairs. Their
+    configs name their sizes alike (DistilBERT's through transformers' attribute map)."""
 
     family = "bert"
     input_format = "text-pair"
+    model_types = ("bert", "roberta", "xlm-roberta", "distilbert", "deberta-v2", "mpnet")
+    _LORA = {"distilbert": ("q_lin", "v_lin"), "deberta-v2": ("query_proj", "value_proj"), "mpnet": ("q", "v")}
+
+    @property
+    def lora_targets(self):
+        return self._LORA.get(self.config.model_type, ("query", "value"))
 
     @property
     def n_layers(self):
@@ -162,10 +203,22 @@ class EncoderBackbone(Backbone):
         columns = [[row[name] for row in rows] for name in task.fields]
         return self.tokenizer(*columns, truncation=True, max_length=max_length)["input_ids"]
 
+    def model_inputs(self, input_ids, attention_mask) -> dict:
+        """Token types where the model has segment embeddings (BERT; not RoBERTa's single type, DistilBERT,
+        DeBERTa-v3 or MPNet), rebuilt from the ids: the cache stores no token types."""
+        if getattr(self.config, "type_vocab_size", 0) > 1 and "token_type_ids" in self._forward_arguments:
+            return {"token_type_ids": token_types(input_ids, attention_mask, self.tokenizer.sep_token_id)}
+        return {}
+
+    @property
+    def _forward_arguments(self):
+        import inspect
+
+        return inspect.signature(self.model.forward).parameters
+
     def forward(self, input_ids, attention_mask, attentions):
-        token_type_ids = token_types(input_ids, attention_mask, self.tokenizer.sep_token_id)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                         output_hidden_states=True, output_attentions=attentions)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                         output_attentions=attentions, **self.model_inputs(input_ids, attention_mask))
         return BackboneOutput(list(out.hidden_states), list(out.attentions or ()), [], [])
 
 
@@ -175,11 +228,6 @@ def token_types(input_ids: torch.Tensor, attention_mask: torch.Tensor, sep_id: i
     return ((sep.cumsum(1) - sep.long()) > 0).long() * attention_mask
 
 
-# model_type (from the model's config.json) -> (backbone class, transformers auto class name)
-FAMILIES: dict[str, tuple[type[Backbone], str]] = {
-    "t5": (T5Backbone, "AutoModelForSeq2SeqLM"),
-    "bert": (EncoderBackbone, "AutoModel"),
-}
 INITS = ("pretrained", "random")
 
 
@@ -233,10 +281,11 @@ def load_backbone(model: str, init: str = "pretrained", seed: int = 0, device: s
                          "offline, pass --model DIR: a folder with config.json and the tokenizer files") from None
     if config.model_type not in FAMILIES:
         raise InputError(f"model type {config.model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
-    family, auto_name = FAMILIES[config.model_type]
-    auto = getattr(transformers, auto_name)
-    # Eager attention is the only implementation that returns attention maps; otherwise let torch pick.
-    attn = "eager" if attentions else "sdpa"
+    kind = FAMILIES[config.model_type]
+    auto = getattr(transformers, kind.auto_class)
+    # Eager attention is the only implementation that returns attention maps; otherwise transformers picks
+    # (SDPA where the model has it: DeBERTa-v2 and MPNet do not).
+    attn = "eager" if attentions else None
     if init == "random":
         torch.manual_seed(seed)
         net = auto.from_config(config, attn_implementation=attn)
@@ -251,4 +300,4 @@ def load_backbone(model: str, init: str = "pretrained", seed: int = 0, device: s
         raise InputError(f"--init must be one of {INITS}")
     target = runtime.resolve_device(device)
     net = net.to(target).eval().requires_grad_(False)
-    return family(backbone_name(model, name), net, tokenizer, target, init, seed if init == "random" else None)
+    return kind(backbone_name(model, name), net, tokenizer, target, init, seed if init == "random" else None)

