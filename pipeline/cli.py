@@ -10,6 +10,7 @@ import click
 
 from cache_store import SPLITS, STORAGE_DTYPES, UserError
 from cache_store.commands import LOCATION, OneLineCommand, field_option
+from cache_store.format import METRIC_NAMES
 from cache_store.store import GLUE_TASKS
 
 from .backbones import INITS
@@ -27,8 +28,17 @@ def _int_list(value: str, name: str) -> tuple[int, ...] | None:
         raise InputError(f"{name} must be 'all' or comma-separated integers, got {value!r}") from None
 
 
-def _task_list(value: str) -> list[str]:
-    """--task: one name, several comma-separated, or glue; each from the task registry, none twice."""
+def _names(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
+
+
+def _task_list(value: str, data: tuple[str, ...]) -> list[str]:
+    """--task: one name, several comma-separated, or glue; each from the task registry, none twice. With
+    --data: the one name of the user's task."""
+    if data:
+        if "," in value or value == "glue":
+            raise InputError("--data describes one task: give --task one name for it")
+        return [value]
     names = list(GLUE_TASKS) if value == "glue" else [t.strip() for t in value.split(",") if t.strip()]
     unknown = [t for t in names if t not in TASKS]
     if unknown or not names:
@@ -42,7 +52,7 @@ def _task_list(value: str) -> list[str]:
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--task", "tasks", required=True, metavar="TASK[,TASK...]|glue",
               help=f"GLUE task(s): one of {', '.join(TASKS)}; several, comma-separated, or glue (the paper's "
-                   f"{len(GLUE_TASKS)}: {','.join(GLUE_TASKS)}) go to one store.")
+                   f"{len(GLUE_TASKS)}: {','.join(GLUE_TASKS)}) go to one store. With --data: your task's name.")
 @click.option("--store", default=None, help="Cache into the store OUT/<model>/STORE, one subgroup per task "
                                             "(default with several tasks: glue, or the tasks joined by +).")
 @field_option(CacheConfig, "model")
@@ -50,6 +60,11 @@ def _task_list(value: str) -> list[str]:
 @field_option(CacheConfig, "init", type=click.Choice(INITS))
 @field_option(CacheConfig, "seed", type=int)
 @field_option(CacheConfig, "data_dir", type=click.Path(path_type=Path))
+@field_option(CacheConfig, "data", multiple=True, default=(), show_default=False, metavar="FILE|SPLIT=FILE|HUB_ID")
+@field_option(CacheConfig, "text_fields", default=None, metavar="COLUMN[,COLUMN]")
+@field_option(CacheConfig, "label_field")
+@field_option(CacheConfig, "metric", type=click.Choice(METRIC_NAMES))
+@field_option(CacheConfig, "labels", default=None, metavar="LABEL,LABEL[,...]")
 @field_option(CacheConfig, "out", type=LOCATION)
 @field_option(CacheConfig, "splits", default=",".join(SPLITS))
 @field_option(CacheConfig, "batch_size", type=int)
@@ -67,23 +82,24 @@ def _task_list(value: str) -> list[str]:
 @click.option("--add", is_flag=True, help="Cache the tasks an existing --store lacks (same backbone and settings).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(tasks, store, model, name, init, seed, data_dir, out, splits, batch_size, max_length, dtype, attention, quantize,
+def main(tasks, store, model, name, init, seed, data_dir, data, text_fields, label_field, metric, labels, out, splits, batch_size, max_length, dtype, attention, quantize,
          project, project_from, layers, limit, device, shard_mb, resume, add, overwrite, quiet):
-    """Run a frozen backbone once over every split of one or more GLUE tasks and cache its activations
-    (several tasks: one store, with one subgroup per task)."""
+    """Run a frozen backbone once over every split of one or more GLUE tasks, or of your own labelled
+    rows (--data), and cache its activations (several tasks: one store, with one subgroup per task)."""
     from .job import run, run_store  # heavy imports (torch, transformers) only once the arguments are fine
     from cache_store.runtime import keep_freed_memory
 
     keep_freed_memory()
 
     try:
-        names = _task_list(tasks)
+        names = _task_list(tasks, data)
         if sum((resume, overwrite, add)) > 1:
             raise InputError("--resume, --add and --overwrite exclude each other")
         if store is None and len(names) > 1:
             store = "glue" if tasks == "glue" else "+".join(names)
         configs = [CacheConfig(
-            task=task, store=store, model=model, name=name, init=init, seed=seed, data_dir=data_dir, out=out,
+            task=task, store=store, model=model, name=name, init=init, seed=seed, data_dir=data_dir, data=tuple(data),
+            text_fields=_names(text_fields), label_field=label_field, metric=metric, labels=_names(labels), out=out,
             splits=tuple(s for s in splits.split(",") if s), batch_size=batch_size, max_length=max_length,
             dtype=dtype, attention=attention, quantize=tuple(sorted({k for k in quantize.split(",") if k and k != "none"})), project=project, project_from=project_from,
             layers=_int_list(layers, "--layers"), limit=limit, device=device,

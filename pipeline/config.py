@@ -20,16 +20,27 @@ LOSSLESS = {"attention": "heads", "quantize": (), "project": 0}
 
 @dataclass(frozen=True)
 class CacheConfig:
-    task: str  # a name from the task registry
+    task: str  # a name from the task registry, or the name of a user's task (`data`)
     model: str = documented("t5-base", "Hub id or local folder (save_pretrained layout).")
     name: str | None = documented(None, "What the cache folder and manifest call the backbone (default: the "
-                                        "folder's name, or for a folder called model/ and the like the hub id "
-                                        "its config.json records; else the hub id).")
+                                        "folder's name, or for a folder called model/ and the like its model "
+                                        "card's title; else the hub id).")
     init: str = documented("pretrained", "random: seeded random weights built from the model's config "
                                          "(no weights needed).")
     seed: int = documented(0, "Seeds the split protocol and --init random.")
     data_dir: Path | None = documented(None, "GLUE's tsv layout (e.g. glue/RTE/train.tsv); default: the "
                                              "Hugging Face hub.")
+    data: tuple[str, ...] = documented((), "Your own labelled rows instead of a GLUE task: a .csv, .tsv, .jsonl, "
+                                           ".json or .parquet file (the seeded protocol holds out validation and "
+                                           "test rows), or split=FILE for train, validation and test; or a Hugging "
+                                           "Face dataset id. Repeat the option for several files.")
+    text_fields: tuple[str, ...] = documented((), "--data: the text column, or two for a pair, comma-separated "
+                                                  "(default: text, sentence, or sentence1,sentence2).")
+    label_field: str = documented("label", "--data: the label column.")
+    metric: str | None = documented(None, "--data: accuracy (default), f1_accuracy, matthews, or "
+                                          "pearson_spearman for a regression task.")
+    labels: tuple[str, ...] = documented((), "--data: the class labels in index order, comma-separated (default: "
+                                             "train's, sorted); T5 reads them as its label words.")
     out: Path | str = documented(Path("caches"), "The cache goes to OUT/<model>/<task>; OUT may be "
                                                  "s3://bucket/prefix (credentials and endpoint: AWS_* variables).")
     splits: tuple[str, ...] = documented(SPLITS, "Splits to cache, comma-separated.")
@@ -63,7 +74,12 @@ class CacheConfig:
 
     def __post_init__(self):
         checks = [
-            (self.task in TASKS, f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}"),
+            (self.task in TASKS or bool(self.data),
+             f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}, or describe your own with --data"),
+            (bool(self.task) and "/" not in self.task and not self.task.startswith(".") and "," not in self.task,
+             f"--task must be a folder name, got {self.task!r}"),
+            (bool(self.data) or not (self.text_fields or self.metric or self.labels or self.label_field != "label"),
+             "--text-fields, --label-field, --metric and --labels describe --data; give --data too"),
             (self.init in INITS, f"--init must be one of {', '.join(INITS)}"),
             (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
             (self.max_length > 0, f"--max-length must be positive, got {self.max_length}"),

@@ -33,6 +33,7 @@ from .padding import pad_batch
 from .projection import Projection, fit
 from .splits import Split, make_splits
 from .tasks import TaskSpec, get_task
+from .user_data import load_rows, parse_data, user_task
 
 
 def package_version() -> str:
@@ -251,6 +252,15 @@ class Prepared:
     projection: Projection | None = None  # --project K
 
 
+def load_task(config: CacheConfig) -> tuple[TaskSpec, dict]:
+    """The task and its rows by source split: a GLUE task from the registry, or a user's --data."""
+    if config.data:
+        return user_task(config.task, load_rows(parse_data(config.data)), config.text_fields, config.label_field,
+                         config.metric, config.labels)
+    task = get_task(config.task)
+    return task, load_source_splits(task, config.data_dir)
+
+
 def open_backbone(config: CacheConfig, progress: bool = True) -> Backbone:
     return load_backbone(config.model, config.init, config.seed, config.device, progress=progress,
                          attentions=config.attention_mode != "none", name=config.name)
@@ -260,8 +270,8 @@ def prepare(config: CacheConfig, progress: bool = True, fit_projection: bool = T
             projection: Projection | None = None) -> Prepared:
     """Read and tokenize the task's splits, load the backbone (unless given) and, for --project, fit the
     basis (unless given, or kept by the cache being resumed, or --project-from)."""
-    task = get_task(config.task)
-    protocol, splits = make_splits(task.name, load_source_splits(task, config.data_dir), config.seed)
+    task, source = load_task(config)
+    protocol, splits = make_splits(task.name, source, config.seed)
     backbone = backbone or open_backbone(config, progress)
     layers = stored_layers(backbone, config.layers)
 

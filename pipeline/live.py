@@ -23,7 +23,7 @@ from .job import Prepared, array_specs, extract, plan_split, prepare
 from .padding import pad_examples
 from .projection import Projection
 from .splits import Split
-from .tasks import get_task
+from .tasks import TaskSpec
 
 
 @torch.inference_mode()
@@ -120,10 +120,7 @@ class Predictor:
     def plan(self, task_manifest: dict, rows: list[dict]) -> SplitPlan:
         """Tokenize rows as the cache of `task_manifest` did, longest first (ties in input order), as
         caching orders a split; the plan's example_index gives each example's position in `rows`."""
-        task = get_task(task_manifest["name"])
-        if task.version != task_manifest["version"] or task.template != task_manifest["template"]:
-            raise InputError(f"task {task.name} has changed since this READ model's cache was made (version "
-                             f"{task_manifest['version']} then, {task.version} now); re-create the cache and retrain")
+        task = TaskSpec.from_manifest(task_manifest)  # as the cache recorded it: a GLUE task or a user's
         rows = [{**row, "label": 0} for row in rows]  # new text has no labels; the plan wants some
         split = Split("input", "input", rows, np.arange(len(rows), dtype=np.int64))
         return plan_split(self.backbone, task, split, self.manifest["max_length"])

@@ -1,8 +1,10 @@
-"""The GLUE task registry: the only list of task names (the CLI's `--task` choices come from it).
+"""The GLUE task registry: the only list of registered task names (the CLI's `--task` choices come from
+it; a user's own data describes its task on the command line, pipeline/user_data.py).
 
 Each spec says how a row becomes T5 input text, which words name its labels, how the paper scores it,
 and where its fields live in Hugging Face `nyu-mll/glue` and in GLUE's original tsv files.
-Bump `version` whenever anything that changes cached bytes changes; caches record it.
+Bump `version` whenever anything that changes cached bytes changes; caches record it, and
+`TaskSpec.from_manifest` rebuilds a cache's task from what it recorded.
 """
 from __future__ import annotations
 
@@ -24,19 +26,19 @@ class TsvLayout:
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    glue_dir: str  # folder name in GLUE's tsv layout, e.g. "RTE"
+    glue_dir: str  # folder name in GLUE's tsv layout, e.g. "RTE"; "" for a user's data
     fields: tuple[str, ...]  # Hugging Face field names, in template order
     template: str  # T5 input; `{field}` placeholders
     label_words: tuple[str, ...]  # T5's own label words in label-index order; () = regression
     metric: str
-    tsv: TsvLayout
+    tsv: TsvLayout | None = None  # GLUE's tsv files; None for a user's data
     version: int = 1
     source_splits: tuple[str, ...] = ("train", "validation")
 
     def __post_init__(self):
         if self.metric not in METRIC_NAMES:
             raise ValueError(f"task {self.name}: unknown metric {self.metric!r}")
-        if len(self.tsv.columns) != len(self.fields) + 1:
+        if self.tsv is not None and len(self.tsv.columns) != len(self.fields) + 1:
             raise ValueError(f"task {self.name}: tsv columns must be the fields then the label")
         for name in self.fields:
             if "{" + name + "}" not in self.template:
@@ -52,6 +54,12 @@ class TaskSpec:
 
     def format(self, row: dict) -> str:
         return self.template.format(**{name: row[name] for name in self.fields})
+
+    @classmethod
+    def from_manifest(cls, task: dict) -> "TaskSpec":
+        """The task a cache recorded (as_manifest): all that tokenizing new rows as the cache did needs."""
+        return cls(task["name"], "", tuple(task["fields"]), task["template"], tuple(task["label_words"]),
+                   task["metric"], version=task["version"])
 
     def as_manifest(self) -> dict:
         return {
