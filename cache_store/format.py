@@ -92,16 +92,27 @@ def cross_attention_path(layer: int) -> str:
     return f"decoder/cross_attention/{layer}"
 
 
+# What READ's heads read of an encoder-only stack's corrected final tokens (its `pooling`): their mean over
+# real tokens, the first ([CLS]), or the last real one (decoder-only backbones, whose last token has seen
+# the whole input).
+POOLINGS = ("mean", "first", "last")
 # --project K (format v2): what the heads read stays full width. Encoder-only backbones store the final
-# layer's mean over real tokens and its first token per example; READ pools one of them (its `pooling`).
-POOLINGS = ("mean", "first")
+# layer's pooled states per example for these poolings.
+STORED_POOLINGS = ("mean", "first")
 
 
 def pool(tokens: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """[..., B, L, d] tokens -> [..., B, d]: the caching job's pooled final states and READ's heads share it. Mean pooling averages the real tokens only: it is how
+    """[..., B, L, d] tokens -> [..., B, d]: the caching job's pooled final states and READ's heads share it
+    (POOLINGS). Mean pooling averages the real tokens only: it is how
     sentence encoders such as all-MiniLM-L6-v2 were trained, whose [CLS] state carries little on its own."""
     if pooling == "first":
         return tokens[..., 0, :]
+    if pooling == "last":  # right-padded: the last real token is at length - 1
+        last = (mask.sum(-1).long() - 1).clamp(min=0)  # [B]
+        index = last.view(*([1] * (tokens.dim() - 3)), -1, 1, 1).expand(*tokens.shape[:-2], 1, tokens.shape[-1])
+        return tokens.gather(-2, index).squeeze(-2)
+    if pooling != "mean":
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     weights = mask.to(tokens.dtype)  # [B, L]
     return (tokens * weights[..., None]).sum(-2) / weights.sum(-1, keepdim=True)
 

@@ -2,15 +2,16 @@
 `model_types` (config.json's) it serves and is registered with `@register_family`; `FAMILIES` is the only list of
 supported model types. A family says:
 
-    tokenize      how a task's rows become input ids (T5's template, or the tokenizer's text pairs)
+    tokenize      how a task's rows become input ids (T5's template, the tokenizer's text pairs, or the
+                  template and an answer cue for a decoder-only LM)
     forward       what it caches per layer, for a right-padded batch: every layer's hidden states and
                   attention maps; T5 also runs its decoder for the single start position
     model_inputs  the keyword arguments its transformers model takes besides the ids and mask
-    label_head    the label words' LM-head rows (T5), or None: a fresh linear head
+    label_head    the label words' LM-head rows (T5, decoder-only), or None: a fresh linear head
     lora_targets  the attention projections LoRA adapts (the method comparison's baseline)
 
 The readout (which positions a head pools) follows from the cache: T5's decoder start position, an
-encoder's mean or first token (`--pooling`).
+encoder's mean or first token, a decoder-only model's last real token (`--pooling`).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class BackboneOutput:
 
 
 class Backbone:
-    family = ""  # recorded in manifests: t5 | bert (BERT-style encoders)
+    family = ""  # recorded in manifests: t5 | bert (BERT-style encoders) | decoder (decoder-only LMs)
     input_format = ""
     model_types: tuple[str, ...] = ()
     auto_class = "AutoModel"  # the transformers auto class that loads it
@@ -220,6 +221,73 @@ class EncoderBackbone(Backbone):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                          output_attentions=attentions, **self.model_inputs(input_ids, attention_mask))
         return BackboneOutput(list(out.hidden_states), list(out.attentions or ()), [], [])
+
+
+@register_family
+class DecoderOnlyBackbone(Backbone):
+    """Decoder-only LMs: a task's row behind T5's template and an answer cue, so that the next token is a
+    label word. The one stack is cached under encoder/ (decoder/ paths mean T5's start position); its
+    maps are causal, one per query head (grouped-query attention repeats the key heads). READ's heads read
+    the last real token (`--pooling auto`), and a classification head starts from the LM head's rows of
+    the label words: a fresh READ network predicts what the frozen model does zero-shot. Batches are right
+    padded, so a model without a pad token needs none: padding comes after every real token, which
+    causal attention never lets a real token see."""
+
+    family = "decoder"
+    input_format = "prompt"
+    model_types = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma")
+    auto_class = "AutoModelForCausalLM"
+    ANSWER = " answer:"  # after the task's template; the label word comes next
+    n_decoder_layers = 0
+
+    @property
+    def lora_targets(self):
+        return ("c_attn",) if self.config.model_type == "gpt2" else ("q_proj", "v_proj")
+
+    @property
+    def n_layers(self):
+        return self.config.num_hidden_layers
+
+    @property
+    def d_model(self):
+        return self.config.hidden_size
+
+    @property
+    def n_heads(self):
+        return self.config.num_attention_heads
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def tokenize(self, task, rows, max_length):
+        """The template (truncated so the cue survives), then the answer cue."""
+        answer = self._ids(self.ANSWER)
+        if max_length <= len(answer):
+            raise InputError(f"--max-length {max_length} leaves no room for the input before the answer cue")
+        bodies = self.tokenizer([task.format(row) for row in rows], truncation=True,
+                                max_length=max_length - len(answer))["input_ids"]
+        return [body + answer for body in bodies]
+
+    def forward(self, input_ids, attention_mask, attentions):
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                                    output_attentions=attentions, use_cache=False)  # no logits over the vocabulary
+        return BackboneOutput(list(out.hidden_states), list(out.attentions or ()), [], [])
+
+    def label_head(self, task):
+        """Each label word's first token as it follows the answer cue, and the LM head's rows for them (the
+        last hidden state is already the final norm's output; no family here rescales it)."""
+        if task.is_regression:
+            return None
+        answer = self._ids(self.ANSWER)
+        ids = []
+        for word in task.label_words:
+            full = self._ids(self.ANSWER + " " + word)
+            ids.append(full[len(answer)] if full[:len(answer)] == answer and len(full) > len(answer)
+                       else self._ids(" " + word)[0])
+        if len(set(ids)) != len(ids):
+            raise InputError(f"{task.name}: label words {task.label_words} share their first token {ids}")
+        rows = self.model.get_output_embeddings().weight[ids].detach().float()
+        return ids, rows.cpu().numpy()
 
 
 def token_types(input_ids: torch.Tensor, attention_mask: torch.Tensor, sep_id: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ def _names(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
 
 
-def _task_list(value: str, data: tuple[str, ...]) -> list[str]:
+def _task_list(value: str, data: tuple[str, ...] = ()) -> list[str]:
     """--task: one name, several comma-separated, or glue; each from the task registry, none twice. With
     --data: the one name of the user's task."""
     if data:

@@ -15,7 +15,7 @@ from cache_store import (
     ArraySpec, BackgroundWriter, CacheError, CacheReader, CacheWriter, SplitPlan, attention_path, cross_attention_path, hidden_path,
 )
 from cache_store.format import (
-    ARRAY_DTYPES, EXAMPLES, PAIRS, POOLINGS, QUANTIZED, STORAGE_DTYPES, TOKENS, TOPK, attention_keys_path,
+    ARRAY_DTYPES, EXAMPLES, PAIRS, STORED_POOLINGS, QUANTIZED, STORAGE_DTYPES, TOKENS, TOPK, attention_keys_path,
     pool, pooled_path, quantize_probabilities, quantize_rows, scale_path, stored_projection, to_storage,
 )
 from cache_store.location import Location
@@ -69,7 +69,7 @@ def array_specs(backbone: Backbone, attention: str, layers: dict[str, list[int]]
     width = project or d
     specs = with_scales([ArraySpec(hidden_path("encoder", k), TOKENS, (width,), 0, hidden) for k in layers["encoder"]])
     if project and not backbone.n_decoder_layers:
-        specs += with_scales([ArraySpec(pooled_path(p, backbone.n_layers), EXAMPLES, (d,), 0, hidden) for p in POOLINGS])
+        specs += with_scales([ArraySpec(pooled_path(p, backbone.n_layers), EXAMPLES, (d,), 0, hidden) for p in STORED_POOLINGS])
     if attention != "none" and topk:
         keys = "uint8" if max_length <= 256 else "int16"
         specs += [ArraySpec(attention_path(k), TOPK, att_row, att_axis, maps, topk) for k in layers["encoder"] if k]

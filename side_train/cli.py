@@ -55,7 +55,7 @@ def _list(value: str, kind, name: str) -> list:
 @field_option(RunConfig, "epochs", type=int)
 @field_option(RunConfig, "patience", type=int)
 @field_option(RunConfig, "batch_size", type=int)
-@field_option(RunConfig, "pooling", type=click.Choice(POOLINGS))
+@field_option(RunConfig, "pooling", type=click.Choice(("auto", *POOLINGS)))
 @field_option(RunConfig, "dropout", type=float)
 @field_option(RunConfig, "side_dropout", type=float)
 @field_option(RunConfig, "layer_drop", type=float)

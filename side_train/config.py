@@ -27,8 +27,9 @@ class RunConfig:
     batch_size: int = documented(32, "Examples per training batch.")
     warmup: float = 0.06  # fraction of all steps spent warming the learning rate up
     weight_decay: float = documented(0.01, "AdamW's decoupled weight decay.")
-    pooling: str = documented("mean", "Encoder-only backbones: the heads read the mean of the corrected "
-                                      "tokens, or the first ([CLS]).")
+    pooling: str = documented("auto", "What the heads read of an encoder or decoder-only stack's corrected "
+                                      "tokens: their mean, the first ([CLS]) or the last real one; auto: the last "
+                                      "for a decoder-only backbone, else the mean.")
     dropout: float = documented(0.0, "Dropout on the features the heads read.")
     side_dropout: float = documented(0.0, "Dropout on the side state each cell writes (what later layers and Up "
                                           "read).")
@@ -57,7 +58,8 @@ class RunConfig:
             (self.patience > 0, f"--patience must be positive, got {self.patience}"),
             (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
             (0 <= self.warmup < 1, f"warmup must be a fraction in [0, 1), got {self.warmup}"),
-            (self.pooling in POOLINGS, f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}"),
+            (self.pooling in ("auto", *POOLINGS),
+             f"--pooling must be auto or one of {', '.join(POOLINGS)}, got {self.pooling!r}"),
             (0 <= self.dropout < 1, f"--dropout must be a fraction in [0, 1), got {self.dropout}"),
             (0 <= self.side_dropout < 1, f"--side-dropout must be a fraction in [0, 1), got {self.side_dropout}"),
             (0 <= self.layer_drop < 1, f"--layer-drop must be a fraction in [0, 1), got {self.layer_drop}"),

@@ -10,7 +10,7 @@ import torch
 
 from cache_store import CacheError, CacheReader, SplitReader, attention_path, cross_attention_path, hidden_path
 from cache_store.format import (
-    POOLINGS, TOPK, attention_keys_path, dequantize_probabilities, extent, pooled_path, scale_path, stored_projection,
+    STORED_POOLINGS, TOPK, attention_keys_path, dequantize_probabilities, extent, pooled_path, scale_path, stored_projection,
     stored_topk,
 )
 
@@ -29,6 +29,8 @@ def read_spec(cache: CacheReader, width: int, cell: str, **choices) -> ReadSpec:
         if missing:
             raise CacheError(f"{cache.path} lacks {stack} layers {missing}; READ reads every layer: "
                              "re-create the cache with --layers all")
+    if choices.get("pooling") == "auto":  # a decoder-only backbone's last token has read the whole input
+        choices = {**choices, "pooling": "last" if backbone["family"] == "decoder" else "mean"}
     return ReadSpec(family=backbone["family"], d_model=backbone["d_model"], n_layers=backbone["n_layers"],
                     n_decoder_layers=backbone["n_decoder_layers"],
                     heads=backbone["n_heads"] if m["attention"] == "heads" else 1,
@@ -43,7 +45,7 @@ def array_paths(spec: ReadSpec, manifest: dict) -> list[str]:
     hidden = [hidden_path("encoder", k) for k in range(1, spec.n_layers + 1)]
     hidden += [hidden_path("decoder", k) for k in range(1, spec.n_decoder_layers + 1)]
     # both pooled states: a sweep's runs may pool differently, and they are small (one row per example)
-    hidden += [pooled_path(p, spec.n_layers) for p in POOLINGS] if spec.projection and not spec.n_decoder_layers else []
+    hidden += [pooled_path(p, spec.n_layers) for p in STORED_POOLINGS] if spec.projection and not spec.n_decoder_layers else []
     paths = hidden + ([scale_path(p) for p in hidden] if "hidden" in manifest.get("quantize", ()) else [])
     paths += [attention_path(k) for k in range(1, spec.n_layers + 1)] if attention else []
     paths += [attention_keys_path(k) for k in range(1, spec.n_layers + 1)] if stored_topk(manifest) else []
@@ -142,7 +144,7 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
         decoder_hidden=[rows_of(hidden_path("decoder", k)) for k in range(1, n_dec + 1)],
         cross_attention=([cross_of(cross_attention_path(k)) for k in range(1, n_dec + 1)]
                          if attention and n_dec else None),
-        pooled={p: rows_of(pooled_path(p, n)) for p in POOLINGS if pooled_path(p, n) in arrays} or None,
+        pooled={p: rows_of(pooled_path(p, n)) for p in STORED_POOLINGS if pooled_path(p, n) in arrays} or None,
     )
 
 

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from cache_store import UserError
-from cache_store.format import POOLINGS, dequantize_probabilities, pool
+from cache_store.format import POOLINGS, STORED_POOLINGS, dequantize_probabilities, pool
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -104,7 +104,7 @@ CELLS: dict[str, CellKind] = {"rnn": CellKind(nn.RNNCell, _rnn), "gru": CellKind
 class ReadSpec:
     """Everything a ReadModel needs, read from a cache manifest and the run's choices."""
 
-    family: str  # t5 | bert
+    family: str  # t5 | bert | decoder
     d_model: int
     n_layers: int
     n_decoder_layers: int
@@ -112,7 +112,7 @@ class ReadSpec:
     width: int  # r
     cell: str
     recurrence: bool = True
-    pooling: str = "mean"  # encoder-only backbones: mean | first (the corrected [CLS])
+    pooling: str = "mean"  # encoder-only stacks: mean | first (the corrected [CLS]) | last (real token)
     dropout: float = 0.0  # on the features the heads read, while training
     side_dropout: float = 0.0  # on each cell's output h_i (what later layers and Up read), while training
     layer_drop: float = 0.0  # per example, skip a layer's update (h_i = h_{i-1}) after the first, while training
@@ -129,6 +129,9 @@ class ReadSpec:
                                                              else ")"))
         if self.pooling not in POOLINGS:
             raise UserError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if self.projection and not self.n_decoder_layers and self.pooling not in STORED_POOLINGS:
+            raise UserError(f"--pooling {self.pooling} reads a final state that a --project cache does not store; "
+                            f"choose one of {', '.join(STORED_POOLINGS)}, or cache without --project")
         if self.cell not in CELLS:
             raise UserError(f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
         if self.width <= 0:

@@ -85,7 +85,7 @@ def reference_outputs(state: dict[str, torch.Tensor], spec: ReadSpec, example: d
         if spec.layer_mix:  # every layer's state, weighed by the softmax of the learned w
             base = sum(w * phi for w, phi in zip(torch.softmax(state["layer_weights"], -1), encoder))
         corrected = join(base, linear("encoder.up", h_encoder))  # [m, d]
-        features = corrected.mean(0) if spec.pooling == "mean" else corrected[0]
+        features = {"mean": corrected.mean(0), "first": corrected[0], "last": corrected[-1]}[spec.pooling]
     else:
         layers = range(1, spec.n_decoder_layers + 1)
         decoder = [example[f"decoder/hidden/{k}"].float().reshape(1, -1) for k in layers]  # [1, d]

@@ -97,6 +97,44 @@ def tiny_encoder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory):
+    """tiny_decoder(model_type) -> a folder: a 2-layer decoder-only LM of that model type (d=32, 4 query
+    heads, 2 key-value heads where the family has them), seeded random weights, and a byte-level BPE of 600
+    tokens trained here on GLUE sentences, with no pad token (as GPT-2's has none); one per model type."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    made: dict[str, Path] = {}
+    texts = []
+    for task in ("RTE", "SST-2"):
+        lines = (GLUE / task / "train.tsv").read_text(encoding="utf-8").splitlines()[1:400]
+        texts += [" ".join(line.split("\t")[:-1]) for line in lines]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+    def make(model_type: str) -> Path:
+        if model_type not in made:
+            sizes = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2,
+                         vocab_size=len(tokenizer), max_position_embeddings=256, pad_token_id=None,
+                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+            if model_type != "gpt2":
+                sizes.update(num_key_value_heads=2, head_dim=8)
+            config = CONFIG_MAPPING[model_type](**sizes)  # per-layer fields (Qwen's layer_types) follow the sizes
+            torch.manual_seed(0)
+            out = tmp_path_factory.mktemp(f"tiny-{model_type}")
+            AutoModelForCausalLM.from_config(config).save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            made[model_type] = out
+        return made[model_type]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def make_cache(glue_dir, tmp_path_factory):
     """make_cache(model, task=..., **CacheConfig options) -> the cache's folder, made once per session for
     each distinct set of options and shared: a test that changes a cache makes its own. Storage is

@@ -90,6 +90,9 @@ def _peft_wrap(method: str, backbone: Backbone, net: nn.Module, options: dict) -
 def build_classifier(method: str, model: str, cache: CacheReader, device: str, options: dict) -> Classifier:
     """The backbone the cache was made from (same init), made trainable as `method` says."""
     backbone_info = cache.manifest["backbone"]
+    if backbone_info["family"] == "decoder":
+        raise SystemExit(f"{method}: the fine-tuning baselines are not built for decoder-only backbones; "
+                         "compare READ with the probe (--methods read,probe)")
     backbone = load_backbone(model, backbone_info["init"], backbone_info["init_seed"] or 0, device,
                              attentions=False, progress=False)
     net = backbone.model.train()

@@ -1,0 +1,95 @@
+"""Decoder-only LMs (pipeline.backbones.DecoderOnlyBackbone) on tiny random models: cached values are
+transformers' own forward, a fresh READ network gives the frozen model's zero-shot label-word logits at
+the last token, training from the cache is training live, and predict-side gives the training's test
+predictions. Random weights: nothing here says how well READ adapts such a model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from cache_store import CacheReader
+from cache_store.format import pool
+from pipeline.backbones import DecoderOnlyBackbone
+from pipeline.config import LOSSLESS, CacheConfig
+from pipeline.glue_data import load_source_splits
+from pipeline.job import run as cache_run
+from pipeline.live import Predictor, open_online
+from pipeline.splits import make_splits
+from pipeline.tasks import get_task
+from side_train.config import RunConfig
+from side_train.data import InMemorySplit, read_spec
+from side_train.predict import load_checkpoint, predict
+from side_train.read_model import ReadModel
+from side_train.tasks import TaskInfo
+from side_train.train import train
+
+DECODERS = DecoderOnlyBackbone.model_types
+QUIET = dict(progress=False, log=lambda line: None)
+
+
+def _cache(folder, glue_dir, out, **options) -> CacheReader:
+    config = CacheConfig(task="rte", model=str(folder), data_dir=glue_dir, out=out, dtype="float32", batch_size=4,
+                         **{**LOSSLESS, **options})
+    cache_run(config, progress=False)
+    return CacheReader(config.cache_dir, expect={"backbone.family": "decoder"})
+
+
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_cached_values_and_a_fresh_read_are_the_models_own(model_type, tiny_decoder, glue_dir, tmp_path):
+    folder = tiny_decoder(model_type)
+    cache = _cache(folder, glue_dir, tmp_path, limit=5, splits=("validation",))
+    split = cache.split("validation")
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    label_ids = cache.manifest["task"]["label_token_ids"]
+    task = TaskInfo.from_cache(cache)
+    read = ReadModel(read_spec(cache, 8, "gru", pooling="auto"), {"rte": (task.num_labels, task.label_head)}).eval()
+    assert read.spec.pooling == "last"
+    batch = InMemorySplit(split, read.spec)
+    with torch.no_grad():
+        logits = read(batch.batch(torch.arange(split.n_examples)).inputs, "rte")[0]
+    for j in range(split.n_examples):
+        ids = torch.from_numpy(split.input_ids[split.offsets[j]:split.offsets[j + 1]]).long()[None]
+        with torch.no_grad():
+            ref = model(input_ids=ids, output_hidden_states=True, output_attentions=True)
+        got = split.example(j, split.array_paths())
+        for k in range(3):
+            torch.testing.assert_close(got[f"encoder/hidden/{k}"], ref.hidden_states[k][0], rtol=1e-5, atol=1e-5)
+        for k in (1, 2):
+            maps = got[f"encoder/attention/{k}"]
+            torch.testing.assert_close(maps, ref.attentions[k - 1][0], rtol=1e-5, atol=1e-5)
+            assert torch.equal(maps, maps.tril())  # causal
+        torch.testing.assert_close(logits[j], ref.logits[0, -1, label_ids], rtol=1e-5, atol=1e-5)  # zero-shot
+
+
+def test_last_pooling_reads_each_examples_last_real_token():
+    tokens = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    assert torch.equal(pool(tokens, mask, "last"), torch.stack([tokens[0, 2], tokens[1, 3]]))
+    stacked = torch.stack([tokens, tokens + 100])  # members first: [M, B, L, d]
+    assert torch.equal(pool(stacked, mask, "last")[1], pool(tokens + 100, mask, "last"))
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_from_cache_is_online_and_predict_side_is_training(model_type, tiny_decoder, glue_dir, tmp_path):
+    folder, limit = tiny_decoder(model_type), 16
+    cache = _cache(folder, glue_dir, tmp_path, limit=limit)
+    run = RunConfig(width=8, lr=3e-3, epochs=2, patience=2, batch_size=8)
+    (cached,) = train(cache.path, [run], tmp_path / "cached", **QUIET)
+    (online,) = train(open_online(str(folder), "rte", data_dir=glue_dir, limit=limit), [run], tmp_path / "online",
+                      **QUIET)
+    for a, b in zip(cached["train_loss"], online["train_loss"]):
+        assert abs(a - b) <= 1e-4 * abs(b), (cached["train_loss"], online["train_loss"])
+    assert cached["validation"] == online["validation"] and cached["test"] == online["test"]
+    folder_run = tmp_path / "cached" / run.name
+    checkpoint = load_checkpoint(folder_run)
+    task = get_task("rte")
+    _, splits = make_splits(task.name, load_source_splits(task, glue_dir), 0)
+    rows = [{f: row[f] for f in task.fields} for row in splits["test"].rows[:limit]]
+    out = list(predict(checkpoint, Predictor(str(folder), checkpoint.manifest, progress=False), rows, progress=False))
+    recorded = {r["example_index"]: r for r in map(json.loads, (folder_run / "test_predictions.jsonl").open())}
+    for record, index in zip(out, splits["test"].example_index[:limit].tolist()):
+        assert record["predictions"]["rte"]["prediction"] == recorded[index]["prediction"]
+        assert record["predictions"]["rte"]["probabilities"] == recorded[index]["probabilities"]
