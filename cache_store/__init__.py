@@ -5,9 +5,10 @@ One zarr v3 group per (backbone, task), readable with plain `zarr`; several task
 store, one such group per task under one store manifest (drawn in store.py):
 
     <cache>/                          attrs["read_cache"]: the manifest (below)
-      label_head                      float32 [C, d]  T5 LM-head rows of the label words (scaled as T5
-                                                      scales its decoder output), so that
-                                                      logits = decoder/hidden/N_dec @ label_head.T
+      label_head                      float32 [C, d]  T5 and decoder-only LMs: LM-head rows of the label
+                                                      words (scaled as T5 scales its decoder output), so
+                                                      logits = decoder/hidden/N_dec @ label_head.T (T5) or
+                                                      the last real token's encoder/hidden/N @ label_head.T
       projection/mean/{k}             float32 [d]     --project K only: encoder layer k's PCA mean ...
       projection/basis/{k}            float32 [K, d]  ... and basis (orthonormal rows, largest variance first)
       <split>/                        train | validation | test
@@ -18,7 +19,8 @@ store, one such group per task under one store manifest (drawn in store.py):
         labels                        int64 [n]       class index (float32 for regression)
         example_index                 int64 [n]       row in the source split (provenance)
         encoder/hidden/{k}            [T, d]          k in the stored layers of 0..N; 0 = embeddings,
-                                                      N = final layer-normed output ([T, K] with --project K)
+                                                      N = final layer-normed output ([T, K] with --project K);
+                                                      a decoder-only LM's one (causal) stack is stored here
         encoder/hidden_scale/{k}      float32 [T]     --quantize hidden only: one scale per token
         encoder/pooled_{p}/{N}        [n, d]          --project, encoder-only backbones: the final layer's
                                                       mean over real tokens (p = mean) and first token
