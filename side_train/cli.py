@@ -82,7 +82,7 @@ def main(caches, task_names, multi_task, task_sampling, temperature, online, mod
     --online from the backbone run live at every step (for the equivalence and speed comparisons)."""
     from cache_store.runtime import keep_freed_memory
 
-    from .config import grid
+    from .config import MULTI_TASK_LR, grid
     from .report import write_summary
     from .train import train
 
@@ -91,6 +91,8 @@ def main(caches, task_names, multi_task, task_sampling, temperature, online, mod
         given = click.get_current_context().get_parameter_source
         choices.update({k: v for k, v in PRESETS[preset].items()
                         if k not in choices or given(k) == click.core.ParameterSource.DEFAULT})
+    if multi_task and click.get_current_context().get_parameter_source("lr") == click.core.ParameterSource.DEFAULT:
+        lr = f"{MULTI_TASK_LR:g}"
     try:
         configs = grid(_list(cell, str, "--rnn"), _list(width, int, "--hidden"), _list(lr, float, "--lr"),
                        _list(seed, int, "--seeds"), **choices)

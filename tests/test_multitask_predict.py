@@ -51,6 +51,15 @@ def test_multi_task_sweep_writes_one_entry_per_task(multi_run):
     assert sorted({r["task"] for r in rows}) == ["rte", "stsb"] and len(rows) == 2 * LIMIT
 
 
+def test_multi_task_trains_at_its_own_default_rate_unless_given(caches, tmp_path):
+    result = CliRunner().invoke(train_main, [
+        "--multi-task", "--from-cache", str(caches["rte"]), "--from-cache", str(caches["mrpc"]), "--hidden", "8",
+        "--epochs", "1", "--out", str(tmp_path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    (folder,) = tmp_path.iterdir()
+    assert [p.name for p in folder.iterdir() if p.is_dir()] == ["gru-r8-lr0.0003-s0"]
+
+
 def test_caches_that_disagree_are_refused(caches, small_t5, glue_dir, tmp_path):
     other = CacheConfig(task="mrpc", model=str(small_t5), data_dir=glue_dir, out=tmp_path, limit=8, **LOSSLESS)
     cache_run(other, progress=False)
