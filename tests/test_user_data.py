@@ -115,6 +115,7 @@ def test_a_jsonl_regression_task_alone_is_split_by_the_seeded_protocol(tiny_t5, 
     ("one label", "classification needs two or more"),
     ("bad split", "give one file, or split=FILE"),
     ("without --data", "describe --data; give --data too"),
+    ("hub id offline", "--data nobody/no-such-dataset: no such file"),
 ])
 def test_bad_user_data_is_one_line_and_writes_nothing(case, message, tiny_bert, pair_files, tmp_path):
     train, validation = pair_files["train"], pair_files["validation"]
@@ -134,6 +135,8 @@ def test_bad_user_data_is_one_line_and_writes_nothing(case, message, tiny_bert, 
         data = [str(tmp_path / "rows.xlsx")]
     elif case == "one label":
         data = [str(_write_csv(tmp_path / "one.csv", [{**r, "verdict": "same"} for r in rows]))]
+    elif case == "hub id offline":  # not a file: a hub dataset, which offline (or without `hub`) is refused
+        data = ["nobody/no-such-dataset"]
     elif case == "bad split":
         data = [f"dev={validation}", f"train={train}"]
     args = ["--task", "paraphrase", "--text-fields", "first,second", "--label-field", "verdict"]
