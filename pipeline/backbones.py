@@ -15,7 +15,9 @@ encoder's mean or first token, a decoder-only model's last real token (`--poolin
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import re
 from dataclasses import dataclass
@@ -211,10 +213,8 @@ class EncoderBackbone(Backbone):
             return {"token_type_ids": token_types(input_ids, attention_mask, self.tokenizer.sep_token_id)}
         return {}
 
-    @property
+    @functools.cached_property
     def _forward_arguments(self):
-        import inspect
-
         return inspect.signature(self.model.forward).parameters
 
     def forward(self, input_ids, attention_mask, attentions):
