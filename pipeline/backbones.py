@@ -55,10 +55,21 @@ class Backbone:
         # last call, so a later description would depend on what was tokenized.
         self._tokenizer_description = self._describe_tokenizer()
 
-    n_layers: int
-    n_decoder_layers: int
-    d_model: int
-    n_heads: int
+    # Sizes under the names most configs use (transformers maps GPT-2's and DistilBERT's own names onto
+    # them); T5 overrides them.
+    n_decoder_layers = 0
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.num_attention_heads
 
     def tokenize(self, task: TaskSpec, rows: list[dict], max_length: int) -> list[list[int]]:
         raise NotImplementedError
@@ -73,6 +84,12 @@ class Backbone:
     def label_head(self, task: TaskSpec) -> tuple[list[int], np.ndarray] | None:
         """(label token ids, [C, d] rows mapping the final decoder state to label-word logits) or None."""
         return None
+
+    def _label_rows(self, task: TaskSpec, ids: list[int]) -> torch.Tensor:
+        """[C, d] float32: the LM head's rows for the label words' token `ids`, which must differ."""
+        if len(set(ids)) != len(ids):
+            raise InputError(f"{task.name}: label words {task.label_words} share their first token {ids}")
+        return self.model.get_output_embeddings().weight[ids].detach().float()
 
     def describe(self) -> dict:
         config = {k: v for k, v in self.config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
@@ -162,9 +179,7 @@ class T5Backbone(Backbone):
         if task.is_regression:
             return None
         ids = [self.tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in task.label_words]
-        if len(set(ids)) != len(ids):
-            raise InputError(f"{task.name}: label words {task.label_words} share their first token {ids}")
-        rows = self.model.lm_head.weight[ids].detach().float()
+        rows = self._label_rows(task, ids)
         # T5 scales the decoder output before a tied LM head (mT5 never does); folding the scale in makes
         # logits = final decoder state @ label_head.T exactly the backbone's label-word logits.
         scale = getattr(self.config, "scale_decoder_outputs",
@@ -176,8 +191,7 @@ class T5Backbone(Backbone):
 
 @register_family
 class EncoderBackbone(Backbone):
-    """BERT-style encoders (e.g. all-MiniLM-L6-v2): sentence pairs as the tokenizer's text pairs. Their
-    configs name their sizes alike (DistilBERT's through transformers' attribute map)."""
+    """BERT-style encoders (e.g. all-MiniLM-L6-v2): sentence pairs as the tokenizer's text pairs."""
 
     family = "bert"
     input_format = "text-pair"
@@ -187,20 +201,6 @@ class EncoderBackbone(Backbone):
     @property
     def lora_targets(self):
         return self._LORA.get(self.config.model_type, ("query", "value"))
-
-    @property
-    def n_layers(self):
-        return self.config.num_hidden_layers
-
-    n_decoder_layers = 0
-
-    @property
-    def d_model(self):
-        return self.config.hidden_size
-
-    @property
-    def n_heads(self):
-        return self.config.num_attention_heads
 
     def tokenize(self, task, rows, max_length):
         columns = [[row[name] for row in rows] for name in task.fields]
@@ -238,23 +238,10 @@ class DecoderOnlyBackbone(Backbone):
     model_types = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma")
     auto_class = "AutoModelForCausalLM"
     ANSWER = " answer:"  # after the task's template; the label word comes next
-    n_decoder_layers = 0
 
     @property
     def lora_targets(self):
         return ("c_attn",) if self.config.model_type == "gpt2" else ("q_proj", "v_proj")
-
-    @property
-    def n_layers(self):
-        return self.config.num_hidden_layers
-
-    @property
-    def d_model(self):
-        return self.config.hidden_size
-
-    @property
-    def n_heads(self):
-        return self.config.num_attention_heads
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -284,10 +271,7 @@ class DecoderOnlyBackbone(Backbone):
             full = self._ids(self.ANSWER + " " + word)
             ids.append(full[len(answer)] if full[:len(answer)] == answer and len(full) > len(answer)
                        else self._ids(" " + word)[0])
-        if len(set(ids)) != len(ids):
-            raise InputError(f"{task.name}: label words {task.label_words} share their first token {ids}")
-        rows = self.model.get_output_embeddings().weight[ids].detach().float()
-        return ids, rows.cpu().numpy()
+        return ids, self._label_rows(task, ids).cpu().numpy()
 
 
 def token_types(input_ids: torch.Tensor, attention_mask: torch.Tensor, sep_id: int) -> torch.Tensor:

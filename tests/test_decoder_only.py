@@ -4,30 +4,21 @@ the last token, training from the cache is training live, and predict-side gives
 predictions. Random weights: nothing here says how well READ adapts such a model."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import check_online_and_predict_side
 from cache_store import CacheReader
 from cache_store.format import pool
 from pipeline.backbones import DecoderOnlyBackbone
 from pipeline.config import LOSSLESS, CacheConfig
-from pipeline.glue_data import load_source_splits
 from pipeline.job import run as cache_run
-from pipeline.live import Predictor, open_online
-from pipeline.splits import make_splits
-from pipeline.tasks import get_task
-from side_train.config import RunConfig
 from side_train.data import InMemorySplit, read_spec
-from side_train.predict import load_checkpoint, predict
 from side_train.read_model import ReadModel
 from side_train.tasks import TaskInfo
-from side_train.train import train
 
 DECODERS = DecoderOnlyBackbone.model_types
-QUIET = dict(progress=False, log=lambda line: None)
 
 
 def _cache(folder, glue_dir, out, **options) -> CacheReader:
@@ -76,20 +67,4 @@ def test_last_pooling_reads_each_examples_last_real_token():
 def test_from_cache_is_online_and_predict_side_is_training(model_type, tiny_decoder, glue_dir, tmp_path):
     folder, limit = tiny_decoder(model_type), 16
     cache = _cache(folder, glue_dir, tmp_path, limit=limit)
-    run = RunConfig(width=8, lr=3e-3, epochs=2, patience=2, batch_size=8)
-    (cached,) = train(cache.path, [run], tmp_path / "cached", **QUIET)
-    (online,) = train(open_online(str(folder), "rte", data_dir=glue_dir, limit=limit), [run], tmp_path / "online",
-                      **QUIET)
-    for a, b in zip(cached["train_loss"], online["train_loss"]):
-        assert abs(a - b) <= 1e-4 * abs(b), (cached["train_loss"], online["train_loss"])
-    assert cached["validation"] == online["validation"] and cached["test"] == online["test"]
-    folder_run = tmp_path / "cached" / run.name
-    checkpoint = load_checkpoint(folder_run)
-    task = get_task("rte")
-    _, splits = make_splits(task.name, load_source_splits(task, glue_dir), 0)
-    rows = [{f: row[f] for f in task.fields} for row in splits["test"].rows[:limit]]
-    out = list(predict(checkpoint, Predictor(str(folder), checkpoint.manifest, progress=False), rows, progress=False))
-    recorded = {r["example_index"]: r for r in map(json.loads, (folder_run / "test_predictions.jsonl").open())}
-    for record, index in zip(out, splits["test"].example_index[:limit].tolist()):
-        assert record["predictions"]["rte"]["prediction"] == recorded[index]["prediction"]
-        assert record["predictions"]["rte"]["probabilities"] == recorded[index]["probabilities"]
+    check_online_and_predict_side(folder, cache.path, glue_dir, tmp_path, limit)

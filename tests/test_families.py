@@ -3,26 +3,19 @@ values are transformers' own forward, training from its cache is training with i
 gives the training's test predictions."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from conftest import check_online_and_predict_side
 from cache_store import CacheReader
 from pipeline.backbones import FAMILIES, EncoderBackbone
 from pipeline.config import LOSSLESS, CacheConfig
 from pipeline.glue_data import load_source_splits
 from pipeline.job import run as cache_run
-from pipeline.live import Predictor, open_online
-from pipeline.splits import make_splits
 from pipeline.tasks import get_task
-from side_train.config import RunConfig
-from side_train.predict import load_checkpoint, predict
-from side_train.train import train
 
 ENCODERS = EncoderBackbone.model_types
-QUIET = dict(progress=False, log=lambda line: None)
 
 
 def test_every_family_is_registered_once_for_its_model_types():
@@ -61,25 +54,7 @@ def test_from_cache_is_online_and_predict_side_is_training(model_type, tiny_enco
     config = CacheConfig(task="rte", model=str(folder), data_dir=glue_dir, out=tmp_path, limit=limit, dtype="float32",
                          **LOSSLESS)
     cache_run(config, progress=False)
-    run = RunConfig(width=8, lr=3e-3, epochs=2, patience=2, batch_size=8)
-    (cached,) = train(config.cache_dir, [run], tmp_path / "cached", **QUIET)
-    (online,) = train(open_online(str(folder), "rte", data_dir=glue_dir, limit=limit), [run], tmp_path / "online",
-                      **QUIET)
-    for a, b in zip(cached["train_loss"], online["train_loss"]):
-        assert abs(a - b) <= 1e-4 * abs(b), (cached["train_loss"], online["train_loss"])
-    assert cached["validation"] == online["validation"] and cached["test"] == online["test"]
-
-    folder_run = tmp_path / "cached" / run.name
-    checkpoint = load_checkpoint(folder_run)
-    task = get_task("rte")
-    _, splits = make_splits(task.name, load_source_splits(task, glue_dir), 0)
-    rows = [{f: row[f] for f in task.fields} for row in splits["test"].rows[:limit]]
-    out = list(predict(checkpoint, Predictor(str(folder), checkpoint.manifest, progress=False), rows, progress=False))
-    recorded = {r["example_index"]: r for r in map(json.loads, (folder_run / "test_predictions.jsonl").open())}
-    assert len(out) == len(recorded) == limit
-    for record, index in zip(out, splits["test"].example_index[:limit].tolist()):
-        assert record["predictions"]["rte"]["prediction"] == recorded[index]["prediction"]
-        assert record["predictions"]["rte"]["probabilities"] == recorded[index]["probabilities"]
+    check_online_and_predict_side(folder, config.cache_dir, glue_dir, tmp_path, limit)
 
 
 def test_mt5_is_cached_as_t5_and_a_fresh_read_predicts_its_label_words(glue_dir, tmp_path):
