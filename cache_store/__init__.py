@@ -15,6 +15,7 @@ store, one such group per task under one store manifest (drawn in store.py):
                                       attrs: complete, n_examples, committed, source, checksums
         offsets                       int64 [n + 1]   example j owns tokens offsets[j]:offsets[j+1]
         attention_offsets             int64 [n + 1]   ... and attention pairs attention_offsets[j]:[j+1]
+                                                      (square maps; format.extent gives any layout's)
         input_ids                     int32 [T]       T = real tokens of the split; no padding anywhere
         labels                        int64 [n]       class index (float32 for regression)
         example_index                 int64 [n]       row in the source split (provenance)
@@ -28,6 +29,9 @@ store, one such group per task under one store manifest (drawn in store.py):
                                                       int8 beside encoder/pooled_{p}_scale/{N} [n]
         encoder/attention/{k}         [A, S] | [S]    k >= 1; S = sum of m_j^2: example j's [A, m, m]
                                                       block, row-major (heads mode; [S] = head mean)
+                                      [A, S]          decoder-only LMs (causal maps): S = sum of
+                                                      m_j (m_j + 1) / 2, each block's lower triangle,
+                                                      row-major (query i's keys 0..i)
                                       [A, P]          --attention topk:K: P = sum of m_j * min(K, m_j),
                                                       example j's m query rows of min(K, m) entries each
         encoder/attention_keys/{k}    uint8 [A, P]    --attention topk:K only: each entry's key position
@@ -56,7 +60,8 @@ uint16, array attr `logical_dtype: bfloat16`), float16 or float32. Version 2 add
   - projected hidden states (manifest `projection`: {k, method: pca, sample, explained_variance per
     layer, digest of the basis arrays}): hidden state ~ projection/mean/{k} + stored @ projection/basis/{k}
     (after the int8 scale, if quantized); what lies outside the basis's span is not stored.
-Each array grows along one ragged axis (attr `grows_along`: tokens | pairs | examples, at attr `axis`)
+Each array grows along one ragged axis (attr `grows_along`: tokens | pairs | triangle | topk |
+examples, at attr `axis`)
 and is sharded along it into inner chunks of about 1 MiB, each compressed (blosc lz4 with bit shuffle) and carrying a crc32c
 that zarr checks on every read. Shards of the largest array hold about `storage.shard_bytes`
 (format.DEFAULT_SHARD_BYTES, 64 MiB); every array's shards span about as many examples, so `committed`
@@ -66,7 +71,8 @@ attrs hold an xxh3-128 digest of every shard's content; the manifest one digest 
 Manifest (attrs["read_cache"]): format_version, package_version, created_at, complete, backbone
 (name, family, revision, config_hash, init, init_seed, sizes), tokenizer (name, vocab_size, hash),
 task (name, version, template, label_words, metric), split_protocol (name, seed, sources), max_length,
-storage_dtype, quantize (v2), attention (heads | mean | none), attention_topk (v2), projection (v2),
+storage_dtype, quantize (v2), attention (heads | mean | none), attention_topk (v2), attention_layout (v2:
+pairs | triangle | topk; absent: pairs, or topk with attention_topk), projection (v2),
 layers (encoder, decoder), splits
 (per-split counts), storage (compressor, shard and chunk sizes), checksums.
 

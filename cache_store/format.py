@@ -2,6 +2,7 @@
 chunk grids, checksums, manifests."""
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -45,16 +46,32 @@ COMPRESSOR = {"codec": "blosc", "cname": "lz4", "clevel": 5, "shuffle": "bitshuf
 DEFAULT_SHARD_BYTES = 64 * 2**20  # whole shards are buffered in memory per array while writing
 DEFAULT_CHUNK_BYTES = 2**20
 
-# The ragged axis an array grows along, by what it is indexed with. TOPK: an example of m tokens owns
-# m * min(k, m) entries (its query rows' k largest attention entries, `--attention topk:K`).
-TOKENS, PAIRS, EXAMPLES, TOPK = "tokens", "pairs", "examples", "topk"
+# The ragged axis an array grows along, by what it is indexed with. An example of m tokens owns m entries
+# of a TOKENS array, m * m of a PAIRS one (an attention map, row-major), m (m + 1) / 2 of a TRIANGLE one
+# (a causal map's lower triangle, row-major: query i's keys 0..i; the rest is 0 by construction) and
+# m * min(k, m) of a TOPK one (its query rows' k largest attention entries, `--attention topk:K`).
+TOKENS, PAIRS, TRIANGLE, EXAMPLES, TOPK = "tokens", "pairs", "triangle", "examples", "topk"
+MAP_LAYOUTS = (PAIRS, TRIANGLE, TOPK)  # how a cache's attention maps are laid out (stored_layout)
 
 
 def extent(grows_along: str, lengths: np.ndarray, k: int = 0) -> np.ndarray:
-    """int64 [n + 1]: where each example of `lengths` starts along an array's ragged axis."""
-    per_example = {TOKENS: lengths, PAIRS: lengths**2, EXAMPLES: np.ones_like(lengths),
-                   TOPK: lengths * np.minimum(k, lengths)}[grows_along]
+    """int64 [n + 1]: where each example starts along an array's ragged axis."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    per_example = {TOKENS: lengths, PAIRS: lengths**2, TRIANGLE: lengths * (lengths + 1) // 2,
+                   EXAMPLES: np.ones_like(lengths), TOPK: lengths * np.minimum(k, lengths)}[grows_along]
     return np.concatenate([[0], np.cumsum(per_example)]).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=1024)
+def triangle_indices(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query, key) positions of an m x m map's lower triangle, in the order a TRIANGLE array stores them."""
+    rows, cols = torch.tril_indices(m, m)
+    return rows, cols
+
+
+def stored_layout(manifest: Mapping[str, Any]) -> str:
+    """How a cache's attention maps are laid out (MAP_LAYOUTS); caches that do not say: PAIRS, or TOPK."""
+    return manifest.get("attention_layout") or (TOPK if stored_topk(manifest) else PAIRS)
 
 
 def parse_attention(mode: str) -> tuple[str, int]:
@@ -199,7 +216,7 @@ class ArraySpec:
     """One backbone array of a split: `row` is its shape without the ragged axis."""
 
     path: str
-    grows_along: str  # TOKENS | PAIRS | EXAMPLES
+    grows_along: str  # TOKENS | PAIRS | TRIANGLE | EXAMPLES | TOPK
     row: tuple[int, ...]  # e.g. (d,) for [T, d]; (A,) for [A, S]; () for [S]
     axis: int  # where the ragged axis sits: 0, or 1 for [A, S] / [A, T]
     dtype: str | None = None  # a key of ARRAY_DTYPES; None: the cache's storage_dtype

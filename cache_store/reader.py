@@ -16,7 +16,8 @@ from .errors import CacheError
 from .location import Location
 from .store import STORE_KEY
 from .format import (
-    EXAMPLES, MANIFEST_KEY, PAIRS, TOKENS, check_format_version, extent, from_storage, lookup, shard_keys,
+    EXAMPLES, MANIFEST_KEY, PAIRS, TOKENS, TRIANGLE, check_format_version, extent, from_storage, lookup, shard_keys,
+    triangle_indices,
 )
 
 METADATA_ARRAYS = ("offsets", "attention_offsets", "input_ids", "labels", "example_index")
@@ -166,14 +167,20 @@ class SplitReader:
         return {path: self.load(path) for path in paths}
 
     def example(self, j: int, paths: list[str]) -> dict[str, torch.Tensor]:
-        """Example j's values: hidden [m, d], attention [A, m, m] or [m, m], decoder [d], cross [A, m] or [m]."""
+        """Example j's values: hidden [m, d], attention [A, m, m] or [m, m] (a causal map's lower triangle
+        filled out with zeros), decoder [d], cross [A, m] or [m]; top-k arrays as stored, [A, m * k]."""
         m = int(self.lengths[j])
         out = {}
         for path in paths:
             value = self.load(path, j, j + 1)
-            if self.group[path].attrs["grows_along"] == PAIRS:
+            grows = self.group[path].attrs["grows_along"]
+            if grows == PAIRS:
                 value = value.reshape(*value.shape[:-1], m, m)
-            elif self.group[path].attrs["grows_along"] == EXAMPLES:
+            elif grows == TRIANGLE:
+                square = value.new_zeros(*value.shape[:-1], m, m)
+                square[(..., *triangle_indices(m))] = value
+                value = square
+            elif grows == EXAMPLES:
                 value = value[0]
             out[path] = value
         return out

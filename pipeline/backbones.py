@@ -5,7 +5,9 @@ supported model types. A family says:
     tokenize      how a task's rows become input ids (T5's template, the tokenizer's text pairs, or the
                   template and an answer cue for a decoder-only LM)
     forward       what it caches per layer, for a right-padded batch: every layer's hidden states and
-                  attention maps; T5 also runs its decoder for the single start position
+                  attention maps (each reduced by the caller's `reduce` as it is made, where the family
+                  can: a decoder-only LM's maps are the long ones); T5 also runs its decoder for the
+                  single start position
     model_inputs  the keyword arguments its transformers model takes besides the ids and mask
     label_head    the label words' LM-head rows (T5, decoder-only), or None: a fresh linear head
     lora_targets  the attention projections LoRA adapts (the method comparison's baseline)
@@ -38,6 +40,7 @@ class BackboneOutput:
     encoder_attention: list[torch.Tensor]  # N x [B, A, L, L] (layers 1..N); [] without attention
     decoder_hidden: list[torch.Tensor]  # N_dec + 1 x [B, d] at the start position; [] for encoders
     cross_attention: list[torch.Tensor]  # N_dec x [B, A, L]; [] without attention or decoder
+    reduced: bool = False  # encoder_attention holds each layer's maps as forward's `reduce` returned them
 
 
 class Backbone:
@@ -46,6 +49,7 @@ class Backbone:
     model_types: tuple[str, ...] = ()
     auto_class = "AutoModel"  # the transformers auto class that loads it
     lora_targets: tuple[str, ...] = ()
+    causal = False  # its attention maps are lower-triangular (cached as their triangles)
 
     def __init__(self, name: str, model, tokenizer, device: torch.device, init: str, init_seed: int | None):
         self.name, self.model, self.tokenizer, self.device = name, model, tokenizer, device
@@ -74,8 +78,16 @@ class Backbone:
     def tokenize(self, task: TaskSpec, rows: list[dict], max_length: int) -> list[list[int]]:
         raise NotImplementedError
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, attentions: bool) -> BackboneOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, attentions: bool = True,
+                reduce=None) -> BackboneOutput:
+        """With `reduce` (a callable of one layer's [B, A, L, L] maps), encoder_attention holds what it
+        returns for each layer, and `attentions` is implied."""
         raise NotImplementedError
+
+    @staticmethod
+    def _output(hidden, maps, reduce, decoder_hidden=(), cross=()) -> BackboneOutput:
+        maps = [reduce(m) for m in maps or ()] if reduce else list(maps or ())
+        return BackboneOutput(list(hidden), maps, list(decoder_hidden), list(cross), reduced=reduce is not None)
 
     def model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
         """Keyword arguments the transformers model takes besides the ids and the mask."""
@@ -161,19 +173,17 @@ class T5Backbone(Backbone):
         texts = [task.format(row) for row in rows]
         return self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
 
-    def forward(self, input_ids, attention_mask, attentions):
+    def forward(self, input_ids, attention_mask, attentions=True, reduce=None):
+        attentions = attentions or reduce is not None
         encoder = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask,
                                      output_hidden_states=True, output_attentions=attentions)
         start = torch.full((len(input_ids), 1), self.config.decoder_start_token_id, device=input_ids.device)
         decoder = self.model.decoder(input_ids=start, encoder_hidden_states=encoder.last_hidden_state,
                                      encoder_attention_mask=attention_mask, output_hidden_states=True,
                                      output_attentions=attentions, use_cache=False)
-        return BackboneOutput(
-            encoder_hidden=list(encoder.hidden_states),
-            encoder_attention=list(encoder.attentions or ()),
-            decoder_hidden=[h[:, 0] for h in decoder.hidden_states],
-            cross_attention=[a[:, :, 0] for a in (decoder.cross_attentions or ()) if attentions],
-        )
+        return self._output(encoder.hidden_states, encoder.attentions, reduce,
+                            decoder_hidden=[h[:, 0] for h in decoder.hidden_states],
+                            cross=[a[:, :, 0] for a in (decoder.cross_attentions or ()) if attentions])
 
     def label_head(self, task):
         if task.is_regression:
@@ -217,10 +227,11 @@ class EncoderBackbone(Backbone):
     def _forward_arguments(self):
         return inspect.signature(self.model.forward).parameters
 
-    def forward(self, input_ids, attention_mask, attentions):
+    def forward(self, input_ids, attention_mask, attentions=True, reduce=None):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                         output_attentions=attentions, **self.model_inputs(input_ids, attention_mask))
-        return BackboneOutput(list(out.hidden_states), list(out.attentions or ()), [], [])
+                         output_attentions=attentions or reduce is not None,
+                         **self.model_inputs(input_ids, attention_mask))
+        return self._output(out.hidden_states, out.attentions, reduce)
 
 
 @register_family
@@ -237,6 +248,7 @@ class DecoderOnlyBackbone(Backbone):
     input_format = "prompt"
     model_types = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma")
     auto_class = "AutoModelForCausalLM"
+    causal = True
     ANSWER = " answer:"  # after the task's template; the label word comes next
 
     @property
@@ -255,10 +267,32 @@ class DecoderOnlyBackbone(Backbone):
                                 max_length=max_length - len(answer))["input_ids"]
         return [body + answer for body in bodies]
 
-    def forward(self, input_ids, attention_mask, attentions):
-        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                                    output_attentions=attentions, use_cache=False)  # no logits over the vocabulary
-        return BackboneOutput(list(out.hidden_states), list(out.attentions or ()), [], [])
+    def forward(self, input_ids, attention_mask, attentions=True, reduce=None):
+        """The base model (no logits over the vocabulary). With `reduce`, a hook on each layer's attention
+        module reduces its maps as the layer returns them, and the model is not asked to collect them:
+        no more than one layer's dense maps exist at a time (a 7B model's 32 layers of [B, 32, L, L]
+        would not fit beside it)."""
+        if reduce is None:
+            out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                                        output_attentions=attentions, use_cache=False)
+            return self._output(out.hidden_states, out.attentions, None)
+        maps = []
+        # Eager attention modules return (output, maps) whether or not the model collects the maps.
+        hooks = [module.register_forward_hook(lambda _, __, output: maps.append(reduce(output[1])))
+                 for module in self._attention_modules()]
+        try:
+            out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                        output_hidden_states=True, output_attentions=False, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return BackboneOutput(list(out.hidden_states), maps, [], [], reduced=True)
+
+    def _attention_modules(self) -> list[torch.nn.Module]:
+        """Each layer's self-attention module, in order (GPT-2: .h[i].attn; Llama and the rest: .layers[i].self_attn)."""
+        base = self.model.base_model
+        layers = base.h if hasattr(base, "h") else base.layers
+        return [layer.attn if hasattr(layer, "attn") else layer.self_attn for layer in layers]
 
     def label_head(self, task):
         """Each label word's first token as it follows the answer cue, and the LM head's rows for them (the

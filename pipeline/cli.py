@@ -17,6 +17,7 @@ from .backbones import INITS
 from .config import CacheConfig
 from .errors import InputError
 from .tasks import TASKS
+from .user_data import read_task_file
 
 
 def _int_list(value: str, name: str) -> tuple[int, ...] | None:
@@ -50,9 +51,12 @@ def _task_list(value: str, data: tuple[str, ...] = ()) -> list[str]:
 
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--task", "tasks", required=True, metavar="TASK[,TASK...]|glue",
+@click.option("--task", "tasks", default=None, metavar="TASK[,TASK...]|glue",
               help=f"GLUE task(s): one of {', '.join(TASKS)}; several, comma-separated, or glue (the paper's "
                    f"{len(GLUE_TASKS)}: {','.join(GLUE_TASKS)}) go to one store. With --data: your task's name.")
+@click.option("--task-file", type=click.Path(path_type=Path), default=None,
+              help="Your task described in a TOML (or .json) file: name, data, text_fields, label_field, metric, "
+                   "labels (the options of the same names override it; data paths are relative to the file).")
 @click.option("--store", default=None, help="Cache into the store OUT/<model>/STORE, one subgroup per task "
                                             "(default with several tasks: glue, or the tasks joined by +).")
 @field_option(CacheConfig, "model")
@@ -82,7 +86,8 @@ def _task_list(value: str, data: tuple[str, ...] = ()) -> list[str]:
 @click.option("--add", is_flag=True, help="Cache the tasks an existing --store lacks (same backbone and settings).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(tasks, store, model, name, init, seed, data_dir, data, text_fields, label_field, metric, labels, out, splits, batch_size, max_length, dtype, attention, quantize,
+@click.pass_context
+def main(ctx, tasks, task_file, store, model, name, init, seed, data_dir, data, text_fields, label_field, metric, labels, out, splits, batch_size, max_length, dtype, attention, quantize,
          project, project_from, layers, limit, device, shard_mb, resume, add, overwrite, quiet):
     """Run a frozen backbone once over every split of one or more GLUE tasks, or of your own labelled
     rows (--data), and cache its activations (several tasks: one store, with one subgroup per task)."""
@@ -92,6 +97,19 @@ def main(tasks, store, model, name, init, seed, data_dir, data, text_fields, lab
     keep_freed_memory()
 
     try:
+        if task_file is not None:  # what the command line gives wins over the file
+            given = lambda name: ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE  # noqa: E731
+            described = read_task_file(task_file)
+            tasks = tasks or described.get("name")
+            data = data if given("data") else described.get("data", data)
+            text_fields = text_fields if given("text_fields") else ",".join(described.get("text_fields", ())) or text_fields
+            label_field = label_field if given("label_field") else described.get("label_field", label_field)
+            metric = metric if given("metric") else described.get("metric", metric)
+            labels = labels if given("labels") else ",".join(described.get("labels", ())) or labels
+            if not data:
+                raise InputError(f"--task-file {task_file} has no data, and no --data was given")
+        if not tasks:
+            raise InputError("give --task (a GLUE task, or your task's name with --data), or --task-file")
         names = _task_list(tasks, data)
         if sum((resume, overwrite, add)) > 1:
             raise InputError("--resume, --add and --overwrite exclude each other")

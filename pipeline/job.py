@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import time
 from dataclasses import dataclass, replace
 from importlib import metadata
@@ -15,8 +16,9 @@ from cache_store import (
     ArraySpec, BackgroundWriter, CacheError, CacheReader, CacheWriter, SplitPlan, attention_path, cross_attention_path, hidden_path,
 )
 from cache_store.format import (
-    ARRAY_DTYPES, EXAMPLES, PAIRS, STORED_POOLINGS, QUANTIZED, STORAGE_DTYPES, TOKENS, TOPK, attention_keys_path,
-    pool, pooled_path, quantize_probabilities, quantize_rows, scale_path, stored_projection, to_storage,
+    ARRAY_DTYPES, EXAMPLES, PAIRS, STORED_POOLINGS, QUANTIZED, STORAGE_DTYPES, TOKENS, TOPK, TRIANGLE,
+    attention_keys_path, extent, pool, pooled_path, quantize_probabilities, quantize_rows, scale_path, stored_projection,
+    to_storage, triangle_indices,
 )
 from cache_store.location import Location
 from cache_store.lock import write_lock
@@ -56,8 +58,9 @@ def array_specs(backbone: Backbone, attention: str, layers: dict[str, list[int]]
                 quantize: tuple[str, ...] = (), topk: int = 0, max_length: int = 128, project: int = 0) -> list[ArraySpec]:
     """Every backbone array a split stores; quantized kinds in their QUANTIZED dtype (None: the storage
     dtype), int8 hidden states with a float32 scale array beside each, top-k attention entries with an
-    array of their key positions (uint8 while positions fit, int16 beyond), encoder hidden states K wide
-    with --project K (and an encoder-only backbone's pooled final states, full width)."""
+    array of their key positions (uint8 while positions fit, int16 beyond), causal maps as their lower
+    triangles, encoder hidden states K wide with --project K (and an encoder-only backbone's pooled final
+    states, full width)."""
     d, heads = backbone.d_model, backbone.n_heads
     att_row, att_axis = ((heads,), 1) if attention == "heads" else ((), 0)
     hidden = QUANTIZED["hidden"] if "hidden" in quantize else None
@@ -75,7 +78,8 @@ def array_specs(backbone: Backbone, attention: str, layers: dict[str, list[int]]
         specs += [ArraySpec(attention_path(k), TOPK, att_row, att_axis, maps, topk) for k in layers["encoder"] if k]
         specs += [ArraySpec(attention_keys_path(k), TOPK, att_row, att_axis, keys, topk) for k in layers["encoder"] if k]
     elif attention != "none":
-        specs += [ArraySpec(attention_path(k), PAIRS, att_row, att_axis, maps) for k in layers["encoder"] if k]
+        layout = TRIANGLE if backbone.causal else PAIRS
+        specs += [ArraySpec(attention_path(k), layout, att_row, att_axis, maps) for k in layers["encoder"] if k]
     specs += with_scales([ArraySpec(hidden_path("decoder", k), EXAMPLES, (d,), 0, hidden) for k in layers["decoder"]])
     if attention != "none":
         specs += [ArraySpec(cross_attention_path(k), TOKENS, att_row, att_axis, maps) for k in layers["decoder"] if k]
@@ -113,6 +117,7 @@ def build_manifest(config: CacheConfig, backbone: Backbone, task: TaskSpec, prot
         "quantize": list(config.quantize),
         "attention": config.attention_mode,
         "attention_topk": {"k": config.topk, "residual": "renormalised"} if config.topk else None,
+        "attention_layout": map_layout(backbone, config),
         "projection": projection.describe() if projection else None,
         "layers": layers,
         "splits": {name: {"n_examples": plan.n_examples, "n_tokens": int(plan.lengths.sum()),
@@ -120,21 +125,33 @@ def build_manifest(config: CacheConfig, backbone: Backbone, task: TaskSpec, prot
     }
 
 
+def map_layout(backbone: Backbone, config: CacheConfig) -> str | None:
+    """How the cache lays out its attention maps (format.MAP_LAYOUTS), None without maps."""
+    if config.attention_mode == "none":
+        return None
+    return TOPK if config.topk else TRIANGLE if backbone.causal else PAIRS
+
+
 def _unpad(value: torch.Tensor, lengths: list[int], kind: str, dtype: torch.dtype) -> torch.Tensor:
     """Concatenate each example's real part: tokens [B, L, d] -> [Tb, d]; pairs [B, *h, L, L] -> [*h, Sb];
-    cross [B, *h, L] -> [*h, Tb]. Slice copies into one preallocated tensor are several times faster
-    than boolean-mask indexing, and convert to the storage dtype in the same pass."""
-    sizes = [n * n for n in lengths] if kind == "pairs" else lengths
+    triangle [B, *h, L, L] -> [*h, Sb] (each map's lower triangle); cross [B, *h, L] -> [*h, Tb]. Slice
+    copies into one preallocated tensor are several times faster than boolean-mask indexing, and convert
+    to the storage dtype in the same pass."""
+    maps = kind in (PAIRS, TRIANGLE)
+    sizes = [int(s) for s in np.diff(extent(kind, np.array(lengths)))] if maps else lengths
     if kind == "tokens":
         out = value.new_empty((sum(sizes), value.shape[-1]), dtype=dtype)
     else:
-        out = value.new_empty((*value.shape[1:-2 if kind == "pairs" else -1], sum(sizes)), dtype=dtype)
+        out = value.new_empty((*value.shape[1:-2 if maps else -1], sum(sizes)), dtype=dtype)
     offset = 0
     for j, (n, size) in enumerate(zip(lengths, sizes)):
         if kind == "tokens":
             out[offset:offset + n].copy_(value[j, :n])
-        elif kind == "pairs":
+        elif kind == PAIRS:
             out[..., offset:offset + size].unflatten(-1, (n, n)).copy_(value[j, ..., :n, :n])
+        elif kind == TRIANGLE:
+            rows, cols = triangle_indices(n)
+            out[..., offset:offset + size].copy_(value[j, ..., rows.to(value.device), cols.to(value.device)])
         else:
             out[..., offset:offset + n].copy_(value[j, ..., :n])
         offset += size
@@ -163,13 +180,36 @@ def _pooled(final: torch.Tensor, lengths: list[int], pooling: str) -> torch.Tens
     return pool(final.float(), real, pooling)
 
 
+def reduce_maps(maps: torch.Tensor, per_head: bool, k: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """One layer's [B, A, L, L] self-attention maps as a cache keeps them, before rounding: their head mean
+    unless `per_head`, and with `k` each query row's k largest entries and their keys (_top_entries)."""
+    if not per_head:
+        maps = maps.mean(1)
+    return _top_entries(maps, k) if k else maps
+
+
+def map_reduction(specs: list[ArraySpec]):
+    """reduce_maps as `specs` store the self-attention maps, or None when they store none."""
+    spec = next((s for s in specs if s.path.startswith("encoder/attention/")), None)
+    return None if spec is None else functools.partial(reduce_maps, per_head=bool(spec.axis), k=spec.k)
+
+
+@torch.inference_mode()
+def run_batch(backbone: Backbone, ids: torch.Tensor, mask: torch.Tensor, lengths: list[int], specs: list[ArraySpec],
+              dtype: str, projection=None) -> dict[str, np.ndarray]:
+    """One padded batch through the backbone, as the arrays of `specs` (extract). Each layer's maps are
+    reduced as the layer runs, so a long batch never holds every layer's dense maps at once."""
+    return extract(backbone.forward(ids, mask, reduce=map_reduction(specs)), lengths, specs, dtype, projection)
+
+
 @torch.inference_mode()
 def extract(out: BackboneOutput, lengths: list[int], specs: list[ArraySpec], dtype: str,
             projection: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, np.ndarray]:
     """Drop padding and convert to each array's stored dtype (`dtype`, the storage dtype, unless the spec
     says int8 or uint8), on the backbone's device, before the copy out. Quantization and projection (layer
     -> mean [d], basis [K, d], on the device) see the unrounded float32 values; attention rows are
-    quantized before the padding goes, as whole rows."""
+    quantized before the padding goes, as whole rows. Self-attention maps are reduced (reduce_maps) here
+    unless the backbone did it as it ran (out.reduced)."""
     logical = STORAGE_DTYPES[dtype][1]
     key_dtype = {spec.path: spec.dtype for spec in specs}
     arrays = {}
@@ -195,11 +235,14 @@ def extract(out: BackboneOutput, lengths: list[int], specs: list[ArraySpec], dty
                 value, scale = quantize_rows(value)
                 arrays[scale_path(spec.path)] = to_storage(scale, "float32")
         else:
-            maps = out.encoder_attention[layer - 1] if kind == "attention" else out.cross_attention[layer - 1]
-            if not spec.axis:  # head mean, computed before rounding
-                maps = maps.mean(1)
+            if kind == "attention":
+                maps = out.encoder_attention[layer - 1]
+                maps = maps if out.reduced else reduce_maps(maps, bool(spec.axis), spec.k)
+            else:
+                maps = out.cross_attention[layer - 1]  # [B, A, L]
+                maps = maps if spec.axis else maps.mean(1)
             if spec.k:  # each query row's k largest entries, renormalised, in key order
-                maps, keys = _top_entries(maps, spec.k)
+                maps, keys = maps
                 keys_spec = attention_keys_path(layer)
                 arrays[keys_spec] = to_storage(_unpad_topk(keys, lengths, spec.k), key_dtype[keys_spec])
             if spec.dtype:
@@ -207,7 +250,7 @@ def extract(out: BackboneOutput, lengths: list[int], specs: list[ArraySpec], dty
             if spec.k:
                 arrays[spec.path] = to_storage(_unpad_topk(maps, lengths, spec.k), stored)
                 continue
-            value = _unpad(maps, lengths, "pairs" if kind == "attention" else "cross",
+            value = _unpad(maps, lengths, spec.grows_along if kind == "attention" else "cross",
                            maps.dtype if spec.dtype else logical)
         arrays[spec.path] = to_storage(value, stored)  # [Tb, d] | [B, d] | [A, Sb] | [Sb] | [A, Tb] | [Tb]
     return arrays
@@ -453,7 +496,7 @@ def _cache_split(sink, starts: list[int], ready: Prepared, config: CacheConfig, 
                 ids, mask = pad_batch(plan, start, stop, pad_id)
                 ids, mask = ids.to(backbone.device), mask.to(backbone.device)
                 lengths = plan.lengths[start:stop].tolist()
-                arrays = extract(backbone.forward(ids, mask, attentions), lengths, specs, config.dtype, projection)
+                arrays = run_batch(backbone, ids, mask, lengths, specs, config.dtype, projection)
                 background.put(arrays)
                 written += sum(a.nbytes for a in arrays.values())
                 computed += stop - start

@@ -19,7 +19,7 @@ from cache_store.writer import SplitPlan
 from .backbones import Backbone, load_backbone
 from .config import LOSSLESS, CacheConfig
 from .errors import InputError
-from .job import Prepared, array_specs, extract, plan_split, prepare
+from .job import Prepared, array_specs, plan_split, prepare, run_batch
 from .padding import pad_examples
 from .projection import Projection
 from .splits import Split
@@ -27,14 +27,13 @@ from .tasks import TaskSpec
 
 
 @torch.inference_mode()
-def compute(backbone: Backbone, plan: SplitPlan, index, specs, attentions: bool, dtype: str,
-            projection=None) -> dict[str, torch.Tensor]:
+def compute(backbone: Backbone, plan: SplitPlan, index, specs, dtype: str, projection=None) -> dict[str, torch.Tensor]:
     """Every array for examples `index` of a plan, from one backbone pass, concatenated in that order
     along the ragged axis, rounded to `dtype` (and projected) as a cache stores it."""
     index = np.asarray(index)
     ids, mask = pad_examples(plan, index, backbone.tokenizer.pad_token_id or 0)
-    out = backbone.forward(ids.to(backbone.device), mask.to(backbone.device), attentions)
-    arrays = extract(out, plan.lengths[index].tolist(), specs, dtype, projection)
+    arrays = run_batch(backbone, ids.to(backbone.device), mask.to(backbone.device), plan.lengths[index].tolist(),
+                       specs, dtype, projection)
     stored = {spec.path: spec.dtype or dtype for spec in specs}
     return {path: from_storage(value, stored[path]) for path, value in arrays.items()}
 
@@ -42,8 +41,8 @@ def compute(backbone: Backbone, plan: SplitPlan, index, specs, attentions: bool,
 class LiveSplit:
     """A split whose activations are computed on demand, `forward_passes` counting backbone calls."""
 
-    def __init__(self, ready: Prepared, name: str, attentions: bool):
-        self.ready, self.name, self.attentions = ready, name, attentions
+    def __init__(self, ready: Prepared, name: str):
+        self.ready, self.name = ready, name
         plan = ready.plans[name]
         self.plan = plan
         self.lengths, self.labels, self.example_index = plan.lengths, plan.labels, plan.example_index
@@ -53,7 +52,7 @@ class LiveSplit:
     def compute(self, index) -> dict[str, torch.Tensor]:
         """Every array for examples `index`, concatenated in that order along the ragged axis."""
         self.forward_passes += 1
-        return compute(self.ready.backbone, self.plan, index, self.ready.specs, self.attentions, "float32")
+        return compute(self.ready.backbone, self.plan, index, self.ready.specs, "float32")
 
 
 class LiveSource:
@@ -65,14 +64,13 @@ class LiveSource:
         self.ready = prepare(config)
         self.manifest = {**self.ready.manifest, "storage_dtype": "float32", "format_version": None}
         self.path = Path(f"online:{self.manifest['backbone']['name']}/{config.task}")
-        self.attentions = config.attention_mode != "none"
 
     def label_head(self) -> torch.Tensor | None:
         head = self.ready.label_head
         return None if head is None else torch.from_numpy(head)
 
     def split(self, name: str) -> LiveSplit:
-        return LiveSplit(self.ready, name, self.attentions)
+        return LiveSplit(self.ready, name)
 
 
 def open_online(model: str, task: str, data_dir=None, limit=None, init: str = "pretrained", seed: int = 0,
@@ -89,10 +87,9 @@ class Predictor:
     def __init__(self, model: str, manifest: dict, device: str = "auto", progress: bool = True,
                  projection: dict[str, np.ndarray] | None = None):
         self.manifest = manifest
-        self.attentions = manifest["attention"] != "none"
         backbone = manifest["backbone"]
-        self.backbone = load_backbone(model, backbone["init"], backbone["init_seed"] or 0, device, self.attentions,
-                                      progress)
+        self.backbone = load_backbone(model, backbone["init"], backbone["init_seed"] or 0, device,
+                                      manifest["attention"] != "none", progress)
         found = differences({"backbone": self.backbone.describe(), "tokenizer": self.backbone.describe_tokenizer()},
                             {"backbone": backbone, "tokenizer": manifest["tokenizer"]})
         found = [d for d in found if not d.startswith(("backbone.name", "backbone.revision"))]
@@ -132,8 +129,8 @@ class Predictor:
         parts = []
         for start in range(0, len(index), self.batch_size):
             chunk = index[start:start + self.batch_size]
-            parts.append(compute(self.backbone, plan, chunk, self.specs, self.attentions,
-                                 self.manifest["storage_dtype"], self.projection))
+            parts.append(compute(self.backbone, plan, chunk, self.specs, self.manifest["storage_dtype"],
+                                 self.projection))
             self.forward_passes += 1
             self.examples_forwarded += len(chunk)
         return {spec.path: torch.cat([p[spec.path] for p in parts], dim=spec.axis) for spec in self.specs}

@@ -8,7 +8,19 @@
 
 Files are CSV, TSV, JSON lines (or a JSON array) or Parquet, by their suffix. The task is described on
 the command line: `--text-fields` (one column, or two for a pair), `--label-field`, `--metric` and
-`--labels`. Classification labels may be strings or numbers; they map to indices in the order of
+`--labels`; or in a task file, `--task-file FILE` (TOML, or JSON with the same keys), whose values
+the command line overrides and whose data paths are relative to the file:
+
+    name = "reviews"                       # --task
+    text_fields = ["title", "body"]        # --text-fields
+    label_field = "stars"                  # --label-field
+    metric = "accuracy"                    # --metric
+    labels = ["bad", "good"]               # --labels
+    data = "reviews.csv"                   # --data FILE, or a table:
+    # [data]
+    # train = "train.csv"
+    # validation = "dev.csv"
+ Classification labels may be strings or numbers; they map to indices in the order of
 `--labels` (default: train's values, sorted), and those names are also T5's label words. The manifest
 records the task (its fields, template, label names and metric), so predict-side and multi-task
 training rebuild it from the cache, not from the GLUE registry.
@@ -31,6 +43,53 @@ DATA_SPLITS = ("train", "validation", "test")
 REGRESSION_METRICS = ("pearson_spearman",)
 
 csv.field_size_limit(sys.maxsize)
+
+
+TASK_FILE_KEYS = ("name", "data", "text_fields", "label_field", "metric", "labels")
+
+
+def read_task_file(path: str | Path) -> dict:
+    """A task file's values by TASK_FILE_KEYS: data as --data values, lists as tuples. One line for a file
+    that cannot be read, does not parse, or holds another key or a value of the wrong kind."""
+    import tomllib
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"--task-file {path}: {exc.strerror}") from None
+    try:
+        values = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise InputError(f"--task-file {path}: not {'JSON' if path.suffix.lower() == '.json' else 'TOML'} ({exc})") from None
+    if not isinstance(values, dict):
+        raise InputError(f"--task-file {path}: expected a table of {', '.join(TASK_FILE_KEYS)}")
+    unknown = sorted(set(values) - set(TASK_FILE_KEYS))
+    if unknown:
+        raise InputError(f"--task-file {path}: unknown key(s) {', '.join(unknown)}; it takes {', '.join(TASK_FILE_KEYS)}")
+
+    def local(where: str) -> str:  # a file beside the task file; a hub id stays as it is
+        beside = path.parent / where
+        return str(beside) if not Path(where).is_absolute() and (beside.exists() or Path(where).suffix) else where
+
+    out = {}
+    for key, value in values.items():
+        if key == "data":
+            if isinstance(value, str):
+                value = (local(value),)
+            elif isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+                value = tuple(f"{split}={local(where)}" for split, where in value.items())
+            else:
+                raise InputError(f"--task-file {path}: data is a file, a hub id, or a table of split = file")
+        elif key in ("text_fields", "labels"):
+            value = (value,) if isinstance(value, str) else value
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, int, float)) for v in value):
+                raise InputError(f"--task-file {path}: {key} is a list of names")
+            value = tuple(str(v) for v in value)
+        elif not isinstance(value, str):
+            raise InputError(f"--task-file {path}: {key} is a string, got {value!r}")
+        out[key] = value
+    return out
 
 
 def parse_data(values: tuple[str, ...]) -> dict[str, str]:

@@ -10,8 +10,8 @@ import torch
 
 from cache_store import CacheError, CacheReader, SplitReader, attention_path, cross_attention_path, hidden_path
 from cache_store.format import (
-    STORED_POOLINGS, TOPK, attention_keys_path, dequantize_probabilities, extent, pooled_path, scale_path, stored_projection,
-    stored_topk,
+    PAIRS, STORED_POOLINGS, TOPK, TRIANGLE, attention_keys_path, dequantize_probabilities, extent, pooled_path, scale_path,
+    stored_layout, stored_projection, stored_topk, triangle_indices,
 )
 
 from .read_model import Packing, ReadInputs, ReadSpec
@@ -75,17 +75,16 @@ def split_bytes(reader: SplitReader, spec: ReadSpec) -> int:
                for p in array_paths(spec, reader.cache.manifest))
 
 
-def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: torch.Tensor,
-             attention_offsets: torch.Tensor, index: torch.Tensor, spec: ReadSpec, attention: bool,
-             per_head: bool, topk: int = 0) -> ReadInputs:
-    """READ inputs for examples `index` of ragged arrays laid out as in the cache (offsets and
-    attention_offsets: int64 [n], where each example starts). Hidden states are packed, the examples'
-    tokens one after another (float32, or QuantizedRows when stored as int8); attention maps, the
-    largest inputs by far, are padded to the batch's longest example and stay in the stored dtype
-    (bfloat16, or uint8 units), widened layer by layer (read_model.mix). With `topk` the stored entries
-    go back to their key positions in dense maps, the rest of each row 0."""
-    if topk:
-        kept = torch.from_numpy(extent(TOPK, lengths.numpy(), topk))[:-1][index]  # where each example starts
+def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: torch.Tensor, index: torch.Tensor,
+             spec: ReadSpec, attention: bool, per_head: bool, layout: str = PAIRS, topk: int = 0) -> ReadInputs:
+    """READ inputs for examples `index` of ragged arrays laid out as in the cache (`lengths` of every
+    example, in order; offsets: int64 [n], where each one's tokens start; `layout`: how the maps are
+    stored, format.MAP_LAYOUTS). Hidden states are packed, the examples' tokens one after another
+    (float32, or QuantizedRows when stored as int8); attention maps, the largest inputs by far, are
+    padded to the batch's longest example and stay in the stored dtype (bfloat16, or uint8 units),
+    widened layer by layer (read_model.mix). Top-k entries go back to their key positions in dense maps,
+    the rest of each row 0; a causal map's triangle fills the map's lower part."""
+    map_starts = torch.from_numpy(extent(layout, lengths.numpy(), topk))[:-1][index].tolist()  # where each example's maps start
     lengths = lengths[index]
     packing = Packing.of(lengths)
     mask = packing.mask
@@ -93,7 +92,7 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
     pos = torch.arange(width)
     starts = offsets[index]
     tokens = torch.where(mask, starts[:, None] + pos[None, :], 0)  # [B, L] into T (padding: row 0)
-    firsts, blocks, sizes = starts.tolist(), attention_offsets[index].tolist(), lengths.tolist()
+    firsts, sizes = starts.tolist(), lengths.tolist()
 
     def runs(stored):  # the examples' contiguous runs of rows, one after another (faster than a row gather)
         return torch.cat([stored[start:start + m] for start, m in zip(firsts, sizes)])
@@ -114,19 +113,22 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
         slots = min(topk, width)
         values = stored.new_zeros(len(sizes), *stored.shape[:-1], width, slots)
         keys = torch.zeros(values.shape, dtype=torch.int64)
-        for row, (start, m) in enumerate(zip(kept.tolist(), sizes)):
+        for row, (start, m) in enumerate(zip(map_starts, sizes)):
             k = min(m, topk)
             values[row, ..., :m, :k] = stored[..., start:start + m * k].unflatten(-1, (m, k))
             keys[row, ..., :m, :k] = stored_keys[..., start:start + m * k].unflatten(-1, (m, k))
         return values.new_zeros(*values.shape[:-1], width).scatter_add_(-1, keys, values)  # empty slots add 0 at key 0
 
     def attention_of(path):  # [A, S] -> [B, A, L, L], or [S] -> [B, L, L]; kept in the stored dtype (see mix)
-        if topk:
+        if layout == TOPK:
             return topk_of(path, path.replace("/attention/", "/attention_keys/"))
-        stored = arrays[path]  # [A, S] or [S]: each example's L_j x L_j block is one contiguous run per head
-        dense = stored.new_zeros(len(lengths), *stored.shape[:-1], width, width)
-        for row, (start, m) in enumerate(zip(blocks, sizes)):  # block copies: far faster than an index gather
-            dense[row, ..., :m, :m] = stored[..., start:start + m * m].unflatten(-1, (m, m))
+        stored = arrays[path]  # [A, S] or [S]: each example's block (or triangle) is one contiguous run per head
+        dense = stored.new_zeros(len(sizes), *stored.shape[:-1], width, width)
+        for row, (start, m) in enumerate(zip(map_starts, sizes)):  # block copies: far faster than an index gather
+            if layout == TRIANGLE:
+                dense[row][(..., *triangle_indices(m))] = stored[..., start:start + m * (m + 1) // 2]
+            else:
+                dense[row, ..., :m, :m] = stored[..., start:start + m * m].unflatten(-1, (m, m))
         return dense
 
     def cross_of(path):  # [A, T_all] -> [B, A, 1, L], or [T_all] -> [B, 1, L]
@@ -187,20 +189,18 @@ class InMemorySplit(BatchOrder):
         self.name, self.spec, self.start = reader.name, spec, start
         self.attention = manifest["attention"] != "none"
         self.per_head = manifest["attention"] == "heads"
-        self.topk = stored_topk(manifest)
+        self.layout, self.topk = stored_layout(manifest), stored_topk(manifest)
         self.arrays = reader.load_many(array_paths(spec, manifest), start, stop)
         self.lengths = torch.from_numpy(reader.lengths[start:stop].copy())
         self.offsets = torch.from_numpy(reader.offsets[start:stop] - reader.offsets[start])
-        self.attention_offsets = torch.from_numpy(reader.attention_offsets[start:stop]
-                                                  - reader.attention_offsets[start])
         self.labels = torch.from_numpy(reader.labels[start:stop].copy())
         self.example_index = reader.example_index[start:stop].copy()
         self.n_examples = stop - start
 
     def batch(self, index: torch.Tensor) -> TrainBatch:
         """Padded float32 inputs for examples `index` (any order; padding only up to this batch's longest)."""
-        inputs = assemble(self.arrays, self.lengths, self.offsets, self.attention_offsets, index, self.spec,
-                          self.attention, self.per_head, self.topk)
+        inputs = assemble(self.arrays, self.lengths, self.offsets, index, self.spec, self.attention, self.per_head,
+                          self.layout, self.topk)
         return TrainBatch(index, self.labels[index], inputs)
 
 
@@ -278,7 +278,7 @@ class OnlineSplit(BatchOrder):
         self.source, self.spec, self.name = source, spec, source.name
         self.attention = manifest["attention"] != "none"
         self.per_head = manifest["attention"] == "heads"
-        self.topk = stored_topk(manifest)
+        self.layout, self.topk = stored_layout(manifest), stored_topk(manifest)
         self.lengths = torch.as_tensor(source.lengths)
         self.labels = torch.as_tensor(source.labels)
         self.example_index = source.example_index
@@ -286,15 +286,14 @@ class OnlineSplit(BatchOrder):
 
     def batch(self, index: torch.Tensor) -> TrainBatch:
         inputs = assemble_computed(self.source.compute(index.numpy()), self.lengths[index], self.spec,
-                                   self.attention, self.per_head, topk=self.topk)
+                                   self.attention, self.per_head, layout=self.layout, topk=self.topk)
         return TrainBatch(index, self.labels[index], inputs)
 
 
 def assemble_computed(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, spec: ReadSpec, attention: bool,
-                      per_head: bool, index: torch.Tensor | None = None, topk: int = 0) -> ReadInputs:
+                      per_head: bool, index: torch.Tensor | None = None, layout: str = PAIRS, topk: int = 0) -> ReadInputs:
     """READ inputs from arrays a live backbone computed for examples of `lengths` (int64 [B]), in order:
     all of them, or those at positions `index`."""
     offsets = torch.cumsum(lengths, 0) - lengths
-    attention_offsets = torch.cumsum(lengths**2, 0) - lengths**2
     index = torch.arange(len(lengths)) if index is None else index
-    return assemble(arrays, lengths, offsets, attention_offsets, index, spec, attention, per_head, topk)
+    return assemble(arrays, lengths, offsets, index, spec, attention, per_head, layout, topk)

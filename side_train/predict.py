@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from cache_store import UserError
-from cache_store.format import stored_topk
+from cache_store.format import stored_layout, stored_topk
 
 from .data import assemble_computed
 from .devices import inputs_to
@@ -132,7 +132,7 @@ def predict(checkpoint: Checkpoint, predictor, rows: list[dict], batch_size: int
             lengths = torch.from_numpy(plan.lengths[index])
             for part in torch.arange(len(index)).split(read_batch):
                 inputs = inputs_to(assemble_computed(arrays, lengths, model.spec, attention, per_head, part,
-                                                     stored_topk(manifest)), torch.device("cpu"))
+                                                     stored_layout(manifest), stored_topk(manifest)), torch.device("cpu"))
                 with torch.no_grad():
                     features = model.features(inputs)  # [1, B, d]: the checkpoint is a model of one member
                     outputs = {t["name"]: model.heads[t["name"]](features)[0].float() for t in checkpoint.tasks}

@@ -68,3 +68,53 @@ def test_from_cache_is_online_and_predict_side_is_training(model_type, tiny_deco
     folder, limit = tiny_decoder(model_type), 16
     cache = _cache(folder, glue_dir, tmp_path, limit=limit)
     check_online_and_predict_side(folder, cache.path, glue_dir, tmp_path, limit)
+
+
+@pytest.mark.parametrize("attention", ["heads", "mean"])
+def test_causal_maps_are_stored_as_their_lower_triangles(attention, tiny_decoder, glue_dir, tmp_path):
+    cache = _cache(tiny_decoder("llama"), glue_dir, tmp_path, limit=6, splits=("validation",), attention=attention)
+    assert cache.manifest["attention_layout"] == "triangle"
+    split = cache.split("validation")
+    stored = split.group["encoder/attention/1"]
+    assert stored.attrs["grows_along"] == "triangle"
+    assert stored.shape[-1] == int((split.lengths * (split.lengths + 1) // 2).sum())  # not sum(m^2)
+    assert stored.shape[:-1] == ((4,) if attention == "heads" else ())
+    spec = read_spec(cache, 8, "gru", pooling="auto")
+    dense = InMemorySplit(split, spec).batch(torch.arange(split.n_examples)).inputs.encoder_attention[0]
+    for j in range(split.n_examples):  # READ's dense maps are the stored triangles, 0 above and past the end
+        m = int(split.lengths[j])
+        example = split.example(j, ["encoder/attention/1"])["encoder/attention/1"]
+        assert torch.equal(dense[j, ..., :m, :m], example) and not dense[j, ..., m:, :].any()
+
+
+def test_top_k_maps_are_reduced_layer_by_layer_as_the_model_runs(tiny_decoder):
+    """With top-k asked for, each layer's dense maps are gone before the next layer's exist, and what is kept
+    is the top-k of transformers' own maps."""
+    import weakref
+
+    from pipeline.backbones import load_backbone
+    from pipeline.job import map_reduction, reduce_maps
+
+    backbone = load_backbone(str(tiny_decoder("qwen2")), progress=False)
+    ids = torch.randint(5, 500, (3, 20))
+    mask = torch.ones_like(ids)
+    alive = []
+
+    def reduce(maps):
+        alive.append(sum(ref() is not None for ref in seen))  # earlier layers' dense maps still alive
+        seen.append(weakref.ref(maps))
+        return reduce_maps(maps, per_head=True, k=4)
+
+    seen = []
+    hooks = lambda: [len(module._forward_hooks) for module in backbone._attention_modules()]  # noqa: E731
+    with torch.inference_mode():
+        backbone.forward(ids, mask, attentions=False)  # transformers installs its own hooks on a first call
+        before = hooks()
+        out = backbone.forward(ids, mask, reduce=reduce)
+        reference = backbone.forward(ids, mask, attentions=True)
+    assert out.reduced and alive == [0, 0]
+    assert hooks() == before  # ours are gone
+    for (values, keys), maps in zip(out.encoder_attention, reference.encoder_attention):
+        want_values, want_keys = reduce_maps(maps, per_head=True, k=4)
+        assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+    assert map_reduction([]) is None

@@ -148,3 +148,37 @@ def test_bad_user_data_is_one_line_and_writes_nothing(case, message, tiny_bert, 
     assert result.exit_code == 2 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert not (tmp_path / "caches").exists()
+
+
+def test_a_task_file_describes_the_task_and_the_command_line_overrides_it(tiny_bert, pair_files, tmp_path):
+    folder = pair_files["train"].parent
+    (tmp_path / "paraphrase.toml").write_text(
+        'name = "paraphrase"\ntext_fields = ["first", "second"]\nlabel_field = "verdict"\n'
+        f'labels = ["same", "different"]\n[data]\ntrain = "{folder / "train.csv"}"\nvalidation = "{folder / "validation.csv"}"\n')
+    result = _cache(tiny_bert, tmp_path / "caches", "--task-file", str(tmp_path / "paraphrase.toml"))
+    assert result.exit_code == 0, result.output
+    task = CacheReader(tmp_path / "caches" / tiny_bert.name / "paraphrase").manifest["task"]
+    assert task["fields"] == ["first", "second"] and task["label_words"] == ["same", "different"]
+    # JSON, data beside the file, and the command line's --task and --labels win over the file's
+    (folder / "task.json").write_text(json.dumps({"name": "ignored", "data": {"train": "train.csv", "validation": "validation.csv"},
+                                                  "text_fields": ["first", "second"], "label_field": "verdict"}))
+    result = _cache(tiny_bert, tmp_path / "caches", "--task-file", str(folder / "task.json"), "--task", "mine",
+                    "--labels", "different,same", "--splits", "validation")
+    assert result.exit_code == 0, result.output
+    task = CacheReader(tmp_path / "caches" / tiny_bert.name / "mine").manifest["task"]
+    assert task["name"] == "mine" and task["label_words"] == ["different", "same"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('name = "x"\ncolour = "red"', "unknown key(s) colour"),
+    ('name = "x"\ndata = 3', "data is a file, a hub id, or a table"),
+    ('name = "x"\n[data', "not TOML"),
+    ('name = "x"', "has no data"),
+    ('data = "rows.csv"', "give --task"),
+])
+def test_a_bad_task_file_is_one_line_and_writes_nothing(text, message, tiny_bert, tmp_path):
+    (tmp_path / "task.toml").write_text(text)
+    result = _cache(tiny_bert, tmp_path / "caches", "--task-file", str(tmp_path / "task.toml"))
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "caches").exists()
