@@ -44,7 +44,7 @@ class BackboneOutput:
 
 
 class Backbone:
-    family = ""  # recorded in manifests: t5 | bert (BERT-style encoders) | decoder (decoder-only LMs)
+    family = ""  # recorded in manifests: t5 | bart | bert (BERT-style encoders) | decoder (decoder-only LMs)
     input_format = ""
     model_types: tuple[str, ...] = ()
     auto_class = "AutoModel"  # the transformers auto class that loads it
@@ -175,10 +175,10 @@ class T5Backbone(Backbone):
 
     def forward(self, input_ids, attention_mask, attentions=True, reduce=None):
         attentions = attentions or reduce is not None
-        encoder = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask,
-                                     output_hidden_states=True, output_attentions=attentions)
+        encoder = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                           output_hidden_states=True, output_attentions=attentions)
         start = torch.full((len(input_ids), 1), self.config.decoder_start_token_id, device=input_ids.device)
-        decoder = self.model.decoder(input_ids=start, encoder_hidden_states=encoder.last_hidden_state,
+        decoder = self.model.get_decoder()(input_ids=start, encoder_hidden_states=encoder.last_hidden_state,
                                      encoder_attention_mask=attention_mask, output_hidden_states=True,
                                      output_attentions=attentions, use_cache=False)
         return self._output(encoder.hidden_states, encoder.attentions, reduce,
@@ -197,6 +197,39 @@ class T5Backbone(Backbone):
         if scale:
             rows = rows * self.config.d_model ** -0.5
         return ids, rows.cpu().numpy()
+
+
+@register_family
+class BartBackbone(T5Backbone):
+    """BART: an encoder–decoder read as T5 is (the task's template in, the decoder at its start position), its
+    sizes under BART's names. Its LM head adds final_logits_bias (zeros in the released checkpoints); a
+    label head cannot hold a bias, so a model whose bias is not 0 at the label words is refused."""
+
+    family = "bart"
+    model_types = ("bart",)
+    lora_targets = ("q_proj", "v_proj")
+
+    @property
+    def n_layers(self):
+        return self.config.encoder_layers
+
+    @property
+    def n_decoder_layers(self):
+        return self.config.decoder_layers
+
+    @property
+    def n_heads(self):
+        return self.config.encoder_attention_heads
+
+    def label_head(self, task):
+        if task.is_regression:
+            return None
+        ids = [self.tokenizer(" " + word, add_special_tokens=False)["input_ids"][0] for word in task.label_words]
+        bias = getattr(self.model, "final_logits_bias", None)
+        if bias is not None and bias[0, ids].any():
+            raise InputError(f"{self.name}: its LM head's final_logits_bias is not 0 at the label words "
+                             f"{list(task.label_words)}; a label-word head has no bias")
+        return ids, self._label_rows(task, ids).cpu().numpy()
 
 
 @register_family

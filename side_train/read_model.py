@@ -104,7 +104,7 @@ CELLS: dict[str, CellKind] = {"rnn": CellKind(nn.RNNCell, _rnn), "gru": CellKind
 class ReadSpec:
     """Everything a ReadModel needs, read from a cache manifest and the run's choices."""
 
-    family: str  # t5 | bert | decoder
+    family: str  # t5 | bart | bert | decoder
     d_model: int
     n_layers: int
     n_decoder_layers: int

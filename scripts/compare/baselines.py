@@ -63,7 +63,7 @@ class Classifier(nn.Module):
         self.head = build_head(backbone.d_model, num_labels, label_head)  # T5: starts as the backbone's LM head
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.family == "t5":
+        if self.backbone.n_decoder_layers:  # encoder–decoder (T5, BART): the decoder's start position
             start = torch.full((len(ids), 1), self.config.decoder_start_token_id, device=ids.device)
             out = self.net(input_ids=ids, attention_mask=mask, decoder_input_ids=start, output_hidden_states=True)
             return self.head(out.decoder_hidden_states[-1][:, 0])  # the final (layer-normed) decoder state
@@ -77,7 +77,7 @@ class Classifier(nn.Module):
 def _peft_wrap(method: str, backbone: Backbone, net: nn.Module, options: dict) -> nn.Module:
     from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model  # the `compare` extra
 
-    task_type = TaskType.SEQ_2_SEQ_LM if backbone.family == "t5" else TaskType.FEATURE_EXTRACTION
+    task_type = TaskType.SEQ_2_SEQ_LM if backbone.n_decoder_layers else TaskType.FEATURE_EXTRACTION
     if method == "lora":
         targets = list(backbone.lora_targets)
         config = LoraConfig(task_type=task_type, r=options.get("rank", 8), lora_alpha=2 * options.get("rank", 8),
