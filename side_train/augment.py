@@ -69,4 +69,6 @@ def gaussian_noise(inputs: ReadInputs, scale: float) -> ReadInputs:
 
 
 def augment(inputs: ReadInputs, cutoff: float, noise: float) -> ReadInputs:
+    if noise > 0:  # noise on float32 states, not on their stored bfloat16
+        inputs = inputs.widened()
     return gaussian_noise(token_cutoff(inputs, cutoff), noise)

@@ -79,8 +79,9 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
              spec: ReadSpec, attention: bool, per_head: bool, layout: str = PAIRS, topk: int = 0) -> ReadInputs:
     """READ inputs for examples `index` of ragged arrays laid out as in the cache (`lengths` of every
     example, in order; offsets: int64 [n], where each one's tokens start; `layout`: how the maps are
-    stored, format.MAP_LAYOUTS). Hidden states are packed, the examples' tokens one after another
-    (float32, or QuantizedRows when stored as int8); attention maps, the largest inputs by far, are
+    stored, format.MAP_LAYOUTS). Hidden states are packed, the examples' tokens one after another, as
+    stored (bfloat16, float32, or QuantizedRows when int8): what crosses to the device is the stored
+    bytes, widened there (devices.inputs_to, ReadInputs.widened); attention maps, the largest inputs by far, are
     padded to the batch's longest example and stay in the stored dtype (bfloat16, or uint8 units),
     widened layer by layer (read_model.mix). Top-k entries go back to their key positions in dense maps,
     the rest of each row 0; a causal map's triangle fills the map's lower part."""
@@ -97,16 +98,16 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
     def runs(stored):  # the examples' contiguous runs of rows, one after another (faster than a row gather)
         return torch.cat([stored[start:start + m] for start, m in zip(firsts, sizes)])
 
-    def tokens_of(path):  # [T_all, d] -> [T, d]
+    def tokens_of(path):  # [T_all, d] -> [T, d], as stored: devices.inputs_to widens them on the device
         if scale_path(path) in arrays:
             return QuantizedRows(runs(arrays[path]), runs(arrays[scale_path(path)]))
-        return runs(arrays[path]).float()
+        return runs(arrays[path])
 
-    def rows_of(path):  # [n, d] -> [B, d]
+    def rows_of(path):  # [n, d] -> [B, d], as stored
         values = arrays[path].index_select(0, index)
         if scale_path(path) in arrays:
             return QuantizedRows(values, arrays[scale_path(path)].index_select(0, index))
-        return values.float()
+        return values
 
     def topk_of(path, key_path):  # [A, P] values and keys -> [B, A, L, L]
         stored, stored_keys = arrays[path], arrays[key_path]  # each example's m x k entries: one run per head

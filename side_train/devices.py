@@ -2,19 +2,23 @@
 from __future__ import annotations
 
 import os
+import queue
 import resource
+import threading
+from typing import Iterator
 
 import torch
 
 from cache_store.format import dequantize_rows
 
 from .data import QuantizedRows, TrainBatch
-from .read_model import ReadInputs
+from .read_model import Packing, ReadInputs
 
 
 def inputs_to(inputs: ReadInputs, device: torch.device) -> ReadInputs:
-    """READ inputs on the device, where int8 hidden states are widened to float32 (so that what crosses
-    to the device is the stored bytes); attention maps stay as stored until READ multiplies by them."""
+    """READ inputs on the device, where int8 hidden states are dequantized, so that what crosses to the
+    device is the stored bytes (bfloat16 ones READ widens as it reads them, ReadInputs.widened);
+    attention maps stay as stored until READ multiplies by them."""
     move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
     hidden = lambda xs: [dequantize_rows(move(x.values), move(x.scale)) if isinstance(x, QuantizedRows)  # noqa: E731
                          else move(x) for x in xs]
@@ -26,6 +30,67 @@ def inputs_to(inputs: ReadInputs, device: torch.device) -> ReadInputs:
 
 def to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
     return TrainBatch(batch.index, batch.labels.to(device, non_blocking=True), inputs_to(batch.inputs, device))
+
+
+def pinned(batch: TrainBatch) -> TrainBatch:
+    """The batch in page-locked host memory, from which a copy to a GPU runs asynchronously."""
+    pin = lambda x: None if x is None else x.pin_memory()  # noqa: E731
+    rows = lambda x: QuantizedRows(pin(x.values), pin(x.scale)) if isinstance(x, QuantizedRows) else pin(x)  # noqa: E731
+    many = lambda xs: None if xs is None else [rows(x) for x in xs]  # noqa: E731
+    i = batch.inputs
+    inputs = ReadInputs(Packing(pin(i.packing.mask), pin(i.packing.real)), many(i.encoder_hidden),
+                        many(i.encoder_attention), many(i.decoder_hidden), many(i.cross_attention),
+                        None if i.pooled is None else {p: rows(x) for p, x in i.pooled.items()})
+    return TrainBatch(batch.index, pin(batch.labels), inputs)
+
+
+class Prefetched:
+    """Items of an iterator made ahead on a background thread, `depth` at most waiting, in order: the next
+    batch is assembled (and pinned, for a GPU) while the device trains on this one. Iterate inside
+    `with`; leaving it stops the thread. An exception in the thread is raised where its item would be."""
+
+    _DONE = object()
+
+    def __init__(self, items: Iterator, prepare=lambda item: item, depth: int = 2):
+        self.items, self.prepare = items, prepare
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._fill, daemon=True)
+
+    def _fill(self) -> None:
+        try:
+            for item in self.items:
+                if not self._put(self.prepare(item)):
+                    return
+            self._put(self._DONE)
+        except BaseException as exc:  # handed to the consumer
+            self._put(exc)
+
+    def _put(self, item) -> bool:
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __enter__(self) -> "Prefetched":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+    def __iter__(self) -> Iterator:
+        while True:
+            item = self.queue.get()
+            if item is self._DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
 
 def peak_memory_bytes(device: torch.device) -> int:

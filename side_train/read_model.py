@@ -53,6 +53,7 @@ they are.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -184,6 +185,13 @@ class ReadInputs:
     def mask(self) -> torch.Tensor:
         return self.packing.mask
 
+    def widened(self) -> "ReadInputs":
+        """Hidden states as float32 (a batch carries them as stored, bfloat16 or float32, to the device)."""
+        wide = lambda xs: [x.float() for x in xs]  # noqa: E731 (a no-op on float32)
+        return ReadInputs(self.packing, wide(self.encoder_hidden), self.encoder_attention, wide(self.decoder_hidden),
+                          self.cross_attention, None if self.pooled is None else
+                          {p: x.float() for p, x in self.pooled.items()})
+
 
 def build_head(d_model: int, num_labels: int, label_head: torch.Tensor | None) -> nn.Linear:
     """Classification from the frozen LM-head rows of the label words when there are any (so a fresh
@@ -244,6 +252,14 @@ def head_columns(width: int, heads: int) -> torch.Tensor:
     return torch.tensor([[start + j if j < size else width for j in range(c)] for start, size in head_slices(width, heads)])
 
 
+@functools.lru_cache(maxsize=64)
+def _uneven_index(width: int, heads: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """head_columns flattened, and the positions of its real columns, on `device`: made once, so that a
+    step neither copies them to the device nor waits on a boolean mask's count."""
+    columns = head_columns(width, heads).flatten()
+    return columns.to(device), (columns < width).nonzero().squeeze(1).to(device)
+
+
 @dataclass
 class MixSide:
     """Side states laid out for the maps to multiply: [B, Lk, M*r] (head mean) or [B, A, Lk, M*c] (per head,
@@ -252,7 +268,7 @@ class MixSide:
     side: torch.Tensor
     members: int
     width: int
-    keep: torch.Tensor | None = None  # bool [A*c]: the real columns of the mix's output, when r % A != 0
+    keep: torch.Tensor | None = None  # int64: the positions of the mix's output's real columns, when r % A != 0
 
 
 def mix_side(values: torch.Tensor, heads: int | None) -> MixSide:
@@ -263,9 +279,8 @@ def mix_side(values: torch.Tensor, heads: int | None) -> MixSide:
         return MixSide(values.permute(1, 2, 0, 3).reshape(batch, keys, members * width), members, width)
     c, keep = -(-width // heads), None
     if width % heads:  # gather each head's columns, a zero column filling the shorter slices
-        columns = head_columns(width, heads).flatten().to(values.device)
-        values = torch.cat([values, values.new_zeros(*values.shape[:-1], 1)], -1)[..., columns]
-        keep = columns < width
+        columns, keep = _uneven_index(width, heads, values.device)
+        values = torch.cat([values, values.new_zeros(*values.shape[:-1], 1)], -1).index_select(-1, columns)
     side = values.reshape(members, batch, keys, heads, c).permute(1, 3, 2, 0, 4).reshape(batch, heads, keys, -1)
     return MixSide(side, members, width, keep)
 
@@ -284,7 +299,7 @@ def mix(attention: torch.Tensor | None, values: torch.Tensor | MixSide, heads: i
         return mixed.view(batch, -1, members, width).permute(2, 0, 1, 3)
     heads, queries = mixed.shape[1], mixed.shape[2]
     mixed = mixed.view(batch, heads, queries, members, -1).permute(3, 0, 2, 1, 4).reshape(members, batch, queries, -1)
-    return mixed if prepared.keep is None else mixed[..., prepared.keep]
+    return mixed if prepared.keep is None else mixed.index_select(-1, prepared.keep)
 
 
 def shared_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -505,6 +520,7 @@ class ReadModel(nn.Module):
 
     def features(self, inputs: ReadInputs) -> torch.Tensor:
         """[M, B, d]: the corrected state each member's heads read."""
+        inputs = inputs.widened()
         packing = inputs.packing
         h_last = self.encoder(inputs.encoder_hidden, inputs.encoder_attention, packing)  # [M, T, r]
         if self.spec.token_mix:
@@ -548,12 +564,13 @@ class ReadAdamW:
             p.grad = None
 
     @torch.no_grad()
-    def step(self, lrs: torch.Tensor, active: torch.Tensor) -> None:
-        """lrs, active: [M] (float, bool)."""
+    def step(self, lrs: torch.Tensor, active: torch.Tensor | None = None) -> None:
+        """lrs: float [M]; active: bool [M], the members to update, or None for all of them (the usual
+        case, known on the host: an update in place, no masking copies, no wait on the device)."""
         self.steps += 1
         beta1, beta2 = self.betas
         correction1, correction2 = 1 - beta1 ** self.steps, math.sqrt(1 - beta2 ** self.steps)
-        everyone = bool(active.all())  # the usual case: update in place, no masking copies
+        everyone = active is None
         for p, (m, v) in zip(self.params, self.moments):
             if p.grad is None:
                 continue

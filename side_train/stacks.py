@@ -29,7 +29,6 @@ class Run:
     stopped: bool = False
     failed: str | None = None  # why training stopped early on an error (a non-finite loss)
     seconds: float = 0.0  # this run's share of its stack's training and validation time
-    _losses: list[float] = field(default_factory=list)
 
     KEPT = ("train_loss", "validation", "task_validation", "best", "best_epoch", "best_state", "stopped", "failed",
             "seconds")  # what a resumed run needs back
@@ -37,7 +36,11 @@ class Run:
 
 @dataclass
 class Stack:
-    """The runs that differ only in learning rate (make_stacks' key), trained as the members of one ReadModel."""
+    """The runs that differ only in learning rate (make_stacks' key), trained as the members of one ReadModel.
+
+    A step never waits on the device: which members train, their losses and a loss that stops being
+    finite stay in device tensors (`active`, `loss_sum`, `loss_steps`, `failed`, `failed_loss`), which the
+    host reads once per epoch (`epoch_losses`) and resets from the runs' own state (`begin_epoch`)."""
 
     runs: list[Run]
     model: ReadModel
@@ -46,12 +49,40 @@ class Stack:
     schedule: object  # step -> factor of the peak learning rate
     step: int = 0
 
+    def __post_init__(self):
+        self.begin_epoch()
+
     @property
     def seed(self) -> int:
         return self.runs[0].config.seed
 
-    def active(self) -> torch.Tensor:
-        return torch.tensor([not r.stopped for r in self.runs], device=self.lrs.device)
+    def begin_epoch(self) -> None:
+        """Device state from the runs': every member not stopped trains; the epoch's sums start at 0."""
+        device, members = self.lrs.device, len(self.runs)
+        self.everyone = not any(r.stopped for r in self.runs)  # known on the host: the optimizer's fast path
+        self.active = torch.tensor([not r.stopped for r in self.runs], device=device)  # bool [M]
+        self.loss_sum = torch.zeros(members, dtype=torch.float64, device=device)
+        self.loss_steps = torch.zeros(members, dtype=torch.int64, device=device)
+        self.failed = torch.zeros(members, dtype=torch.bool, device=device)
+        self.failed_loss = torch.zeros(members, device=device)
+        self.last_losses = torch.zeros(members, device=device)  # the latest step's losses (studies read them)
+
+    def epoch_losses(self, epoch: int, task_names: str, log) -> list[int]:
+        """Close the epoch's training half, reading the device state once: each member's mean training loss
+        into its run, and a member whose loss stopped being finite stopped, with why. Returns the members
+        that trained this epoch."""
+        sums, steps, failed, bad = (t.tolist() for t in (self.loss_sum, self.loss_steps, self.failed, self.failed_loss))
+        trained = [m for m in range(len(self.runs)) if steps[m] or failed[m]]
+        for m in trained:
+            run = self.runs[m]
+            if steps[m]:
+                run.train_loss.append(sums[m] / steps[m])
+            if failed[m] and not run.stopped:
+                run.stopped = True
+                run.failed = (f"training loss became {bad[m]} in epoch {epoch + 1} (task {task_names}); "
+                              "this configuration was stopped: try a lower --lr")
+                log(f"{run.config.name}: {run.failed}")
+        return trained
 
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step}
@@ -107,23 +138,24 @@ def member_losses(task: TaskInfo, outputs: torch.Tensor, labels: torch.Tensor) -
     return flat.view(members, batch).mean(1)
 
 
-def train_step(stack: Stack, task: TaskInfo, batch: TrainBatch, epoch: int, log) -> None:
-    """One optimiser step for every member still training; a member whose loss is not finite stops."""
-    active = stack.active()
+def train_step(stack: Stack, task: TaskInfo, batch: TrainBatch) -> None:
+    """One optimiser step for every member still training; a member whose loss is not finite stops (its
+    run learns why at the epoch's end, Stack.epoch_losses). Nothing here waits on the device."""
     config = stack.runs[0].config  # the augmentation every member of the stack shares
     inputs = augment(batch.inputs, config.cutoff, config.noise)
     losses = member_losses(task, stack.model(inputs, task.name), batch.labels)  # [M]
-    finite = torch.isfinite(losses.detach())
-    for m, run in enumerate(stack.runs):
-        if active[m] and not finite[m]:
-            run.stopped, active[m] = True, False
-            run.failed = (f"training loss became {losses[m].item()} at epoch {epoch + 1} (task {task.name}); "
-                          "this configuration was stopped: try a lower --lr")
-            log(f"{run.config.name}: {run.failed}")
+    detached = losses.detach()
+    finite = torch.isfinite(detached)
+    newly = stack.active & ~finite
+    stack.failed_loss = torch.where(newly & ~stack.failed, detached, stack.failed_loss)
+    stack.failed = stack.failed | newly
+    stack.active = stack.active & finite
     stack.optimizer.zero_grad()
-    torch.where(active, losses, 0).sum().backward()  # members share no parameter: each gets its own gradient
-    stack.optimizer.step(stack.lrs * stack.schedule(stack.step), active)
+    torch.where(stack.active, losses, 0).sum().backward()  # members share no parameter: each gets its own gradient
+    # The fast path updates every member in place; one that failed in this epoch is stopped, and its
+    # weights from here on are never read (validation, checkpoints and resume skip a stopped member).
+    stack.optimizer.step(stack.lrs * stack.schedule(stack.step), None if stack.everyone else stack.active)
     stack.step += 1
-    for m, value in enumerate(losses.detach().tolist()):
-        if active[m]:
-            stack.runs[m]._losses.append(value)
+    stack.loss_sum += torch.where(stack.active, detached.double(), 0)
+    stack.loss_steps += stack.active
+    stack.last_losses = detached

@@ -50,4 +50,5 @@ def load_state(out: Path, stacks: list[Stack], resume: bool, name: str = STATE_F
         for run in stack.runs:
             for key, value in saved["runs"][run.config.name].items():
                 setattr(run, key, value)
+        stack.begin_epoch()  # which members still train, from the restored runs
     return saved["epoch"] + 1

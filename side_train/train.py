@@ -24,7 +24,7 @@ from cache_store.world import current_world
 from .artifacts import write_run
 from .config import RunConfig
 from .data import OnlineSplit, open_splits, read_spec
-from .devices import default_memory_bytes, to_device
+from .devices import Prefetched, default_memory_bytes, pinned, to_device
 from .evaluation import evaluate_members
 from .stacks import Stack, make_stacks, train_step
 from .state import load_state, save_state, state_file
@@ -106,7 +106,7 @@ def train(sources, configs: list[RunConfig], out: Path, device: str = "auto", pr
         began = time.perf_counter()
         train_epoch(stacks, tasks, weights, epoch, batch_size, target, log)
         for stack in stacks:
-            close_epoch(stack, tasks, epoch, configs[0].patience, batch_size, target)
+            close_epoch(stack, tasks, epoch, configs[0].patience, batch_size, target, log)
         epoch_seconds.append(round(time.perf_counter() - began, 3))
         save_state(out, epoch, stacks, state)
         best = max(runs, key=lambda r: r.best)
@@ -137,29 +137,29 @@ def train_epoch(stacks: list[Stack], tasks: list[TaskData], weights: dict[str, f
             continue
         order = seed * 100_003 + epoch
         streams = {t.info.name: endless_batches(t.splits["train"], batch_size, order) for t in tasks}
-        for name in epoch_schedule(weights, steps, order):
-            batch = to_device(next(streams[name]), device)  # assembled once for the whole group
-            for stack in group:
-                started = time.perf_counter()
-                train_step(stack, by_name[name].info, batch, epoch, log)
-                for run in stack.runs:
-                    run.seconds += (time.perf_counter() - started) / len(stack.runs)
-            del batch  # free this batch before the generator assembles the next one
+        scheduled = ((name, next(streams[name])) for name in epoch_schedule(weights, steps, order))
+        pin = (lambda item: (item[0], pinned(item[1]))) if device.type == "cuda" else (lambda item: item)
+        with Prefetched(scheduled, pin) as ahead:  # the next batch is assembled while this one trains
+            for name, batch in ahead:
+                batch = to_device(batch, device)  # assembled once for the whole group
+                for stack in group:
+                    started = time.perf_counter()
+                    train_step(stack, by_name[name].info, batch)
+                    for run in stack.runs:
+                        run.seconds += (time.perf_counter() - started) / len(stack.runs)
+                del batch
         for stream in streams.values():
             stream.close()
 
 
 def close_epoch(stack: Stack, tasks: list[TaskData], epoch: int, patience: int, batch_size: int,
-                device: torch.device) -> None:
+                device: torch.device, log=print) -> None:
     """Close the epoch of every member: mean training loss, validation metrics, best checkpoint, patience."""
     started = time.perf_counter()
-    members = [m for m, r in enumerate(stack.runs) if r._losses]  # every member that trained this epoch
-    for m in members:
-        run = stack.runs[m]
-        run.train_loss.append(float(np.mean(run._losses)))
-        run._losses.clear()
+    members = stack.epoch_losses(epoch, "+".join(t.info.name for t in tasks), log)  # every member that trained
     members = [m for m in members if not stack.runs[m].stopped]  # a failed member's weights are not validated
     if not members:
+        stack.begin_epoch()
         return
     metrics = {t.info.name: evaluate_members(stack.model, t.info, t.splits["validation"], batch_size * 2, device)
                for t in tasks}
@@ -176,3 +176,4 @@ def close_epoch(stack: Stack, tasks: list[TaskData], epoch: int, patience: int, 
             run.stopped = True
     for m in members:
         stack.runs[m].seconds += (time.perf_counter() - started) / len(members)
+    stack.begin_epoch()

@@ -140,7 +140,7 @@ def bench(path: str, n_batches: int, warmup: int, members: int, width: int, cell
         losses.sum().backward()
         sync(device)
         t2 = time.perf_counter()
-        stack.optimizer.step(stack.lrs * 0.5, stack.active())
+        stack.optimizer.step(stack.lrs * 0.5)
         sync(device)
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 

@@ -35,16 +35,21 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     seen = defaultdict(list)  # (epoch, task) -> [(loss, gradient norm)]
-    step = training.train_step
+    step, close = training.train_step, training.close_epoch
+    epoch = [0]  # the epoch being trained
 
-    def measured(stack, task, batch, epoch, log):
-        if epoch >= args.stop_after:
+    def closed(stack, tasks, finished, *rest, **options):
+        epoch[0] = finished + 1
+        return close(stack, tasks, finished, *rest, **options)
+
+    def measured(stack, task, batch):
+        if epoch[0] >= args.stop_after:
             raise Stop
-        step(stack, task, batch, epoch, log)  # the gradients stay until the next step zeroes them
+        step(stack, task, batch)  # the gradients stay until the next step zeroes them
         norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in stack.model.parameters() if p.grad is not None))
-        seen[(epoch, task.name)].append((stack.runs[0]._losses[-1], float(norm)))
+        seen[(epoch[0], task.name)].append((float(stack.last_losses[0]), float(norm)))
 
-    training.train_step = measured
+    training.train_step, training.close_epoch = measured, closed
     caches = [path for _, path in task_caches(args.store)]
     config = RunConfig(lr=args.lr, seed=args.seed, epochs=args.epochs, patience=args.epochs)
     with tempfile.TemporaryDirectory() as out:
