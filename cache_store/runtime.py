@@ -35,12 +35,17 @@ def keep_freed_memory(threshold: int = 1 << 30) -> bool:
 
 
 def resolve_device(device: str) -> torch.device:
-    """auto | cpu | cuda[:i] -> a device; ValueError (one line) for a GPU that is not there. Under torchrun,
-    auto and cuda mean the GPU of this process's LOCAL_RANK: one device per local rank."""
+    """auto | cpu | cuda[:i] -> a device; UserError (one line) for a GPU that is not there. Under torchrun,
+    auto and cuda mean the GPU of this process's LOCAL_RANK: one device per local rank, and more ranks than
+    GPUs are refused (an explicit --device cuda:i puts ranks on one GPU on purpose)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} asked for, but no CUDA device is visible; use --device cpu or auto")
     if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+        rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if rank >= gpus:
+            raise UserError(f"torchrun started more ranks on this machine than it has GPUs ({gpus}): start at "
+                            f"most {gpus} (--nproc-per-node {gpus}), or give --device cuda:0 to share one on purpose")
+        device = f"cuda:{rank}"
     return torch.device(device)

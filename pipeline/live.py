@@ -110,6 +110,7 @@ class Predictor:
                 raise InputError("projection.safetensors is not the basis of the cache this READ model was "
                                  "trained on; retrain it")
             self.projection = basis.on(self.backbone.device)
+        self.device = self.backbone.device  # predict-side runs READ here too
         self.batch_size = manifest.get("batch_size", 32)  # the cache's backbone batches
         self.forward_passes = 0
         self.examples_forwarded = 0

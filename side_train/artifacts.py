@@ -23,14 +23,16 @@ from .read_model import ReadModel, ReadSpec
 from .stacks import Run
 
 
-def write_run(run: Run, spec: ReadSpec, tasks: list, folder: Path, batch_size: int, device: torch.device) -> dict:
+def write_run(run: Run, spec: ReadSpec, tasks: list, folder: Path, batch_size: int, device: torch.device,
+              precision: str = "fp32") -> dict:
     """Test the best-validation checkpoint on every task (`tasks`: train.TaskData) and write the run's
     folder; return its metrics."""
     folder.mkdir(parents=True, exist_ok=True)
     status = f"failed: {run.failed}" if run.failed else "ok"
     common = {"config": run.config.as_dict(), "name": run.config.name, "status": status,
               "train_loss": run.train_loss, "epochs_run": len(run.train_loss), "parameters": run.parameters,
-              "seconds": round(run.seconds, 3), "peak_memory_bytes": peak_memory_bytes(device)}
+              "seconds": round(run.seconds, 3), "peak_memory_bytes": peak_memory_bytes(device),
+              "device": device.type, "precision": precision}
     if run.best_state is None:  # failed before its first validation: nothing to test or keep
         metrics = {"task": "+".join(t.info.name for t in tasks), "metric": tasks[0].info.metric if len(tasks) == 1
                    else "mean", "validation": [], "best_validation": None, "best_epoch": None, "test": None,
@@ -44,7 +46,7 @@ def write_run(run: Run, spec: ReadSpec, tasks: list, folder: Path, batch_size: i
         save_file({k: torch.from_numpy(v) for k, v in tasks[0].cache.projection_arrays().items()},
                   folder / "projection.safetensors")
     (folder / "config.json").write_text(json.dumps({
-        "run": run.config.as_dict(), "read": spec.__dict__,
+        "run": run.config.as_dict(), "read": spec.__dict__, "device": device.type, "precision": precision,
         "tasks": [{"name": t.info.name, "metric": t.info.metric, "num_labels": t.info.num_labels,
                    "cache": str(t.cache.path), "manifest": t.info.manifest} for t in tasks],
     }, indent=2))

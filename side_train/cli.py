@@ -17,6 +17,7 @@ from cache_store.source import open_live
 from cache_store.store import backbone_folder, task_caches
 
 from .config import PRESETS, RunConfig
+from .devices import PRECISIONS
 from .read_model import POOLINGS
 from .tasks import SAMPLING
 
@@ -72,12 +73,14 @@ def _list(value: str, kind, name: str) -> list:
                    "given on the command line still apply.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="Matmul precision: auto is tf32 on a GPU and fp32 on the CPU; bf16 autocasts to bfloat16.")
 @click.option("--memory-gb", type=float, default=None,
               help="Hold splits in memory up to this size, else stream the train split (default: half the RAM).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch.")
 @click.option("--quiet", is_flag=True)
 def main(caches, task_names, multi_task, task_sampling, temperature, online, model, task, data_dir, limit, init, cell, width, lr,
-         seed, preset, out, device, memory_gb, resume, quiet, **choices):
+         seed, preset, out, device, precision, memory_gb, resume, quiet, **choices):
     """Train READ side networks straight from cached activations (never loading the backbone), or with
     --online from the backbone run live at every step (for the equivalence and speed comparisons)."""
     from cache_store.runtime import keep_freed_memory
@@ -125,7 +128,7 @@ def main(caches, task_names, multi_task, task_sampling, temperature, online, mod
         results = train(source, configs, folder, device=device, progress=not quiet,
                         log=lambda line: click.echo(line, err=True),
                         memory_bytes=int(memory_gb * 2**30) if memory_gb else None,
-                        sampling=task_sampling, temperature=temperature, resume=resume)
+                        sampling=task_sampling, temperature=temperature, resume=resume, precision=precision)
     except UserError as exc:  # the one-line refusals of both stages; anything else is a bug
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

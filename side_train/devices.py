@@ -1,6 +1,7 @@
 """Where training runs and what it costs: moving batches to the device, peak memory, the memory budget."""
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import resource
@@ -9,10 +10,42 @@ from typing import Iterator
 
 import torch
 
+from cache_store import UserError
 from cache_store.format import dequantize_rows
 
 from .data import QuantizedRows, TrainBatch
 from .read_model import Packing, ReadInputs
+
+
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """--precision: auto is TF32 matmuls on a GPU and plain float32 on the CPU; tf32 exists only on CUDA;
+    bf16 is autocast to bfloat16 (weights, optimizer state and losses stay float32)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "tf32" if device.type == "cuda" else "fp32"
+    if precision == "tf32" and device.type != "cuda":
+        raise UserError(f"--precision tf32 is a CUDA matmul mode; on {device.type} choose fp32 or bf16")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--precision bf16: this GPU has no bfloat16; choose tf32 or fp32")
+    return precision
+
+
+@contextlib.contextmanager
+def precision_scope(precision: str, device: torch.device):
+    """Run a block's matmuls as `precision` (resolved) says: TF32 or full float32 on CUDA, bfloat16
+    autocast for bf16; the previous settings come back on exit."""
+    matmul = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul
 
 
 def inputs_to(inputs: ReadInputs, device: torch.device) -> ReadInputs:

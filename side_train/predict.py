@@ -30,7 +30,7 @@ from cache_store import UserError
 from cache_store.format import stored_layout, stored_topk
 
 from .data import assemble_computed
-from .devices import inputs_to
+from .devices import inputs_to, precision_scope
 from .read_model import ReadModel, ReadSpec
 
 
@@ -40,6 +40,7 @@ class Checkpoint:
     tasks: list[dict]  # per task: name, metric, num_labels, manifest (of the cache it was trained from)
     batch_size: int  # training's evaluation batch size
     projection: dict[str, np.ndarray] | None = None  # --project caches: the basis (format.projection_paths)
+    precision: str = "fp32"  # training's (devices.PRECISIONS); checkpoints from before it existed: fp32
 
     @property
     def manifest(self) -> dict:
@@ -64,7 +65,8 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
             raise UserError(f"--checkpoint {run_dir} was trained on a --project cache but lacks projection.safetensors "
                             "(the basis); retrain it")
         projection = {k: v.numpy() for k, v in load_file(basis).items()}
-    return Checkpoint(model.eval(), config["tasks"], config["run"]["batch_size"] * 2, projection)
+    return Checkpoint(model.eval(), config["tasks"], config["run"]["batch_size"] * 2, projection,
+                      config.get("precision", "fp32"))
 
 
 def read_rows(text: str, where: str) -> list[dict]:
@@ -112,6 +114,11 @@ def predict(checkpoint: Checkpoint, predictor, rows: list[dict], batch_size: int
     """One record per input, in input order: the input's task, and every head's prediction (label index
     and name with the probabilities, or a score)."""
     model, manifest = checkpoint.model, checkpoint.manifest
+    # READ runs where the backbone does (--device), in training's precision where the device has it
+    # (TF32 is CUDA's): on the device training used, the outputs are training's.
+    device = getattr(predictor, "device", torch.device("cpu"))
+    precision = checkpoint.precision if checkpoint.precision != "tf32" or device.type == "cuda" else "fp32"
+    model = model.to(device)
     read_batch = batch_size or checkpoint.batch_size
     attention, per_head = manifest["attention"] != "none", manifest["attention"] == "heads"
     chosen = [task_of(row, checkpoint.tasks, n) for n, row in enumerate(rows, 1)]
@@ -132,10 +139,10 @@ def predict(checkpoint: Checkpoint, predictor, rows: list[dict], batch_size: int
             lengths = torch.from_numpy(plan.lengths[index])
             for part in torch.arange(len(index)).split(read_batch):
                 inputs = inputs_to(assemble_computed(arrays, lengths, model.spec, attention, per_head, part,
-                                                     stored_layout(manifest), stored_topk(manifest)), torch.device("cpu"))
-                with torch.no_grad():
+                                                     stored_layout(manifest), stored_topk(manifest)), device)
+                with torch.no_grad(), precision_scope(precision, device):
                     features = model.features(inputs)  # [1, B, d]: the checkpoint is a model of one member
-                    outputs = {t["name"]: model.heads[t["name"]](features)[0].float() for t in checkpoint.tasks}
+                    outputs = {t["name"]: model.heads[t["name"]](features)[0].float().cpu() for t in checkpoint.tasks}
                 for k, j in enumerate(index[part.numpy()]):
                     position = positions[int(plan.example_index[j])]
                     records[position] = {"index": position, "task": task["name"],

@@ -8,6 +8,7 @@ for `--resume` (state.py). At the end every run's best checkpoint is tested and 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from cache_store.world import current_world
 from .artifacts import write_run
 from .config import RunConfig
 from .data import OnlineSplit, open_splits, read_spec
-from .devices import Prefetched, default_memory_bytes, pinned, to_device
+from .devices import Prefetched, default_memory_bytes, pinned, precision_scope, resolve_precision, to_device
 from .evaluation import evaluate_members
 from .stacks import Stack, make_stacks, train_step
 from .state import load_state, save_state, state_file
@@ -66,7 +67,7 @@ def open_tasks(sources: list, config: RunConfig, memory_bytes: int, log) -> list
 
 def train(sources, configs: list[RunConfig], out: Path, device: str = "auto", progress: bool = True, log=print,
           memory_bytes: int | None = None, sampling: str = "proportional", temperature: float = 2.0,
-          resume: bool = False) -> list[dict]:
+          resume: bool = False, precision: str = "auto") -> list[dict]:
     """Train every configuration on one cache (a path) or live activation source (`train-side --online`),
     or with a list of several, one READ network for all those tasks (one head each); write each run's
     outputs under `out`; return their metrics. Caches' splits are held in memory when they fit in
@@ -76,11 +77,13 @@ def train(sources, configs: list[RunConfig], out: Path, device: str = "auto", pr
 
     Every run's state is saved after each epoch (`STATE_FILE` in `out`); after a crash, `resume=True`
     continues from it and ends as an uninterrupted run would. A run whose loss stops being finite is
-    stopped with a message in its metrics; the others go on."""
+    stopped with a message in its metrics; the others go on. `precision` (devices.PRECISIONS): the
+    matmuls' precision, TF32 on a GPU and float32 on the CPU by default."""
     sources = list(sources) if isinstance(sources, (list, tuple)) else [sources]
     if len({c.batch_size for c in configs}) != 1 or len({(c.epochs, c.patience) for c in configs}) != 1:
         raise UserError("runs of one sweep share batch size, epochs and patience")
     target = resolve_device(device)
+    precision = resolve_precision(precision, target)
     world = current_world()
     if memory_bytes is None:  # the processes of one machine share its memory
         memory_bytes = default_memory_bytes() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -102,22 +105,23 @@ def train(sources, configs: list[RunConfig], out: Path, device: str = "auto", pr
     bar = tqdm(total=epochs, initial=first, unit="epoch", desc=f"{'+'.join(counts)}: {len(runs)} run(s)",
                disable=not progress)
     epoch_seconds = []  # wall time of each epoch for the whole sweep: batches (assembly included) and validation
-    for epoch in range(first, first if all(r.stopped for r in runs) else epochs):  # none left if all stopped
-        began = time.perf_counter()
-        train_epoch(stacks, tasks, weights, epoch, batch_size, target, log)
-        for stack in stacks:
-            close_epoch(stack, tasks, epoch, configs[0].patience, batch_size, target, log)
-        epoch_seconds.append(round(time.perf_counter() - began, 3))
-        save_state(out, epoch, stacks, state)
-        best = max(runs, key=lambda r: r.best)
-        bar.set_postfix_str(f"best {best.config.name} {best.best:.2f}")
-        bar.update(1)
-        if all(r.stopped for r in runs):
-            break
-    bar.close()
-    spec_of = {r.config.name: s.model.spec for s in stacks for r in s.runs}
-    results = [{**write_run(run, spec_of[run.config.name], tasks, out / run.config.name, batch_size, target),
-                "sweep_epoch_seconds": epoch_seconds} for run in runs]
+    with precision_scope(precision, target):
+        for epoch in range(first, first if all(r.stopped for r in runs) else epochs):  # none left if all stopped
+            began = time.perf_counter()
+            train_epoch(stacks, tasks, weights, epoch, batch_size, target, log)
+            for stack in stacks:
+                close_epoch(stack, tasks, epoch, configs[0].patience, batch_size, target, log)
+            epoch_seconds.append(round(time.perf_counter() - began, 3))
+            save_state(out, epoch, stacks, state)
+            best = max(runs, key=lambda r: r.best)
+            bar.set_postfix_str(f"best {best.config.name} {best.best:.2f}")
+            bar.update(1)
+            if all(r.stopped for r in runs):
+                break
+        bar.close()
+        spec_of = {r.config.name: s.model.spec for s in stacks for r in s.runs}
+        results = [{**write_run(run, spec_of[run.config.name], tasks, out / run.config.name, batch_size, target,
+                                precision), "sweep_epoch_seconds": epoch_seconds} for run in runs]
     (out / state).unlink(missing_ok=True)  # finished: the run folders hold everything now
     if world.distributed:  # every rank's runs, in the order given, for rank 0's summary
         order = {c.name: i for i, c in enumerate(configs)}
@@ -138,8 +142,11 @@ def train_epoch(stacks: list[Stack], tasks: list[TaskData], weights: dict[str, f
         order = seed * 100_003 + epoch
         streams = {t.info.name: endless_batches(t.splits["train"], batch_size, order) for t in tasks}
         scheduled = ((name, next(streams[name])) for name in epoch_schedule(weights, steps, order))
-        pin = (lambda item: (item[0], pinned(item[1]))) if device.type == "cuda" else (lambda item: item)
-        with Prefetched(scheduled, pin) as ahead:  # the next batch is assembled while this one trains
+        # On a GPU the next batch is assembled (into pinned memory) on a thread while the device trains on
+        # this one; on the CPU both would share the same cores, and assembling in turn is faster.
+        ahead = Prefetched(scheduled, lambda item: (item[0], pinned(item[1]))) if device.type == "cuda" \
+            else contextlib.nullcontext(scheduled)
+        with ahead as ahead:
             for name, batch in ahead:
                 batch = to_device(batch, device)  # assembled once for the whole group
                 for stack in group:

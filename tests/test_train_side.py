@@ -5,6 +5,7 @@ import csv
 import json
 
 import numpy as np
+import torch
 import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
@@ -51,10 +52,44 @@ def test_sweep_writes_metrics_checkpoints_predictions_and_plots(rte_cache, tmp_p
     (["--rnn", "transformer"], "--rnn must be drawn from"),
     (["--hidden", "0"], "--hidden must be positive"),
     (["--lr", "fast"], "--lr takes comma-separated values"),
+    (["--precision", "tf32", "--device", "cpu"], "--precision tf32 is a CUDA matmul mode; on cpu choose fp32 or bf16"),
+    (["--precision", "fp8"], "'fp8' is not one of 'auto', 'fp32', 'tf32', 'bf16'"),
 ])
 def test_bad_options_are_one_line_errors(rte_cache, tmp_path, args, message):
     result = CliRunner().invoke(train_main, ["--from-cache", str(rte_cache), "--out", str(tmp_path), *args])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_bf16_autocast_trains_and_predict_side_serves_in_the_same_precision(tiny_t5, glue_dir, make_cache, tmp_path):
+    """--precision bf16 on the CPU: a run records its precision, and predict-side, reading it from the
+    checkpoint, gives the training's test predictions; fp32 (the CPU default) gives others."""
+    from pipeline.glue_data import load_source_splits
+    from pipeline.live import Predictor
+    from pipeline.splits import make_splits
+    from pipeline.tasks import get_task
+    from side_train.predict import load_checkpoint, predict
+
+    cache = make_cache(tiny_t5, task="rte", limit=16)
+    outputs = {}
+    for precision in ("bf16", "fp32"):
+        result = CliRunner().invoke(train_main, ["--from-cache", str(cache), "--hidden", "8", "--epochs", "1",
+                                                 "--precision", precision, "--out", str(tmp_path / precision), "--quiet"])
+        assert result.exit_code == 0, result.output
+        (run,) = [p for p in (tmp_path / precision / f"{cache.parent.name}-rte").iterdir() if p.is_dir()]
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["precision"] == precision and metrics["device"] == "cpu"
+        outputs[precision] = [json.loads(line)["probabilities"] for line in (run / "test_predictions.jsonl").open()]
+        if precision == "bf16":
+            checkpoint = load_checkpoint(run)
+            assert checkpoint.precision == "bf16"
+            _, splits = make_splits("rte", load_source_splits(get_task("rte"), glue_dir), 0)
+            rows = [{f: row[f] for f in ("sentence1", "sentence2")} for row in splits["test"].rows[:16]]
+            served = list(predict(checkpoint, Predictor(str(tiny_t5), checkpoint.manifest, progress=False), rows,
+                                  progress=False))
+            recorded = {r["example_index"]: r for r in map(json.loads, (run / "test_predictions.jsonl").open())}
+            for record, index in zip(served, splits["test"].example_index[:16].tolist()):
+                assert record["predictions"]["rte"]["probabilities"] == recorded[index]["probabilities"]
+    assert outputs["bf16"] != outputs["fp32"]
 
 
 def test_missing_cache_is_refused(tmp_path):
@@ -108,3 +143,18 @@ def test_the_side_network_options_reach_the_checkpoint(rte_cache, tmp_path):
     assert saved["read"]["down_norm"] and saved["read"]["output_gate"] and not saved["read"]["layer_mix"]
     assert saved["read"]["token_mix"]
     assert "gate" in load_file(run / "model.safetensors")
+
+
+def test_torchrun_ranks_beyond_the_gpus_are_refused(monkeypatch):
+    """Two ranks of torchrun on a one-GPU machine: refused with what to do, not quietly stacked on one GPU."""
+    from cache_store import UserError
+    from cache_store.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_device("cuda") == torch.device("cuda:0")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match=r"more ranks on this machine than it has GPUs \(1\).*--nproc-per-node 1"):
+        resolve_device("auto")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")  # sharing one GPU on purpose
