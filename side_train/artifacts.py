@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .devices import peak_memory_bytes
+from .meter import peak_memory_bytes
 from .evaluation import evaluate
 from .read_model import ReadModel, ReadSpec
 from .stacks import Run

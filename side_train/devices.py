@@ -1,10 +1,10 @@
-"""Where training runs and what it costs: moving batches to the device, peak memory, the memory budget."""
+"""Where training runs: its precision, batches made ahead and moved to the device, the memory budget (what
+a run costs is meter.py's)."""
 from __future__ import annotations
 
 import contextlib
 import os
 import queue
-import resource
 import threading
 from typing import Iterator
 
@@ -65,9 +65,10 @@ def to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
     return TrainBatch(batch.index, batch.labels.to(device, non_blocking=True), inputs_to(batch.inputs, device))
 
 
-def pinned(batch: TrainBatch) -> TrainBatch:
-    """The batch in page-locked host memory, from which a copy to a GPU runs asynchronously."""
-    pin = lambda x: None if x is None else x.pin_memory()  # noqa: E731
+def pinned(batch: TrainBatch, pin=lambda x: x.pin_memory()) -> TrainBatch:
+    """The batch in page-locked host memory, from which a copy to a GPU runs asynchronously (`pin`: what
+    is done to each tensor)."""
+    pin = (lambda x, to=pin: None if x is None else to(x))  # noqa: E731
     rows = lambda x: QuantizedRows(pin(x.values), pin(x.scale)) if isinstance(x, QuantizedRows) else pin(x)  # noqa: E731
     many = lambda xs: None if xs is None else [rows(x) for x in xs]  # noqa: E731
     i = batch.inputs
@@ -124,13 +125,6 @@ class Prefetched:
             if isinstance(item, BaseException):
                 raise item
             yield item
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """The peak so far: allocated GPU memory on a GPU, the process's peak RSS on a CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def default_memory_bytes() -> int:

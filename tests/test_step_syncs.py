@@ -100,3 +100,21 @@ def test_prefetched_items_come_in_order_and_a_failure_is_raised_where_it_happene
     with Prefetched(iter(range(10_000)), depth=1) as items:  # leaving early stops the thread
         next(iter(items))
     assert not items.thread.is_alive()
+
+
+def test_a_pinned_batch_holds_every_tensor_of_the_batch(tiny_bert, make_cache):
+    """pinned() on the CPU, each tensor cloned where a GPU machine pins it: the same batch comes back."""
+    from side_train.data import QuantizedRows
+    from side_train.devices import pinned
+
+    cache = CacheReader(make_cache(tiny_bert, task="rte", limit=24, attention="topk:8", quantize=("attention", "hidden")))
+    split = InMemorySplit(cache.split("train"), read_spec(cache, 8, "gru"))
+    batch = split.batch(torch.arange(6))
+    seen = []
+    copy = pinned(batch, pin=lambda x: seen.append(x) or x.clone())
+    assert isinstance(copy.inputs.encoder_hidden[0], QuantizedRows) and len(seen) > 2 * len(batch.inputs.encoder_hidden)
+    moved, again = to_device(copy, torch.device("cpu")), to_device(batch, torch.device("cpu"))
+    assert torch.equal(moved.labels, again.labels) and torch.equal(moved.inputs.mask, again.inputs.mask)
+    for a, b in zip(moved.inputs.encoder_hidden + moved.inputs.encoder_attention,
+                    again.inputs.encoder_hidden + again.inputs.encoder_attention):
+        assert torch.equal(a, b)

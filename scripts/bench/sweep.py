@@ -24,12 +24,14 @@ from side_train.train import train
 @click.option("--rnn", default="gru,lstm")
 @click.option("--hidden", default="32,64")
 @click.option("--lr", default="1e-4,3e-4,1e-3")
-def main(cache, epochs, rnn, hidden, lr):
+@click.option("--device", default="auto", show_default=True)
+@click.option("--precision", default="auto", show_default=True)
+def main(cache, epochs, rnn, hidden, lr, device, precision):
     keep_freed_memory()
     configs = grid(rnn.split(","), [int(h) for h in hidden.split(",")], [float(x) for x in lr.split(",")], [0],
                    epochs=epochs, patience=epochs)
     out = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
-    quiet = dict(progress=False, log=lambda line: None)
+    quiet = dict(progress=False, log=lambda line: None, device=device, precision=precision)
     began = time.perf_counter()
     together = train(cache, configs, out / "sweep", **quiet)
     sweep = time.perf_counter() - began

@@ -31,7 +31,7 @@ from cache_store import CacheReader
 from cache_store.runtime import keep_freed_memory, resolve_device
 from side_train.config import RunConfig
 from side_train.data import InMemorySplit, read_spec
-from side_train.devices import to_device
+from side_train.devices import precision_scope, resolve_precision, to_device
 from side_train.evaluation import evaluate_members
 from side_train.read_model import CELLS, ReadSpec
 from side_train.stacks import make_stacks, member_losses
@@ -240,10 +240,13 @@ def compare_compile(tokens: int, width: int, device: torch.device) -> None:
 @click.option("--profile", is_flag=True, help="Also print torch.profiler's heaviest operations.")
 @click.option("--compile", "check_compile", is_flag=True, help="Also time the GRU update under torch.compile.")
 @click.option("--device", default="cpu", show_default=True, help="auto | cpu | cuda[:i]")
-def main(caches, batches, warmup, members, hidden, rnn, profile, check_compile, device):
+@click.option("--precision", default="auto", show_default=True,
+              help="train-side's --precision; the reference matmuls run in it too")
+def main(caches, batches, warmup, members, hidden, rnn, profile, check_compile, device, precision):
     keep_freed_memory()  # as train-side does
     device = resolve_device(device)
-    largest = max(bench(path, batches, warmup, members, hidden, rnn, profile, device) for path in caches)
+    with precision_scope(resolve_precision(precision, device), device):
+        largest = max(bench(path, batches, warmup, members, hidden, rnn, profile, device) for path in caches)
     if check_compile:
         compare_compile(largest, hidden, device)
 

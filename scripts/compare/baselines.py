@@ -11,7 +11,6 @@ Also the meters every method is measured with: peak memory and energy.
 """
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -23,10 +22,10 @@ from cache_store.format import pool
 from pipeline.backbones import Backbone, load_backbone
 from side_train.config import RunConfig
 from side_train.data import BatchOrder
+from side_train.devices import precision_scope, resolve_precision
 from side_train.metrics import score
 from side_train.read_model import build_head
 from side_train.tasks import TaskInfo, loss_of, predictions_of
-from side_train.devices import peak_memory_bytes
 from side_train.stacks import schedule_of
 
 BACKPROP_METHODS = ("full", "bitfit", "lora", "prompt")
@@ -132,12 +131,18 @@ def _evaluate(classifier: Classifier, split: TokenSplit, task: TaskInfo, batch_s
 
 
 def train_backprop(method: str, model: str, cache: CacheReader, lr: float, seed: int, epochs: int, batch_size: int,
-                   device: str, options: dict, progress=None) -> dict:
+                   device: str, options: dict, progress=None, precision: str = "auto") -> dict:
     """Train one configuration; every epoch is validated and tested, and the test metric reported is the
-    one at the best validation epoch (as READ's best-validation checkpoint is tested)."""
+    one at the best validation epoch (as READ's best-validation checkpoint is tested). `precision` as
+    train-side's (TF32 on a GPU by default), so that neither side is timed at a precision the other is not."""
     torch.manual_seed(seed)
     classifier = build_classifier(method, model, cache, device, options)
     target = next(classifier.parameters()).device
+    with precision_scope(resolve_precision(precision, target), target):
+        return _train(classifier, target, cache, lr, seed, epochs, batch_size, options, progress)
+
+
+def _train(classifier, target, cache, lr, seed, epochs, batch_size, options, progress) -> dict:
     task = TaskInfo.from_cache(cache)
     splits = {name: TokenSplit(cache, name, classifier.pad_id) for name in ("train", "validation", "test")}
     params = [p for p in classifier.parameters() if p.requires_grad]
@@ -147,20 +152,21 @@ def train_backprop(method: str, model: str, cache: CacheReader, lr: float, seed:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_of(RunConfig(), steps))
     curve, tests, losses, epoch_seconds = [], [], [], []
     for epoch in range(epochs):
-        began, total = time.perf_counter(), []
+        began, total, count = time.perf_counter(), torch.zeros((), dtype=torch.float64, device=target), 0
         for ids, mask, labels in splits["train"].batches(batch_size, shuffle=True, seed=seed * 100_003 + epoch):
             loss = loss_of(task, classifier(ids.to(target), mask.to(target)), labels.to(target))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            total.append(loss.item())
+            total += loss.detach().double()  # read once per epoch: the step never waits on the device
+            count += 1
             if progress:
                 progress()
         curve.append(_evaluate(classifier, splits["validation"], task, 2 * batch_size, target))
         epoch_seconds.append(time.perf_counter() - began)  # training and validation, as READ's epochs count
         tests.append(_evaluate(classifier, splits["test"], task, 2 * batch_size, target))
-        losses.append(float(np.mean(total)))
+        losses.append(float(total) / max(count, 1))
     best = int(np.argmax(curve))
     trainable, backbone = counts(classifier)
     return {"validation": curve[best], "test": tests[best], "best_epoch": best, "validation_curve": curve,
@@ -200,63 +206,3 @@ def train_probe(cache: CacheReader, c: float, seed: int) -> dict:
     d = features["train"].shape[1]
     return {**result, "best_epoch": 0, "validation_curve": [result["validation"]], "train_loss": [], "epochs": 1,
             "epoch_seconds": [seconds], "trainable": d * (len(task["label_words"]) or 1) + (len(task["label_words"]) or 1)}
-
-
-class Meter:
-    """Peak memory and energy of what runs between start() and stop(). Memory: on a GPU, torch's peak
-    allocation; on a CPU, the peak resident set size above the process's size at start(). Energy: on an
-    NVIDIA GPU, NVML's energy counter (or its power readings integrated every 50 ms where the counter is
-    missing); on a CPU it is not measured (None)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._sampler = None
-
-    def start(self) -> None:
-        self.began = time.perf_counter()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start_energy()
-        else:
-            self.baseline = peak_memory_bytes(self.device)
-
-    def stop(self) -> dict:
-        seconds = time.perf_counter() - self.began
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(self.device)),
-                    "memory_kind": "cuda max_memory_allocated", "energy_joules": self._stop_energy(),
-                    "wall_seconds": seconds}
-        return {"peak_memory_bytes": peak_memory_bytes(self.device) - self.baseline, "memory_kind": "peak RSS above baseline",
-                "energy_joules": None, "wall_seconds": seconds}
-
-    def _start_energy(self) -> None:
-        import pynvml
-
-        pynvml.nvmlInit()
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(self.device.index or 0)
-        try:
-            self._energy0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)  # millijoules
-        except pynvml.NVMLError:
-            self._energy0, self._joules, self._running = None, 0.0, True
-            self._sampler = threading.Thread(target=self._sample, daemon=True)
-            self._sampler.start()
-
-    def _sample(self) -> None:
-        import pynvml
-
-        last = time.perf_counter()
-        while self._running:
-            time.sleep(0.05)
-            now = time.perf_counter()
-            self._joules += pynvml.nvmlDeviceGetPowerUsage(self._handle) / 1000 * (now - last)  # milliwatts
-            last = now
-
-    def _stop_energy(self) -> float:
-        import pynvml
-
-        if self._energy0 is not None:
-            return (pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) - self._energy0) / 1000
-        self._running = False
-        self._sampler.join()
-        return self._joules

@@ -65,6 +65,10 @@ def parse(argv=None) -> argparse.Namespace:
                                                          "the backbone")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "tf32", "bf16"),
+                   help="every method's (train-side --precision): tf32 on a GPU, fp32 on the CPU by default")
+    p.add_argument("--idle-watts", type=float, default=None,
+                   help="the GPU's idle power, measured beforehand: energy is reported above it")
     p.add_argument("--report-only", action="store_true", help="rebuild tables and plots from --results")
     args = p.parse_args(argv)
     unknown = sorted(set(args.methods.split(",")) - set(METHODS))
@@ -77,7 +81,11 @@ def parse(argv=None) -> argparse.Namespace:
 
 def jobs(args, task: str, backbone: str) -> list[dict]:
     """Every (method, configuration, seed) this invocation asks for."""
+    import torch
+
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device.split(":")[0]
+    precision = ("tf32" if kind == "cuda" else "fp32") if args.precision == "auto" else args.precision
     found = []
     for method in args.methods.split(","):
         grid_option, seed_option, epochs_option = METHODS[method]
@@ -90,12 +98,16 @@ def jobs(args, task: str, backbone: str) -> list[dict]:
             if method.startswith("read") and args.read_width:
                 config["width"] = args.read_width
             for seed in (seeds if seed_option == "seeds" else seeds[:1]):
-                found.append({"backbone": backbone, "task": task, "method": method, "config": config, "seed": seed})
+                found.append({"backbone": backbone, "task": task, "method": method, "config": config, "seed": seed,
+                              "device_kind": kind, "precision": precision})
     return found
 
 
 def key(job: dict) -> str:
-    return json.dumps([job["backbone"], job["task"], job["method"], job["config"], job["seed"]], sort_keys=True)
+    """What makes a result: a GPU run is not the CPU run of the same configuration (results files made before
+    device and precision were recorded count as the CPU's, in fp32)."""
+    return json.dumps([job["backbone"], job["task"], job["method"], job["config"], job["seed"],
+                       job.get("device_kind", "cpu"), job.get("precision", "fp32")], sort_keys=True)
 
 
 def done_keys(results: Path) -> set[str]:
@@ -107,7 +119,8 @@ def done_keys(results: Path) -> set[str]:
 def run_job(job: dict, args) -> dict:
     """One configuration in a fresh process (its own peak memory); its last stdout line is the result."""
     payload = {**job, "cache": str(args.cache), "model": args.model, "data_dir": str(args.data_dir or ""),
-               "batch_size": args.batch_size, "device": args.device, "read_memory_gb": args.read_memory_gb}
+               "batch_size": args.batch_size, "device": args.device, "read_memory_gb": args.read_memory_gb,
+               "idle_watts": args.idle_watts}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(payload)], stdout=subprocess.PIPE,
                           text=True)
     lines = proc.stdout.strip().splitlines()
@@ -124,6 +137,7 @@ def worker(payload: dict) -> dict:
     import baselines
     from cache_store import CacheReader
     from cache_store.runtime import resolve_device
+    from side_train.meter import Meter
     from side_train.train import train  # noqa: F401  (ditto)
 
     if payload["method"] in ("lora", "prompt"):
@@ -131,7 +145,7 @@ def worker(payload: dict) -> dict:
 
     device = resolve_device(payload["device"])
     cache = CacheReader(payload["cache"])
-    meter = baselines.Meter(device)
+    meter = Meter(device, payload.get("idle_watts"))
     method, config, seed = payload["method"], payload["config"], payload["seed"]
     meter.start()
     if method == "probe":
@@ -140,7 +154,8 @@ def worker(payload: dict) -> dict:
         result = _train_read(payload, cache)
     else:
         result = baselines.train_backprop(method, payload["model"], cache, config["lr"], seed,
-                                          config.get("epochs", 5), payload["batch_size"], payload["device"], {})
+                                          config.get("epochs", 5), payload["batch_size"], payload["device"], {},
+                                          precision=payload["precision"])
     measured = meter.stop()
     backbone = result.get("backbone_parameters") or backbone_parameters(payload["model"])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
@@ -164,7 +179,7 @@ def _train_read(payload: dict, cache) -> dict:
     memory = payload["read_memory_gb"]
     with tempfile.TemporaryDirectory() as out:
         metrics = train(source, [run], Path(out), device=payload["device"], progress=False, log=lambda line: None,
-                        memory_bytes=int(memory * 2**30) if memory else None)[0]
+                        memory_bytes=int(memory * 2**30) if memory else None, precision=payload["precision"])[0]
     if metrics["status"] != "ok":
         raise RuntimeError(metrics["status"])
     best = metrics["best_epoch"]
