@@ -80,6 +80,8 @@ class Checks:
             rc, output = done.returncode, done.stdout
         except subprocess.TimeoutExpired as exc:
             rc, output = 124, (exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or "")
+        except OSError as exc:  # the command is not there: a failed step, not a failed check
+            rc, output = 127, f"{exc}\n"
         seconds = time.monotonic() - began
         self.log.write(output)
         self.outputs[name], self.status[name] = output, rc
@@ -200,7 +202,10 @@ def main(data, out, deadline, device, sst_limit):
         checks.say("preflight failed: nothing else runs")
         sys.exit(1)
     py = sys.executable
-    tool = lambda name: [shutil.which(name) or name]  # noqa: E731 (the console scripts of this install)
+    def tool(name):  # this install's console script: beside its Python, else on PATH
+        beside = Path(sys.executable).with_name(name)
+        return [str(beside) if beside.is_file() else shutil.which(name) or name]
+
     cache = lambda *a: tool("cache-activations") + ["--data-dir", str(glue), "--out", str(caches), "--device", device, "--quiet", *a]  # noqa: E731
     train = lambda *a: tool("train-side") + ["--out", str(runs), "--device", device, "--quiet", *a]  # noqa: E731
     compare = [py, "scripts/compare/methods.py", "--cache", str(sst), "--model", str(mini), "--data-dir", str(glue),
