@@ -31,18 +31,28 @@ STORAGE_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
     "float32": (np.dtype(np.float32), torch.float32),
 }
 
-# Quantized arrays (format v2, `cache-activations --quantize`): the array kinds that can be, and the dtype each
-# is stored in. See quantize_rows and quantize_probabilities for what the stored integers mean.
-QUANTIZED = {"hidden": "int8", "attention": "uint8"}
+# Quantized arrays (format v2, `cache-activations --quantize`): the choices, and the dtype each stores its
+# array kind in. hidden: int8, one scale per row (quantize_rows); hidden4: int4, two per byte, one scale per
+# group of HIDDEN4_GROUP channels of a row (quantize_groups); attention: uint8 units (quantize_probabilities).
+QUANTIZED = {"hidden": "int8", "hidden4": "int4x2", "attention": "uint8"}
+HIDDEN_CHOICES = ("hidden", "hidden4")  # how hidden states are quantized: one of them at most
+HIDDEN4_GROUP = 64  # channels per scale: 4 scale bytes per 32 value bytes
 ARRAY_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
     **STORAGE_DTYPES, "int8": (np.dtype(np.int8), torch.int8), "uint8": (np.dtype(np.uint8), torch.uint8),
-    "int16": (np.dtype(np.int16), torch.int16)}  # int16: top-k key positions past 255
+    "int16": (np.dtype(np.int16), torch.int16),  # int16: top-k key positions past 255
+    "int4x2": (np.dtype(np.uint8), torch.uint8)}  # two int4 values per byte (quantize_groups)
+
+
+def hidden_quantization(quantize) -> str | None:
+    """The dtype a cache's hidden states are stored in when quantized (QUANTIZED), else None."""
+    return next((QUANTIZED[k] for k in HIDDEN_CHOICES if k in quantize), None)
 PROBABILITY_UNITS = 255  # a uint8 attention entry q stands for q / 255
 
 # Chosen by scripts/bench/compression.py on real-row T5 activations: bit shuffle groups the sign and
 # exponent bits, which is what compresses in float activations; lz4 keeps within ~6% of zstd's ratio
 # at 3-4x its speed, so the writer keeps up with the backbone on two cores.
 COMPRESSOR = {"codec": "blosc", "cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}
+CODECS = {"lz4": 5, "zstd": 3}  # --codec NAME[:LEVEL]: blosc's compressor and its default level (1-9)
 DEFAULT_SHARD_BYTES = 64 * 2**20  # whole shards are buffered in memory per array while writing
 DEFAULT_CHUNK_BYTES = 2**20
 
@@ -151,7 +161,8 @@ def stored_projection(manifest: Mapping[str, Any]) -> int:
 
 
 def scale_path(path: str) -> str:
-    """Where an int8 hidden array's per-row scales live: encoder/hidden/3 -> encoder/hidden_scale/3."""
+    """Where a quantized hidden array's scales live (one per row for int8, one per group of channels for
+    int4): encoder/hidden/3 -> encoder/hidden_scale/3."""
     stack, kind, layer = path.split("/")
     return f"{stack}/{kind}_scale/{layer}"
 
@@ -167,6 +178,46 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_rows(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return values.float() * scale[..., None]
+
+
+def quantize_groups(x: torch.Tensor, group: int = HIDDEN4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., d] floats (d even) -> (uint8 [..., d / 2], float32 scale [..., ceil(d / group)]): each group of
+    `group` channels scaled by its largest magnitude / 7 and rounded to an integer in [-7, 7], so every
+    value is within its group's scale / 2 of x; stored plus 8 (1..15), channel 2i in byte i's low four
+    bits and channel 2i + 1 in its high four."""
+    x = x.float()
+    d = x.shape[-1]
+    if d % 2:
+        raise ValueError(f"int4 hidden states pack two channels per byte: the width must be even, got {d}")
+    groups = -(-d // group)
+    padded = nn_pad(x, groups * group - d).unflatten(-1, (groups, group))  # [..., G, group]
+    scale = padded.abs().amax(-1) / 7
+    q = torch.round(padded / torch.where(scale > 0, scale, 1)[..., None]).clamp_(-7, 7)
+    q = (q.flatten(-2)[..., :d] + 8).to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4), scale
+
+
+def dequantize_groups(packed: torch.Tensor, scale: torch.Tensor, group: int = HIDDEN4_GROUP) -> torch.Tensor:
+    """quantize_groups' (uint8 [..., d / 2], scale [..., G]) -> float32 [..., d]."""
+    low, high = (packed & 15).float() - 8, (packed >> 4).float() - 8
+    values = torch.stack([low, high], -1).flatten(-2)  # [..., d]
+    d = values.shape[-1]
+    return values * scale.repeat_interleave(group, -1)[..., :d]
+
+
+def dequantize_hidden(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Stored quantized hidden states -> float32: int8 rows (quantize_rows) or packed int4 (quantize_groups)."""
+    return dequantize_rows(values, scale) if values.dtype == torch.int8 else dequantize_groups(values, scale)
+
+
+def quantize_hidden(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows for int8, quantize_groups for int4x2 (QUANTIZED's hidden dtypes)."""
+    return quantize_rows(x) if dtype == "int8" else quantize_groups(x)
+
+
+def nn_pad(x: torch.Tensor, extra: int) -> torch.Tensor:
+    """x with `extra` zero channels appended."""
+    return torch.cat([x, x.new_zeros(*x.shape[:-1], extra)], -1) if extra else x
 
 
 def quantize_probabilities(p: torch.Tensor) -> torch.Tensor:
@@ -189,8 +240,16 @@ def dequantize_probabilities(units: torch.Tensor, dtype: torch.dtype = torch.flo
     return wide.div_(PROBABILITY_UNITS)  # in place: 3x faster than a mixed-dtype product here
 
 
-def compressors() -> list:
-    c = COMPRESSOR
+def parse_codec(text: str) -> dict:
+    """--codec lz4 | zstd | NAME:LEVEL -> the manifest's compressor record (blosc, bit shuffle)."""
+    name, _, level = text.partition(":")
+    if name not in CODECS or (level and not (level.isdigit() and 1 <= int(level) <= 9)):
+        raise CacheError(f"--codec must be one of {', '.join(CODECS)}, optionally :LEVEL (1-9), got {text!r}")
+    return {**COMPRESSOR, "cname": name, "clevel": int(level) if level else CODECS[name]}
+
+
+def compressors(record: Mapping[str, Any] = COMPRESSOR) -> list:
+    c = record
     # Crc32c last: every inner chunk carries its own checksum, verified by zarr on every read.
     return [BloscCodec(cname=c["cname"], clevel=c["clevel"], shuffle=c["shuffle"]), Crc32cCodec()]
 

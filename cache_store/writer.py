@@ -54,23 +54,25 @@ class SplitPlan:
         return extent(grows_along, self.lengths, k)
 
 
-def storage_record(shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict:
+def storage_record(shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                   compressor: Mapping[str, Any] = COMPRESSOR) -> dict:
     """The manifest's `storage`: how the arrays are compressed and sharded."""
-    return {"compressor": COMPRESSOR, "shard_bytes": shard_bytes, "chunk_bytes": chunk_bytes}
+    return {"compressor": dict(compressor), "shard_bytes": shard_bytes, "chunk_bytes": chunk_bytes}
 
 
 class CacheWriter:
     """Opens a cache for writing: `mode` is new (refuse an existing one), resume or overwrite."""
 
     def __init__(self, path: str | Path, manifest: Mapping[str, Any], mode: str = "new",
-                 shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                 shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 compressor: Mapping[str, Any] = COMPRESSOR):
         self.location = Location(path)
         self.path = self.location.path  # a Path, or an s3:// URL
-        self.shard_bytes, self.chunk_bytes = shard_bytes, chunk_bytes
+        self.shard_bytes, self.chunk_bytes, self.compressor = shard_bytes, chunk_bytes, dict(compressor)
         manifest = {
             **manifest,
             "format_version": FORMAT_VERSION,
-            "storage": storage_record(shard_bytes, chunk_bytes),
+            "storage": storage_record(shard_bytes, chunk_bytes, compressor),
             "checksums": {},
             "complete": False,
         }
@@ -194,7 +196,7 @@ class SplitWriter:
         for key, values in (("offsets", plan.offsets), ("attention_offsets", plan.attention_offsets),
                             ("input_ids", plan.input_ids.astype(np.int32)), ("labels", plan.labels),
                             ("example_index", plan.example_index.astype(np.int64))):
-            group.create_array(key, data=values, compressors=compressors())
+            group.create_array(key, data=values, compressors=compressors(cache.compressor))
         logical = {p: s.dtype or cache.dtype for p, s in self.specs.items()}
         storage = {p: ARRAY_DTYPES[dtype][0] for p, dtype in logical.items()}
         lengths = {p: int(plan.extent(s.grows_along, s.k)[-1]) for p, s in self.specs.items()}
@@ -205,7 +207,7 @@ class SplitWriter:
             group.create_array(
                 path, shape=spec.shape(lengths[path]), dtype=storage[path], chunks=spec.shape(chunk),
                 shards=spec.shape(shard),
-                compressors=compressors(), fill_value=0, config={"write_empty_chunks": True},
+                compressors=compressors(cache.compressor), fill_value=0, config={"write_empty_chunks": True},
                 attributes={"logical_dtype": logical[path], "grows_along": spec.grows_along, "axis": spec.axis,
                             **({"k": spec.k} if spec.k else {})},
             )

@@ -81,6 +81,7 @@ def _task_list(value: str, data: tuple[str, ...] = ()) -> list[str]:
 @field_option(CacheConfig, "layers", default="all")
 @field_option(CacheConfig, "limit", type=int)
 @field_option(CacheConfig, "device")
+@field_option(CacheConfig, "codec", metavar="lz4|zstd[:LEVEL]")
 @field_option(CacheConfig, "shard_mb", type=float)
 @click.option("--resume", is_flag=True, help="Continue a killed run (in a store: and cache tasks it lacks).")
 @click.option("--add", is_flag=True, help="Cache the tasks an existing --store lacks (same backbone and settings).")
@@ -88,7 +89,7 @@ def _task_list(value: str, data: tuple[str, ...] = ()) -> list[str]:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def main(ctx, tasks, task_file, store, model, name, init, seed, data_dir, data, text_fields, label_field, metric, labels, out, splits, batch_size, max_length, dtype, attention, quantize,
-         project, project_from, layers, limit, device, shard_mb, resume, add, overwrite, quiet):
+         project, project_from, layers, limit, device, codec, shard_mb, resume, add, overwrite, quiet):
     """Run a frozen backbone once over every split of one or more GLUE tasks, or of your own labelled
     rows (--data), and cache its activations (several tasks: one store, with one subgroup per task)."""
     from .job import run, run_store  # heavy imports (torch, transformers) only once the arguments are fine
@@ -122,6 +123,7 @@ def main(ctx, tasks, task_file, store, model, name, init, seed, data_dir, data, 
             dtype=dtype, attention=attention, quantize=tuple(sorted({k for k in quantize.split(",") if k and k != "none"})), project=project, project_from=project_from,
             layers=_int_list(layers, "--layers"), limit=limit, device=device,
             mode="resume" if resume else "add" if add else "overwrite" if overwrite else "new", shard_mb=shard_mb,
+            codec=codec,
         ) for task in names]
         config = configs[0]
         log = lambda line: click.echo(line, err=True)  # noqa: E731

@@ -7,7 +7,8 @@ from pathlib import Path
 from cache_store import ATTENTION_MODES, SPLITS, STORAGE_DTYPES
 from cache_store.commands import documented
 from cache_store.location import is_remote
-from cache_store.format import DEFAULT_SHARD_BYTES, QUANTIZED, parse_attention
+from cache_store import CacheError
+from cache_store.format import DEFAULT_SHARD_BYTES, QUANTIZED, parse_attention, parse_codec
 
 from .backbones import INITS, backbone_name
 from .errors import InputError
@@ -55,8 +56,9 @@ class CacheConfig:
                                           "all; topk:K keeps each query row's K largest entries per head, "
                                           "renormalised to sum to 1, with their key positions.")
     quantize: tuple[str, ...] = documented(("attention", "hidden"), "Array kinds to store quantized, comma-separated "
-                                           "(none: no kind): hidden (int8, one absmax scale per token) and "
-                                           "attention (uint8 units of 1/255, each row's sum kept).")
+                                           "(none: no kind): hidden (int8, one absmax scale per token), "
+                                           "hidden4 (int4, two a byte, one absmax scale per 64 channels of a "
+                                           "token) and attention (uint8 units of 1/255, each row's sum kept).")
     project: int = documented(0, "Store each encoder layer's hidden states as K coordinates in a PCA basis "
                                   "fitted on up to 1024 train examples (kept in the cache), and the final layer's "
                                   "pooled states at full width; 0: full width.")
@@ -69,6 +71,8 @@ class CacheConfig:
     device: str = documented("auto", "auto | cpu | cuda[:i]")
     mode: str = "new"  # new (refuse an existing cache) | resume | overwrite | add (a store's): the flags
     store: str | None = None  # a store's name: the cache goes to OUT/<model>/<store>/<task> (cache_store.store)
+    codec: str = documented("lz4", "How every chunk is compressed (blosc, bit shuffle): lz4 (fast) or zstd "
+                                   "(smaller, slower to write), optionally with a level, e.g. zstd:5.")
     shard_mb: float = documented(DEFAULT_SHARD_BYTES / 2**20, "Shard size in MiB; one shard per array is buffered "
                                                              "in memory while writing.")
 
@@ -88,6 +92,9 @@ class CacheConfig:
              f"--attention must be one of {', '.join(ATTENTION_MODES)} or topk:K"),
             (set(self.quantize) <= set(QUANTIZED),
              f"--quantize takes {', '.join(QUANTIZED)}, got {','.join(self.quantize)}"),
+            (not {"hidden", "hidden4"} <= set(self.quantize), "--quantize hidden (int8) and hidden4 (int4) exclude each other"),
+            ("hidden4" not in self.quantize or self.project % 2 == 0,
+             f"--quantize hidden4 packs two values a byte: --project needs an even K, got {self.project}"),
             ("attention" not in self.quantize or self.attention != "none",
              "--quantize attention needs attention maps (--attention heads or mean)"),
             (self.project >= 0, f"--project must be a positive number of dimensions (0: none), got {self.project}"),
@@ -101,6 +108,7 @@ class CacheConfig:
             (self.store is None or (bool(self.store) and "/" not in self.store and not self.store.startswith(".")),
              f"--store must be a folder name, got {self.store!r}"),
             (self.shard_mb > 0, "--shard-mb must be positive"),
+            (_codec_ok(self.codec), f"--codec must be lz4 or zstd, optionally :LEVEL (1-9), got {self.codec!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -139,3 +147,16 @@ class CacheConfig:
     @property
     def shard_bytes(self) -> int:
         return int(self.shard_mb * 2**20)
+
+    @property
+    def compressor(self) -> dict:
+        """The manifest's compressor record for --codec."""
+        return parse_codec(self.codec)
+
+
+def _codec_ok(codec: str) -> bool:
+    try:
+        parse_codec(codec)
+    except CacheError:
+        return False
+    return True

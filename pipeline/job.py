@@ -16,9 +16,9 @@ from cache_store import (
     ArraySpec, BackgroundWriter, CacheError, CacheReader, CacheWriter, SplitPlan, attention_path, cross_attention_path, hidden_path,
 )
 from cache_store.format import (
-    ARRAY_DTYPES, EXAMPLES, PAIRS, STORED_POOLINGS, QUANTIZED, STORAGE_DTYPES, TOKENS, TOPK, TRIANGLE,
-    attention_keys_path, extent, pool, pooled_path, quantize_probabilities, quantize_rows, scale_path, stored_projection,
-    to_storage, triangle_indices,
+    ARRAY_DTYPES, EXAMPLES, HIDDEN4_GROUP, PAIRS, STORED_POOLINGS, QUANTIZED, STORAGE_DTYPES, TOKENS, TOPK, TRIANGLE,
+    attention_keys_path, extent, pool, pooled_path, quantize_probabilities, quantize_hidden, scale_path, stored_projection,
+    hidden_quantization, to_storage, triangle_indices,
 )
 from cache_store.location import Location
 from cache_store.lock import write_lock
@@ -57,22 +57,31 @@ def stored_layers(backbone: Backbone, layers: tuple[int, ...] | None) -> dict[st
 def array_specs(backbone: Backbone, attention: str, layers: dict[str, list[int]],
                 quantize: tuple[str, ...] = (), topk: int = 0, max_length: int = 128, project: int = 0) -> list[ArraySpec]:
     """Every backbone array a split stores; quantized kinds in their QUANTIZED dtype (None: the storage
-    dtype), int8 hidden states with a float32 scale array beside each, top-k attention entries with an
+    dtype), int8 hidden states with a float32 scale array beside each (int4 ones: two channels a byte,
+    one scale per group of channels), top-k attention entries with an
     array of their key positions (uint8 while positions fit, int16 beyond), causal maps as their lower
     triangles, encoder hidden states K wide with --project K (and an encoder-only backbone's pooled final
     states, full width)."""
     d, heads = backbone.d_model, backbone.n_heads
     att_row, att_axis = ((heads,), 1) if attention == "heads" else ((), 0)
-    hidden = QUANTIZED["hidden"] if "hidden" in quantize else None
+    hidden = hidden_quantization(quantize)
     maps = QUANTIZED["attention"] if "attention" in quantize else None
 
-    def with_scales(out):
-        return out + ([ArraySpec(scale_path(s.path), s.grows_along, (), 0, "float32") for s in out] if hidden else [])
+    def rows(width):  # a hidden array's row and its scales' row: int4 packs two channels a byte, a scale a group
+        if hidden == "int4x2":
+            return (width // 2,), (-(-width // HIDDEN4_GROUP),)
+        return (width,), ()
+
+    def with_scales(out, width):
+        scales = rows(width)[1]
+        return out + ([ArraySpec(scale_path(s.path), s.grows_along, scales, 0, "float32") for s in out] if hidden else [])
 
     width = project or d
-    specs = with_scales([ArraySpec(hidden_path("encoder", k), TOKENS, (width,), 0, hidden) for k in layers["encoder"]])
+    specs = with_scales([ArraySpec(hidden_path("encoder", k), TOKENS, rows(width)[0], 0, hidden)
+                         for k in layers["encoder"]], width)
     if project and not backbone.n_decoder_layers:
-        specs += with_scales([ArraySpec(pooled_path(p, backbone.n_layers), EXAMPLES, (d,), 0, hidden) for p in STORED_POOLINGS])
+        specs += with_scales([ArraySpec(pooled_path(p, backbone.n_layers), EXAMPLES, rows(d)[0], 0, hidden)
+                              for p in STORED_POOLINGS], d)
     if attention != "none" and topk:
         keys = "uint8" if max_length <= 256 else "int16"
         specs += [ArraySpec(attention_path(k), TOPK, att_row, att_axis, maps, topk) for k in layers["encoder"] if k]
@@ -80,7 +89,7 @@ def array_specs(backbone: Backbone, attention: str, layers: dict[str, list[int]]
     elif attention != "none":
         layout = TRIANGLE if backbone.causal else PAIRS
         specs += [ArraySpec(attention_path(k), layout, att_row, att_axis, maps) for k in layers["encoder"] if k]
-    specs += with_scales([ArraySpec(hidden_path("decoder", k), EXAMPLES, (d,), 0, hidden) for k in layers["decoder"]])
+    specs += with_scales([ArraySpec(hidden_path("decoder", k), EXAMPLES, rows(d)[0], 0, hidden) for k in layers["decoder"]], d)
     if attention != "none":
         specs += [ArraySpec(cross_attention_path(k), TOKENS, att_row, att_axis, maps) for k in layers["decoder"] if k]
     return specs
@@ -232,7 +241,7 @@ def extract(out: BackboneOutput, lengths: list[int], specs: list[ArraySpec], dty
             else:
                 value = out.decoder_hidden[layer].to(wide)  # [B, d]
             if spec.dtype:
-                value, scale = quantize_rows(value)
+                value, scale = quantize_hidden(value, spec.dtype)
                 arrays[scale_path(spec.path)] = to_storage(scale, "float32")
         else:
             if kind == "attention":
@@ -382,7 +391,8 @@ def run(config: CacheConfig, progress: bool = True, log=None, ready: Prepared | 
     ready = ready or prepare(config, progress)
     projection = ready.projection.on(ready.backbone.device) if ready.projection else None
     with contextlib.nullcontext() if locked else _locked(config.cache_dir, log):
-        writer = CacheWriter(config.cache_dir, ready.manifest, config.mode, shard_bytes=config.shard_bytes)
+        writer = CacheWriter(config.cache_dir, ready.manifest, config.mode, shard_bytes=config.shard_bytes,
+                             compressor=config.compressor)
         _write_root_arrays(writer, ready)
         reports = []
         for name, plan in ready.plans.items():
@@ -413,7 +423,8 @@ def run_store(configs: list[CacheConfig], progress: bool = True, log=None) -> li
         projection = projection or ready.projection
         prepared.append(ready)
     task_mode = "resume" if first.mode in ("resume", "add") else "new"
-    shared = shared_fields({**prepared[0].manifest, "storage": storage_record(first.shard_bytes)})
+    shared = shared_fields({**prepared[0].manifest, "storage": storage_record(first.shard_bytes,
+                                                                                compressor=first.compressor)})
     reports = []
     with _locked(first.store_dir, log) if world.leader else contextlib.nullcontext():
         if world.leader:
@@ -441,7 +452,8 @@ def _run_ranked(config: CacheConfig, world: World, progress: bool, log, ready: P
     ready = ready or prepare(config, progress and leader, fit_projection=leader)
     with _locked(config.cache_dir, log) if leader and not locked else contextlib.nullcontext():
         if leader:
-            writer = CacheWriter(config.cache_dir, ready.manifest, config.mode, shard_bytes=config.shard_bytes)
+            writer = CacheWriter(config.cache_dir, ready.manifest, config.mode, shard_bytes=config.shard_bytes,
+                             compressor=config.compressor)
             _write_root_arrays(writer, ready)
             for name, plan in ready.plans.items():  # each split's group, metadata arrays and records group
                 open_records(writer.split(name, plan, ready.specs))

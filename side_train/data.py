@@ -11,7 +11,7 @@ import torch
 from cache_store import CacheError, CacheReader, SplitReader, attention_path, cross_attention_path, hidden_path
 from cache_store.format import (
     PAIRS, STORED_POOLINGS, TOPK, TRIANGLE, attention_keys_path, dequantize_probabilities, extent, pooled_path, scale_path,
-    stored_layout, stored_projection, stored_topk, triangle_indices,
+    hidden_quantization, stored_layout, stored_projection, stored_topk, triangle_indices,
 )
 
 from .read_model import Packing, ReadInputs, ReadSpec
@@ -46,7 +46,7 @@ def array_paths(spec: ReadSpec, manifest: dict) -> list[str]:
     hidden += [hidden_path("decoder", k) for k in range(1, spec.n_decoder_layers + 1)]
     # both pooled states: a sweep's runs may pool differently, and they are small (one row per example)
     hidden += [pooled_path(p, spec.n_layers) for p in STORED_POOLINGS] if spec.projection and not spec.n_decoder_layers else []
-    paths = hidden + ([scale_path(p) for p in hidden] if "hidden" in manifest.get("quantize", ()) else [])
+    paths = hidden + ([scale_path(p) for p in hidden] if hidden_quantization(manifest.get("quantize", ())) else [])
     paths += [attention_path(k) for k in range(1, spec.n_layers + 1)] if attention else []
     paths += [attention_keys_path(k) for k in range(1, spec.n_layers + 1)] if stored_topk(manifest) else []
     paths += [cross_attention_path(k) for k in range(1, spec.n_decoder_layers + 1)] if attention else []
@@ -55,8 +55,9 @@ def array_paths(spec: ReadSpec, manifest: dict) -> list[str]:
 
 @dataclass
 class QuantizedRows:
-    """Hidden states as a cache made with --quantize hidden stores them: int8 values [..., d] and one
-    float32 scale per row [...] (0 on padding). They stay so until they reach the device (to_device)."""
+    """Hidden states as a cache made with --quantize hidden (or hidden4) stores them: int8 values [..., d]
+    and one float32 scale per row [...] (int4: uint8 [..., d / 2], two channels a byte, and scales
+    [..., G], one per group of channels). They stay so until they reach the device (to_device)."""
 
     values: torch.Tensor
     scale: torch.Tensor

@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 
 from cache_store import UserError
-from cache_store.format import dequantize_rows
+from cache_store.format import dequantize_hidden
 
 from .data import QuantizedRows, TrainBatch
 from .read_model import Packing, ReadInputs
@@ -49,11 +49,11 @@ def precision_scope(precision: str, device: torch.device):
 
 
 def inputs_to(inputs: ReadInputs, device: torch.device) -> ReadInputs:
-    """READ inputs on the device, where int8 hidden states are dequantized, so that what crosses to the
+    """READ inputs on the device, where int8 or int4 hidden states are dequantized, so that what crosses to the
     device is the stored bytes (bfloat16 ones READ widens as it reads them, ReadInputs.widened);
     attention maps stay as stored until READ multiplies by them."""
     move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
-    hidden = lambda xs: [dequantize_rows(move(x.values), move(x.scale)) if isinstance(x, QuantizedRows)  # noqa: E731
+    hidden = lambda xs: [dequantize_hidden(move(x.values), move(x.scale)) if isinstance(x, QuantizedRows)  # noqa: E731
                          else move(x) for x in xs]
     maps = lambda xs: None if xs is None else [move(x) for x in xs]  # noqa: E731
     pooled = None if inputs.pooled is None else {p: hidden([x])[0] for p, x in inputs.pooled.items()}

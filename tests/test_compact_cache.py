@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from cache_store import CacheError, CacheReader
 from cache_store.cli import main as inspect_main
 from cache_store.format import (
-    MANIFEST_KEY, dequantize_probabilities, dequantize_rows, quantize_probabilities, quantize_rows,
+    MANIFEST_KEY, dequantize_groups, dequantize_probabilities, dequantize_rows, quantize_groups, quantize_probabilities,
+    quantize_rows,
 )
 from pipeline.errors import InputError
 from pipeline.glue_data import load_source_splits
@@ -45,6 +46,39 @@ def test_each_row_is_within_half_a_step_of_its_int8_value():
     assert not dequantize_rows(values, scale)[7].any()
 
 
+def test_each_int4_value_is_within_half_its_groups_step():
+    torch.manual_seed(0)
+    x = torch.randn(300, 200) * torch.logspace(-3, 3, 300)[:, None] * torch.rand(200)  # 200: a short last group
+    x[7] = 0
+    x[9, :64] = 0  # one group of zeros in a row that has others
+    packed, scale = quantize_groups(x)
+    assert packed.dtype == torch.uint8 and packed.shape == (300, 100) and scale.shape == (300, 4)
+    step = scale.repeat_interleave(64, -1)[:, :200]
+    error = (dequantize_groups(packed, scale) - x).abs()
+    assert (error <= step / 2 * (1 + 1e-6)).all()
+    assert not dequantize_groups(packed, scale)[7].any() and not dequantize_groups(packed, scale)[9, :64].any()
+    values = torch.stack([(packed & 15), packed >> 4], -1).flatten(-2).long() - 8
+    assert int(values.min()) == -7 and int(values.max()) == 7  # each group's largest magnitude is +-7 exactly
+    with pytest.raises(ValueError, match="even"):
+        quantize_groups(torch.randn(2, 5))
+
+
+def test_an_int4_cache_stores_what_its_bound_promises(caches):
+    exact, packed = caches["float32"], caches["int4"]
+    assert packed.manifest["quantize"] == ["attention", "hidden4"]
+    a, b = exact.split("train"), packed.split("train")
+    for layer in (0, 1, 2):
+        values, scale = b.load(f"encoder/hidden/{layer}"), b.load(f"encoder/hidden_scale/{layer}")
+        assert values.dtype == torch.uint8 and values.shape[-1] == 16 and scale.shape[-1] == 1  # d = 32
+        error = (dequantize_groups(values, scale) - a.load(f"encoder/hidden/{layer}")).abs()
+        assert (error <= scale.repeat_interleave(64, -1)[:, :32] / 2 * (1 + 1e-6) + 1e-7).all()
+    values, scale = b.load("decoder/hidden/1"), b.load("decoder/hidden_scale/1")
+    error = (dequantize_groups(values, scale) - a.load("decoder/hidden/1")).abs()
+    assert (error <= scale.repeat_interleave(64, -1)[:, :32] / 2 * (1 + 1e-6) + 1e-7).all()
+    shown = CliRunner().invoke(inspect_main, [str(packed.path), "--verify"])
+    assert shown.exit_code == 0 and "hidden4 int4x2" in shown.output, shown.output
+
+
 def test_uint8_attention_keeps_every_row_sum_and_each_entry_within_one_unit():
     torch.manual_seed(0)
     p = torch.softmax(torch.randn(3, 4, 40, 40) * 3, -1)
@@ -60,7 +94,8 @@ def test_uint8_attention_keeps_every_row_sum_and_each_entry_within_one_unit():
 
 STORAGE = {"float32": {}, "quantized": {"quantize": ("attention", "hidden")}, "topk": {"attention": "topk:3"},
            "topk-quantized": {"attention": "topk:3", "quantize": ("attention", "hidden")},
-           "projected": {"project": 6, "attention": "topk:3", "quantize": ("attention", "hidden")}}
+           "projected": {"project": 6, "attention": "topk:3", "quantize": ("attention", "hidden")},
+           "int4": {"attention": "topk:3", "quantize": ("attention", "hidden4")}}
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +268,15 @@ def test_multi_task_needs_one_basis_for_every_task(tiny_bert, make_cache, tmp_pa
     assert result["status"] == "ok" and set(result["tasks"]) == {"rte", "mrpc"}
     with pytest.raises(InputError, match="has no --project 4 basis"):
         make_cache(tiny_bert, task="mrpc", limit=LIMIT, project=4, project_from=rte)
+
+
+def test_the_codec_changes_the_bytes_on_disk_and_nothing_read(tiny_bert, make_cache):
+    lz4 = CacheReader(make_cache(tiny_bert, task="rte", limit=LIMIT, splits=("train",), quantize=("attention", "hidden4")))
+    zstd = CacheReader(make_cache(tiny_bert, task="rte", limit=LIMIT, splits=("train",), quantize=("attention", "hidden4"),
+                                  codec="zstd:5"))
+    assert zstd.manifest["storage"]["compressor"] == {"codec": "blosc", "cname": "zstd", "clevel": 5, "shuffle": "bitshuffle"}
+    assert lz4.manifest["storage"]["compressor"]["cname"] == "lz4"
+    a, b = lz4.split("train"), zstd.split("train")
+    for path in a.array_paths():
+        assert torch.equal(a.load(path), b.load(path))
+    assert zarr.open_array(str(zstd.path / "train" / "encoder" / "hidden" / "1")).compressors[0].cname.value == "zstd"
