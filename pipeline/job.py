@@ -302,6 +302,7 @@ class Prepared:
     manifest: dict
     label_head: np.ndarray | None  # [C, d]
     projection: Projection | None = None  # --project K
+    sample_plan: SplitPlan | None = None  # --project K: the train rows a basis is fitted on
 
 
 def load_task(config: CacheConfig) -> tuple[TaskSpec, dict]:
@@ -334,15 +335,15 @@ def prepare(config: CacheConfig, progress: bool = True, fit_projection: bool = T
         return plan_split(backbone, task, split, config.max_length)
 
     plans = {name: plan(name) for name in config.splits}
+    sample = (plans["train"] if "train" in plans else plan("train")) if config.project else None
     if config.project and fit_projection and projection is None:  # fitted before anything is written; a resumed cache keeps its basis
         projection = resumed_projection(config) or shared_projection(config, backbone) or fit(
-            backbone, plans["train"] if "train" in plans else plan("train"),
-            layers["encoder"], config.project, config.batch_size, config.seed, progress, task.name)
+            backbone, sample, layers["encoder"], config.project, config.batch_size, config.seed, progress, task.name)
     head = backbone.label_head(task)
     manifest = build_manifest(config, backbone, task, protocol, plans, layers, head[0] if head else None, projection)
     specs = array_specs(backbone, config.attention_mode, layers, config.quantize, config.topk, config.max_length,
                         config.project)
-    return Prepared(task, backbone, plans, specs, manifest, head[1] if head else None, projection)
+    return Prepared(task, backbone, plans, specs, manifest, head[1] if head else None, projection, sample)
 
 
 def shared_projection(config: CacheConfig, backbone: Backbone) -> Projection | None:
@@ -412,16 +413,20 @@ def run_store(configs: list[CacheConfig], progress: bool = True, log=None) -> li
     """Cache several tasks into one store (cache_store.store), in order: the backbone loads once, and every
     task's rows are read and tokenized before anything is written (bad input writes nothing). The store's
     manifest is written, or checked against this run's settings (--resume, --add), then each task is
-    cached, resumed where a killed run stopped, or left as it is when complete. With --project the first
-    task's basis serves every task (a multi-task READ network needs one basis)."""
+    cached, resumed where a killed run stopped, or left as it is when complete. With --project one basis,
+    fitted on every task's train rows, serves every task (a multi-task READ network needs one basis)."""
     first, world = configs[0], current_world()
     backbone = open_backbone(first, progress and world.leader)
-    prepared, projection = [], None
-    for config in configs:
-        ready = prepare(config, progress and world.leader, fit_projection=world.leader, backbone=backbone,
-                        projection=projection)
-        projection = projection or ready.projection
-        prepared.append(ready)
+    prepared = [prepare(config, progress and world.leader, fit_projection=False, backbone=backbone)
+                for config in configs]
+    if first.project and world.leader:  # a resumed store keeps its basis
+        kept = next((p for p in map(resumed_projection, configs) if p is not None), None)  # a task already cached
+        projection = kept or shared_projection(first, backbone) or fit(
+            backbone, {r.task.name: r.sample_plan for r in prepared}, stored_layers(backbone, first.layers)["encoder"],
+            first.project, first.batch_size, first.seed, progress)
+        for ready in prepared:
+            ready.projection = projection
+            ready.manifest["projection"] = projection.describe()
     task_mode = "resume" if first.mode in ("resume", "add") else "new"
     shared = shared_fields({**prepared[0].manifest, "storage": storage_record(first.shard_bytes,
                                                                                 compressor=first.compressor)})

@@ -173,3 +173,27 @@ def test_cache_inspect_lists_the_tasks_and_verifies_them_all(store, tmp_path):
     shard.write_bytes(b"\0" * shard.stat().st_size)
     result = CliRunner().invoke(inspect_main, [str(path), "--verify"])
     assert result.exit_code == 1 and "cola/train/encoder/hidden/1" in result.output
+
+
+def test_a_projected_store_fits_one_basis_on_every_tasks_rows(tiny_bert, glue_dir, tmp_path):
+    """--project K over a store: one basis for its tasks, the PCA of both tasks' train tokens together
+    (checked against a full-width float32 store of the same rows), and multi-task READ trains on it."""
+    import torch
+
+    from cache_store import CacheReader
+
+    lossless = ["--attention", "heads", "--quantize", "none", "--dtype", "float32"]
+    invoke(cache_main, cache_args(tiny_bert, glue_dir, tmp_path / "full", "rte,mrpc", *lossless))
+    invoke(cache_main, cache_args(tiny_bert, glue_dir, tmp_path / "projected", "rte,mrpc", *lossless, "--project", "8"))
+    full, projected = tmp_path / "full" / tiny_bert.name / "rte+mrpc", tmp_path / "projected" / tiny_bert.name / "rte+mrpc"
+    records = [CacheReader(projected / task).manifest["projection"] for task in ("rte", "mrpc")]
+    assert records[0] == records[1] and records[0]["sample"]["task"] == "rte+mrpc"
+    assert records[0]["sample"]["examples"] == 48  # 24 train rows of each
+    for layer in (1, 2):
+        tokens = torch.cat([CacheReader(full / task).split("train").load(f"encoder/hidden/{layer}") for task in ("rte", "mrpc")])
+        centred = tokens.double() - tokens.double().mean(0)
+        variances = torch.linalg.eigvalsh(centred.T @ centred / len(tokens))
+        expected = float(variances[-8:].sum() / variances.clamp_min(0).sum())
+        assert records[0]["explained_variance"][str(layer)] == pytest.approx(expected, abs=1e-4)
+    invoke(train_main, ["--multi-task", "--from-cache", projected, "--hidden", "8", "--epochs", "1", "--out",
+                        tmp_path / "runs", "--quiet"])
