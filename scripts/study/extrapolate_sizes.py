@@ -34,8 +34,10 @@ CHOICES = {
     "project 64 + int8 hidden + top-8 uint8 attention": (1, 1, 1, 8, 64),
     "project 32 + int8 hidden + top-8 uint8 attention": (1, 1, 1, 8, 32),
     "project 32 + int8 hidden + top-4 uint8 attention": (1, 1, 1, 4, 32),
+    "int4 hidden + top-8 uint8 attention": (0.5, 1, 1, 8, None),
+    "int4 hidden + top-4 uint8 attention": (0.5, 1, 1, 4, None),
 }
-SCALE_BYTES = 4  # float32 per token and layer with int8 hidden states
+SCALE_BYTES = 4  # float32 per token and layer with int8 hidden states; per 64 channels with int4
 
 
 def lengths(tokenizer_path: str, glue: Path, task: str, max_length: int = 128) -> np.ndarray:
@@ -59,9 +61,13 @@ def bytes_per_example(m: np.ndarray, backbone: str, choice: str) -> float:
     d, n_enc, n_dec, heads = BACKBONES[backbone]
     hidden, value, key, kept, project = CHOICES[choice]
     keys = m if kept is None else np.minimum(kept, m)
-    scale = SCALE_BYTES if hidden == 1 else 0
-    encoder = (n_enc + 1) * m * ((project or d) * hidden + scale) + n_enc * heads * m * keys * (value + key)
-    decoder = (n_dec + 1) * (d * hidden + scale) + n_dec * heads * m * value  # cross-attention: one row
+
+    def scale(width):  # int8: one per token; int4: one per 64 channels
+        return SCALE_BYTES if hidden == 1 else SCALE_BYTES * -(-width // 64) if hidden < 1 else 0
+
+    width = project or d
+    encoder = (n_enc + 1) * m * (width * hidden + scale(width)) + n_enc * heads * m * keys * (value + key)
+    decoder = (n_dec + 1) * (d * hidden + scale(d)) + n_dec * heads * m * value  # cross-attention: one row
     return float(np.mean(encoder + decoder))
 
 

@@ -112,7 +112,8 @@ def train_once(args, cache: Path, task: str, choice: str, seed: int) -> dict:
 
     config = RunConfig(width=args.width, lr=args.lr, epochs=args.epochs, patience=args.epochs, seed=seed)
     began = time.perf_counter()
-    (result,) = train([cache], [config], args.runs / choice / task, progress=False, log=lambda line: None)
+    # resume=True: a study killed mid-run continues that run where it stopped (and ends as it would have)
+    (result,) = train([cache], [config], args.runs / choice / task, progress=False, log=lambda line: None, resume=True)
     return {"task": task, "choice": choice, "seed": seed, "options": CHOICES[choice],
             "config": {"width": args.width, "lr": args.lr, "epochs": args.epochs, "limit": args.limit},
             "validation": result["best_validation"], "test": result["test"],

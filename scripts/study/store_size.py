@@ -9,8 +9,8 @@ subsets in `--subsets` (GLUE's full files are not on this machine). Sizes are at
 `--measured STORE` (a store made with the default storage) adds the on-disk bytes of each of its tasks
 against the same formula on its own rows: the ratio lz4 achieves.
 
-    python scripts/study/store_size.py --minilm models/all-MiniLM-L6-v2 --t5 models/small-t5 \\
-        --glue ../shared/data/glue --subsets ../shared/data/glue_subsets --measured STORE
+    python scripts/study/store_size.py --minilm models/all-MiniLM-L6-v2 --t5 ../shared/data/t5/t5-small \\
+        --glue ../shared/data/glue --subsets ../shared/data/glue_subsets [--hidden int4] [--measured STORE]
 """
 from __future__ import annotations
 
@@ -31,16 +31,23 @@ BACKBONES = {
     "t5-base": ("t5", 768, 12, 12, 12),
     "t5-large": ("t5", 1024, 24, 24, 16),
 }
-TOPK, SCALE = 8, 4  # entries kept per query row; float32 scale per token and layer
+TOPK, SCALE = 8, 4  # entries kept per query row; float32 scale per token and layer (int8), per 64 channels (int4)
 
 
-def example_bytes(m: np.ndarray, d: int, n_enc: int, n_dec: int, heads: int) -> np.ndarray:
+def hidden_row_bytes(d: int, hidden: str) -> float:
+    """One token's hidden state at one layer: int8 values and a scale, or int4 (--quantize hidden4)."""
+    return d + SCALE if hidden == "int8" else d / 2 + SCALE * -(-d // 64)
+
+
+def example_bytes(m: np.ndarray, d: int, n_enc: int, n_dec: int, heads: int, hidden: str = "int8") -> np.ndarray:
     """Default storage, per example of m tokens: int8 hidden states and their scales at every layer
-    0..N, per layer k >= 1 each head's top-8 entries of each query row (uint8 value and key position);
-    T5's decoder start position (one row per layer) with dense uint8 cross-attention over the m tokens."""
+    0..N (`hidden="int4"`: --quantize hidden4), per layer k >= 1 each head's top-8 entries of each query
+    row (uint8 value and key position); T5's decoder start position (one row per layer) with dense uint8
+    cross-attention over the m tokens."""
     keys = np.minimum(TOPK, m)
-    encoder = (n_enc + 1) * m * (d + SCALE) + n_enc * heads * m * keys * 2
-    decoder = ((n_dec + 1) * (d + SCALE) + n_dec * heads * m) if n_dec else 0
+    row = hidden_row_bytes(d, hidden)
+    encoder = (n_enc + 1) * m * row + n_enc * heads * m * keys * 2
+    decoder = ((n_dec + 1) * row + n_dec * heads * m) if n_dec else 0
     return encoder + decoder
 
 
@@ -62,12 +69,16 @@ def main() -> None:
     p.add_argument("--glue", type=Path, required=True)
     p.add_argument("--subsets", type=Path, required=True)
     p.add_argument("--measured", type=Path, help="a store made with the default storage")
+    p.add_argument("--hidden", choices=("int8", "int4"), default="int8",
+                   help="hidden states as int8 (today's default) or int4 (--quantize attention,hidden4)")
     args = p.parse_args()
     from pipeline.backbones import load_backbone
     from pipeline.tasks import get_task
 
-    tokenizers = {"minilm": load_backbone(args.minilm, "pretrained", 0, "cpu", progress=False),
-                  "t5": load_backbone(args.t5, "pretrained", 0, "cpu", progress=False)}
+    # Only their tokenizers and input formats are used: random weights from the configs do (t5-small's
+    # folder here has no weights).
+    tokenizers = {"minilm": load_backbone(args.minilm, "random", 0, "cpu", progress=False),
+                  "t5": load_backbone(args.t5, "random", 0, "cpu", progress=False)}
     rows = {task: rows_of(task, args.glue, args.subsets) for task in GLUE_TASKS}
     lengths = {(family, task): np.array([len(t) for t in backbone.tokenize(get_task(task), rows[task], 128)])
                for family, backbone in tokenizers.items() for task in GLUE_TASKS}
@@ -76,7 +87,8 @@ def main() -> None:
     print("\n| backbone | " + " | ".join(GLUE_TASKS) + " | store | bytes per token |")
     print("| --- | " + " | ".join("---" for _ in GLUE_TASKS) + " | --- | --- |")
     for name, (family, d, n_enc, n_dec, heads) in BACKBONES.items():
-        sizes = {t: example_bytes(lengths[family, t], d, n_enc, n_dec, heads).mean() * ROWS[t] for t in GLUE_TASKS}
+        sizes = {t: example_bytes(lengths[family, t], d, n_enc, n_dec, heads, args.hidden).mean() * ROWS[t]
+                 for t in GLUE_TASKS}
         tokens = sum(lengths[family, t].mean() * ROWS[t] for t in GLUE_TASKS)
         print(f"| {name} | " + " | ".join(f"{sizes[t] / 1e9:,.1f} GB" for t in GLUE_TASKS)
               + f" | **{sum(sizes.values()) / 1e9:,.0f} GB** | {sum(sizes.values()) / tokens:,.0f} |")
