@@ -23,6 +23,8 @@ store, one such group per task under one store manifest (drawn in store.py):
                                                       N = final layer-normed output ([T, K] with --project K);
                                                       a decoder-only LM's one (causal) stack is stored here
         encoder/hidden_scale/{k}      float32 [T]     --quantize hidden only: one scale per token
+                                      float32 [T, G]  --quantize hidden4: hidden/{k} is uint8 [T, d/2], two
+                                                      int4 a byte; one scale per G = d/64 channel groups
         encoder/pooled_{p}/{N}        [n, d]          --project, encoder-only backbones: the final layer's
                                                       mean over real tokens (p = mean) and first token
                                                       (p = first), full width; with --quantize hidden
@@ -51,6 +53,9 @@ uint16, array attr `logical_dtype: bfloat16`), float16 or float32. Version 2 add
 `logical_dtype` saying what it holds. With plain zarr and numpy, the activations are:
   - `hidden` quantized: `logical_dtype: int8`; value = int8 * the `hidden_scale` array's entry for that
     row (its largest magnitude / 127, so every value is within half a scale of the backbone's);
+  - `hidden4` quantized: `logical_dtype: int4x2`; byte i of a row holds channel 2i in its low four bits
+    and 2i + 1 in its high four, each q + 8 for q in [-7, 7]; value = q * the scale of its group of 64
+    channels (the group's largest magnitude / 7: within half a scale) (format.quantize_groups);
   - `attention` quantized (self and cross): `logical_dtype: uint8`; probability = uint8 / 255, each
     entry rounded down or up and each query row's units summing to round(255 * the row's sum), so a row
     still sums to 1 (format.quantize_probabilities).
@@ -62,7 +67,8 @@ uint16, array attr `logical_dtype: bfloat16`), float16 or float32. Version 2 add
     (after the int8 scale, if quantized); what lies outside the basis's span is not stored.
 Each array grows along one ragged axis (attr `grows_along`: tokens | pairs | triangle | topk |
 examples, at attr `axis`)
-and is sharded along it into inner chunks of about 1 MiB, each compressed (blosc lz4 with bit shuffle) and carrying a crc32c
+and is sharded along it into inner chunks of about 1 MiB, each compressed (blosc lz4 with bit shuffle, or
+zstd with `--codec`: the manifest's `storage.compressor`) and carrying a crc32c
 that zarr checks on every read. Shards of the largest array hold about `storage.shard_bytes`
 (format.DEFAULT_SHARD_BYTES, 64 MiB); every array's shards span about as many examples, so `committed`
 advances once per shard. The split's

@@ -108,9 +108,11 @@ def main() -> None:
     p.add_argument("--width", type=int, default=144)
     p.add_argument("--budget-gb", type=float, default=1.0, help="memory budget for the tokens-that-fit figure")
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--names", default="v1,compact", help="what to call the two caches in the tables")
     args = p.parse_args()
     keep_freed_memory()
-    caches = {"v1": CacheReader(args.v1), "compact": CacheReader(args.compact)}
+    first, second = args.names.split(",")
+    caches = {first: CacheReader(args.v1), second: CacheReader(args.compact)}
     sizes = {name: memory_bytes(c, args.width) for name, c in caches.items()}
     print("| cache | in memory B/token | on disk B/token | tokens in "
           f"{args.budget_gb:g} GiB (millions) |\n| --- | --- | --- | --- |")
@@ -119,9 +121,9 @@ def main() -> None:
         print(f"| {name} ({cache.path}) | {held / tokens:,.0f} | {disk_bytes(cache) / tokens:,.0f} | "
               f"{args.budget_gb * 2**30 / (held / tokens) / 1e6:.2f} |")
     config = RunConfig(width=args.width, lr=1e-3, epochs=1, patience=1, recurrence=True)
-    small = sizes["compact"][0] // 2  # below both: the train splits stream
-    fits = int(sizes["compact"][0] * 1.2)  # holds the compact cache, not v1
-    if fits >= sizes["v1"][0]:
+    small = sizes[second][0] // 2  # below both: the train splits stream
+    fits = int(sizes[second][0] * 1.2)  # holds the compact cache, not v1
+    if fits >= sizes[first][0]:
         print(f"note: 1.2x the compact cache ({fits / 2**20:.0f} MiB) holds v1 too; the budget epoch compares "
               "two in-memory epochs")
     results: dict[str, dict[str, list]] = {name: {"read": [], "stream": [], "budget": []} for name in caches}
@@ -133,7 +135,7 @@ def main() -> None:
             results[name]["stream"].append(epoch(cache, config, small, work / f"{name}-stream"))
             results[name]["budget"].append(epoch(cache, config, fits, work / f"{name}-budget"))
     shutil.rmtree(work, ignore_errors=True)
-    forward = backbone_forward(args.model, caches["v1"]) if args.model else None
+    forward = backbone_forward(args.model, caches[first]) if args.model else None
     print("\n| cache | cold read of train, tok/s | streaming epoch (s) | epoch under "
           f"{fits / 2**20:.0f} MiB (s) |\n| --- | --- | --- | --- |")
     for name in caches:
@@ -142,11 +144,13 @@ def main() -> None:
         print(f"| {name} | {read:,.0f} | {np.median([s for s, _ in res['stream']]):.1f} ({res['stream'][0][1]}) | "
               f"{np.median([s for s, _ in res['budget']]):.1f} ({res['budget'][0][1]}) |")
     if forward:
-        tokens = int(caches["v1"].split("train").lengths.sum())
+        tokens = int(caches[first].split("train").lengths.sum())
         print(f"\nbackbone forward over the same train examples: {tokens / forward:,.0f} tok/s ({forward:.1f} s)")
-    ratio = lambda key: np.median([s for s, _ in results["v1"][key]]) / np.median(  # noqa: E731
-        [s for s, _ in results["compact"][key]])
-    print(f"RATIO v1 / compact epoch time: streaming {ratio('stream'):.2f}x, under the budget {ratio('budget'):.2f}x")
+    ratio = lambda key: np.median([s for s, _ in results[first][key]]) / np.median(  # noqa: E731
+        [s for s, _ in results[second][key]])
+    reads = [np.median([t / s for s, t in results[n]["read"]]) for n in (first, second)]
+    print(f"RATIO {first} / {second} epoch time: streaming {ratio('stream'):.2f}x, under the budget "
+          f"{ratio('budget'):.2f}x; cold read {second} / {first} tok/s {reads[1] / reads[0]:.2f}x")
 
 
 if __name__ == "__main__":
