@@ -280,3 +280,28 @@ def test_the_codec_changes_the_bytes_on_disk_and_nothing_read(tiny_bert, make_ca
     for path in a.array_paths():
         assert torch.equal(a.load(path), b.load(path))
     assert zarr.open_array(str(zstd.path / "train" / "encoder" / "hidden" / "1")).compressors[0].cname.value == "zstd"
+
+
+def test_a_default_cache_written_before_the_layout_and_codec_fields_reads_and_trains_unchanged(tiny_bert, make_cache,
+                                                                                               tmp_path):
+    """Caches of the default storage written before `attention_layout` existed (and with lz4, the only codec
+    then): the same batches, the same training."""
+    made = make_cache(tiny_bert, task="rte", limit=LIMIT, attention="topk:8", quantize=("attention", "hidden"))
+    old = tmp_path / "old"
+    shutil.copytree(made, old)
+    group = zarr.open_group(str(old), mode="r+")
+    manifest = dict(group.attrs[MANIFEST_KEY])
+    assert manifest["attention_layout"] == "topk"
+    del manifest["attention_layout"]
+    group.attrs[MANIFEST_KEY] = manifest
+    new, before = CacheReader(made), CacheReader(old)
+    spec = read_spec(new, 6, "gru")
+    index = torch.arange(new.split("train").n_examples)
+    a = inputs_to(InMemorySplit(new.split("train"), spec).batch(index).inputs, torch.device("cpu"))
+    b = inputs_to(InMemorySplit(before.split("train"), spec).batch(index).inputs, torch.device("cpu"))
+    for x, y in zip(a.encoder_hidden + a.encoder_attention, b.encoder_hidden + b.encoder_attention):
+        assert torch.equal(x, y)
+    config, quiet = [RunConfig(width=6, epochs=1, batch_size=4)], dict(progress=False, log=lambda line: None)
+    (first,) = train([made], config, tmp_path / "new", **quiet)
+    (second,) = train([old], config, tmp_path / "before", **quiet)
+    assert first["train_loss"] == second["train_loss"] and first["test"] == second["test"]
