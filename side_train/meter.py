@@ -39,14 +39,21 @@ class Gpu:
         self.nvml = pynvml
         try:
             pynvml.nvmlInit()
-            if uuid:
-                wanted = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
-                self.handle = pynvml.nvmlDeviceGetHandleByUUID(wanted)
-            else:  # no CUDA device to ask for a UUID (a dry run): NVML's own numbering
-                self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-                self.note = f"found by NVML index {index}, not by UUID"
         except pynvml.NVMLError as exc:
-            self.handle, self.note = None, f"NVML: {exc}"
+            self.note = f"NVML: {exc}"
+            return
+        if uuid:
+            wanted = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+            try:
+                self.handle = pynvml.nvmlDeviceGetHandleByUUID(wanted)
+                return
+            except pynvml.NVMLError as exc:
+                self.note = f"NVML knows no {wanted} ({exc}); "
+        try:  # no CUDA device to ask for a UUID (a dry run), or NVML did not know it: NVML's own numbering
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self.note = (self.note or "") + f"found by NVML index {index}, not by UUID"
+        except pynvml.NVMLError as exc:
+            self.note = (self.note or "") + f"NVML: {exc}"
 
     @classmethod
     def of(cls, device: torch.device) -> "Gpu":

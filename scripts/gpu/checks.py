@@ -234,7 +234,7 @@ def main(data, out, deadline, device, sst_limit):
         step(f"throughput-{m}", 60, [py, "scripts/bench/throughput.py", str(sst), "--device", device, "--batches", "40",
                                      "--members", str(m)], needs=("cache-sst2",))
     for m in (8, 32):
-        step(f"sweep-{m}", 150 if m == 32 else 90, [py, "scripts/bench/sweep.py", "--cache", str(sst), "--epochs", "1",
+        step(f"sweep-{m}", 240 if m == 32 else 120, [py, "scripts/bench/sweep.py", "--cache", str(sst), "--epochs", "1",
                                                     "--rnn", "gru", "--hidden", "64", "--lr", ",".join(SWEEP_LRS[:m]),
                                                     "--device", device], needs=("cache-sst2",))
     # 6: every other CUDA path once
