@@ -27,11 +27,12 @@ def test_the_gpu_check_dry_runs_on_the_cpu_and_every_step_passes(glue_dir, tmp_p
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "fake_nvml"), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "scripts/gpu/checks.py", "--data", str(data), "--out", str(out),
-                           "--device", "cpu", "--sst-limit", "120", "--deadline", "1800"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
+                           "--device", "cpu", "--sst-limit", "120", "--limit-scale", "6", "--deadline", "3600"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=4000)
     log = (out / "checks.log").read_text() if (out / "checks.log").is_file() else done.stdout + done.stderr
-    assert done.returncode == 0, log[-6000:]
-    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()] \
+        if (out / "steps.jsonl").is_file() else []
+    assert done.returncode == 0, json.dumps([s for s in steps if s["status"] != 0]) + "\n" + log[-4000:]
     assert len(steps) == 17 and all(s["status"] == 0 for s in steps), steps
     preflight = json.loads((out / "preflight.json").read_text())
     assert preflight["nvml"]["available"] and preflight["idle_watts"] == pytest.approx(100)

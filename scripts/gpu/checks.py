@@ -17,7 +17,8 @@ one by one); then the path checks (predict, multi-task, T5, torchrun, verify); t
 step's limit is clamped to the time left; a step whose inputs failed is skipped. Energy is reported above
 the idle power, or null (with why) where NVML is missing or the device has no reading.
 
-`--device cpu --sst-limit 120` dry-runs every step on a CPU (tests/test_gpu_checks.py, with a fake NVML).
+`--device cpu --sst-limit 120 --limit-scale 5` dry-runs every step on a CPU (tests/test_gpu_checks.py, with a
+fake NVML).
 """
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ SWEEP_LRS = [f"{1e-4 * 1.2 ** i:.3g}" for i in range(32)]  # 32 configurations: 
 class Checks:
     """Runs steps in order under the deadline, writing every result under `out` as it comes."""
 
-    def __init__(self, out: Path, deadline: float, gpu: Gpu, idle_watts: float | None):
-        self.out, self.end = out, time.monotonic() + deadline
+    def __init__(self, out: Path, deadline: float, gpu: Gpu, idle_watts: float | None, limit_scale: float = 1.0):
+        self.out, self.end, self.limit_scale = out, time.monotonic() + deadline, limit_scale
         self.gpu, self.idle_watts = gpu, idle_watts
         self.status: dict[str, int | str] = {}  # step -> exit status, or "skipped: why"
         self.energy: dict[str, dict] = {}
@@ -62,7 +63,7 @@ class Checks:
     def step(self, name: str, limit: float, command: list[str], needs: tuple[str, ...] = (), metered: bool = False,
              env: dict | None = None) -> None:
         missing = [n for n in needs if self.status.get(n) != 0]
-        budget = min(limit, self.left() - 5)
+        budget = min(limit * self.limit_scale, self.left() - 5)
         if missing or budget < 10:
             why = f"skipped: {'needs ' + ', '.join(missing) if missing else 'no time left'}"
             self.status[name] = why
@@ -188,7 +189,9 @@ def summarise(checks: Checks, out: Path, sst_tokens: int | None) -> dict:
 @click.option("--deadline", type=float, default=540, show_default=True, help="Seconds for everything.")
 @click.option("--device", default="cuda", show_default=True)
 @click.option("--sst-limit", type=int, default=4000, show_default=True, help="SST-2 rows per split.")
-def main(data, out, deadline, device, sst_limit):
+@click.option("--limit-scale", type=float, default=1.0, show_default=True,
+              help="Multiply every step's limit (set for a GPU): a CPU dry run takes longer per row.")
+def main(data, out, deadline, device, sst_limit, limit_scale):
     began = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
@@ -196,7 +199,7 @@ def main(data, out, deadline, device, sst_limit):
     mini, glue, t5 = data / "all-MiniLM-L6-v2", data / "glue", data / "t5" / "t5-small"
     sst, rte, t5_rte = caches / "all-MiniLM-L6-v2" / "sst2", caches / "all-MiniLM-L6-v2" / "rte", caches / "t5-small-random" / "rte"
     gpu, idle = preflight(out, device)
-    checks = Checks(out, deadline - (time.monotonic() - began), gpu, idle)
+    checks = Checks(out, deadline - (time.monotonic() - began), gpu, idle, limit_scale)
     checks.say(f"preflight: {json.loads((out / 'preflight.json').read_text())}")
     if "error" in json.loads((out / "preflight.json").read_text()):
         checks.say("preflight failed: nothing else runs")
