@@ -59,8 +59,8 @@ class Backbone:
         # last call, so a later description would depend on what was tokenized.
         self._tokenizer_description = self._describe_tokenizer()
 
-    # Sizes under the names most configs use (transformers maps GPT-2's and DistilBERT's own names onto
-    # them); T5 overrides them.
+    # Sizes under the names most configs use (transformers' attribute_map puts GPT-2's, DistilBERT's, T5's
+    # and BART's own names behind them); an encoder–decoder adds its decoder's layer count.
     n_decoder_layers = 0
 
     @property
@@ -154,20 +154,8 @@ class T5Backbone(Backbone):
     lora_targets = ("q", "v")
 
     @property
-    def n_layers(self):
-        return self.config.num_layers
-
-    @property
-    def n_decoder_layers(self):
+    def n_decoder_layers(self):  # the other sizes: T5's config maps the common names onto its own
         return self.config.num_decoder_layers
-
-    @property
-    def d_model(self):
-        return self.config.d_model
-
-    @property
-    def n_heads(self):
-        return self.config.num_heads
 
     def tokenize(self, task, rows, max_length):
         texts = [task.format(row) for row in rows]
@@ -210,16 +198,8 @@ class BartBackbone(T5Backbone):
     lora_targets = ("q_proj", "v_proj")
 
     @property
-    def n_layers(self):
-        return self.config.encoder_layers
-
-    @property
-    def n_decoder_layers(self):
+    def n_decoder_layers(self):  # the encoder's sizes: BART's config maps the common names onto them
         return self.config.decoder_layers
-
-    @property
-    def n_heads(self):
-        return self.config.encoder_attention_heads
 
     def label_head(self, task):
         if task.is_regression:

@@ -87,7 +87,7 @@ def array_specs(backbone: Backbone, attention: str, layers: dict[str, list[int]]
         specs += [ArraySpec(attention_path(k), TOPK, att_row, att_axis, maps, topk) for k in layers["encoder"] if k]
         specs += [ArraySpec(attention_keys_path(k), TOPK, att_row, att_axis, keys, topk) for k in layers["encoder"] if k]
     elif attention != "none":
-        layout = TRIANGLE if backbone.causal else PAIRS
+        layout = map_layout(backbone, attention, topk)
         specs += [ArraySpec(attention_path(k), layout, att_row, att_axis, maps) for k in layers["encoder"] if k]
     specs += with_scales([ArraySpec(hidden_path("decoder", k), EXAMPLES, rows(d)[0], 0, hidden) for k in layers["decoder"]], d)
     if attention != "none":
@@ -126,7 +126,7 @@ def build_manifest(config: CacheConfig, backbone: Backbone, task: TaskSpec, prot
         "quantize": list(config.quantize),
         "attention": config.attention_mode,
         "attention_topk": {"k": config.topk, "residual": "renormalised"} if config.topk else None,
-        "attention_layout": map_layout(backbone, config),
+        "attention_layout": map_layout(backbone, config.attention_mode, config.topk),
         "projection": projection.describe() if projection else None,
         "layers": layers,
         "splits": {name: {"n_examples": plan.n_examples, "n_tokens": int(plan.lengths.sum()),
@@ -134,11 +134,11 @@ def build_manifest(config: CacheConfig, backbone: Backbone, task: TaskSpec, prot
     }
 
 
-def map_layout(backbone: Backbone, config: CacheConfig) -> str | None:
+def map_layout(backbone: Backbone, attention: str, topk: int) -> str | None:
     """How the cache lays out its attention maps (format.MAP_LAYOUTS), None without maps."""
-    if config.attention_mode == "none":
+    if attention == "none":
         return None
-    return TOPK if config.topk else TRIANGLE if backbone.causal else PAIRS
+    return TOPK if topk else TRIANGLE if backbone.causal else PAIRS
 
 
 def _unpad(value: torch.Tensor, lengths: list[int], kind: str, dtype: torch.dtype) -> torch.Tensor:
