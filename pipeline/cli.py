@@ -14,19 +14,19 @@ from cache_store.format import METRIC_NAMES
 from cache_store.store import GLUE_TASKS
 
 from .backbones import INITS
-from .config import CacheConfig
+from .config import LAYER_CHOICES, CacheConfig
 from .errors import InputError
 from .tasks import TASKS
 from .user_data import read_task_file
 
 
-def _int_list(value: str, name: str) -> tuple[int, ...] | None:
-    if value == "all":
-        return None
+def _layer_list(value: str, name: str) -> tuple[int, ...] | str:
+    if value in LAYER_CHOICES:
+        return value
     try:
         return tuple(int(v) for v in value.split(","))
     except ValueError:
-        raise InputError(f"{name} must be 'all' or comma-separated integers, got {value!r}") from None
+        raise InputError(f"{name} must be 'read', 'all' or comma-separated integers, got {value!r}") from None
 
 
 def _names(value: str | None) -> tuple[str, ...]:
@@ -78,7 +78,7 @@ def _task_list(value: str, data: tuple[str, ...] = ()) -> list[str]:
 @field_option(CacheConfig, "quantize", default="attention,hidden")
 @field_option(CacheConfig, "project", type=int)
 @field_option(CacheConfig, "project_from", type=LOCATION)
-@field_option(CacheConfig, "layers", default="all")
+@field_option(CacheConfig, "layers", metavar="read|all|K[,K...]")
 @field_option(CacheConfig, "limit", type=int)
 @field_option(CacheConfig, "device")
 @field_option(CacheConfig, "codec", metavar="lz4|zstd[:LEVEL]")
@@ -121,7 +121,7 @@ def main(ctx, tasks, task_file, store, model, name, init, seed, data_dir, data, 
             text_fields=_names(text_fields), label_field=label_field, metric=metric, labels=_names(labels), out=out,
             splits=tuple(s for s in splits.split(",") if s), batch_size=batch_size, max_length=max_length,
             dtype=dtype, attention=attention, quantize=tuple(sorted({k for k in quantize.split(",") if k and k != "none"})), project=project, project_from=project_from,
-            layers=_int_list(layers, "--layers"), limit=limit, device=device,
+            layers=_layer_list(layers, "--layers"), limit=limit, device=device,
             mode="resume" if resume else "add" if add else "overwrite" if overwrite else "new", shard_mb=shard_mb,
             codec=codec,
         ) for task in names]

@@ -16,7 +16,8 @@ from .tasks import TASKS
 
 MODES = ("new", "resume", "overwrite", "add")
 # Version 1's storage: every activation as the backbone computed it, rounded only to --dtype.
-LOSSLESS = {"attention": "heads", "quantize": (), "project": 0}
+LOSSLESS = {"attention": "heads", "quantize": (), "project": 0, "layers": "all"}
+LAYER_CHOICES = ("all", "read")  # --layers: every hidden state 0..N, or those READ reads (1..N; 0 is the embeddings)
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,11 @@ class CacheConfig:
     project_from: Path | None = documented(None, "Reuse the --project basis of this cache (same backbone and K) "
                                                  "instead of fitting one: caches that share a basis can train "
                                                  "one multi-task READ network.")
-    layers: tuple[int, ...] | None = documented(None, "Stored layer indices, encoder and decoder: 'all' or "
-                                                      "comma-separated integers.")
+    # READ's recurrence starts from h_0 = 0 and reads phi_1..phi_N: the embeddings' output (layer 0) is never
+    # read, and storing it would add a seventh to a 6-layer encoder's hidden bytes.
+    layers: tuple[int, ...] | str = documented("read", "Stored hidden-state layers of each stack: read (1..N, "
+                                                       "what READ reads), all (0..N, 0 = the embeddings) or "
+                                                       "comma-separated indices.")
     limit: int | None = documented(None, "Keep at most N examples of each split.")
     device: str = documented("auto", "auto | cpu | cuda[:i]")
     mode: str = "new"  # new (refuse an existing cache) | resume | overwrite | add (a store's): the flags
@@ -101,8 +105,9 @@ class CacheConfig:
             (self.project_from is None or self.project > 0, "--project-from needs --project K"),
             (bool(self.splits) and set(self.splits) <= set(SPLITS), f"--splits must be drawn from {', '.join(SPLITS)}"),
             (self.limit is None or self.limit > 0, f"--limit must be positive, got {self.limit}"),
-            (self.layers is None or (bool(self.layers) and min(self.layers) >= 0),
-             "--layers must be 'all' or non-negative layer indices"),
+            (self.layers in LAYER_CHOICES or (isinstance(self.layers, tuple) and bool(self.layers)
+                                              and min(self.layers) >= 0),
+             "--layers must be 'read', 'all' or non-negative layer indices"),
             (self.mode in MODES, f"mode must be one of {', '.join(MODES)}"),
             (self.mode != "add" or self.store is not None, "--add caches tasks into a store: name it with --store"),
             (self.store is None or (bool(self.store) and "/" not in self.store and not self.store.startswith(".")),

@@ -45,13 +45,14 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def stored_layers(backbone: Backbone, layers: tuple[int, ...] | None) -> dict[str, list[int]]:
-    """Hidden-state indices kept per stack (attention maps follow: layer k >= 1 has one)."""
+def stored_layers(backbone: Backbone, layers: tuple[int, ...] | str) -> dict[str, list[int]]:
+    """Hidden-state indices kept per stack (attention maps follow: layer k >= 1 has one): all (0..N), read
+    (1..N, what READ reads) or the given indices."""
     wanted = {"encoder": backbone.n_layers, "decoder": backbone.n_decoder_layers}
-    if layers is not None and max(layers) > max(wanted.values()):
+    if isinstance(layers, tuple) and max(layers) > max(wanted.values()):
         raise InputError(f"--layers {max(layers)} is past the backbone's {max(wanted.values())} layers")
-    return {stack: [k for k in range(n + 1) if layers is None or k in layers] if n else []
-            for stack, n in wanted.items()}
+    keep = {"all": lambda k: True, "read": lambda k: k > 0}.get(layers, lambda k: k in layers)
+    return {stack: [k for k in range(n + 1) if keep(k)] if n else [] for stack, n in wanted.items()}
 
 
 def array_specs(backbone: Backbone, attention: str, layers: dict[str, list[int]],

@@ -198,7 +198,7 @@ def cache_args(model, glue_dir, out, *extra) -> list[str]:
             "--limit", "24", "--batch-size", "5", "--quiet", *LOSSLESS_ARGS, *extra]
 
 
-LOSSLESS_ARGS = ["--attention", "heads", "--quantize", "none", "--project", "0"]
+LOSSLESS_ARGS = ["--attention", "heads", "--quantize", "none", "--project", "0", "--layers", "all"]
 
 
 def arrays_of(path: Path) -> dict:

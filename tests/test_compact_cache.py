@@ -19,6 +19,7 @@ from cache_store.format import (
     MANIFEST_KEY, dequantize_groups, dequantize_probabilities, dequantize_rows, quantize_groups, quantize_probabilities,
     quantize_rows,
 )
+from pipeline.config import CacheConfig
 from pipeline.errors import InputError
 from pipeline.glue_data import load_source_splits
 from pipeline.live import Predictor
@@ -305,3 +306,19 @@ def test_a_default_cache_written_before_the_layout_and_codec_fields_reads_and_tr
     (first,) = train([made], config, tmp_path / "new", **quiet)
     (second,) = train([old], config, tmp_path / "before", **quiet)
     assert first["train_loss"] == second["train_loss"] and first["test"] == second["test"]
+
+
+def test_the_default_cache_leaves_out_the_embeddings_which_read_never_reads(tiny_bert, make_cache, tmp_path):
+    """--layers read (the default) stores hidden states 1..N: READ's recurrence starts from h_0 = 0 and reads
+    phi_1..phi_N, so it trains exactly as on a cache with layer 0."""
+    assert CacheConfig(task="rte").layers == "read"
+    options = dict(task="rte", limit=LIMIT, attention="topk:8", quantize=("attention", "hidden"))
+    every, read = make_cache(tiny_bert, **options), make_cache(tiny_bert, layers="read", **options)
+    manifest = CacheReader(read).manifest
+    assert manifest["layers"]["encoder"] == list(range(1, manifest["backbone"]["n_layers"] + 1))
+    assert "encoder/hidden/0" not in CacheReader(read).split("train").array_paths()
+    assert "encoder/hidden/0" in CacheReader(every).split("train").array_paths()
+    config, quiet = [RunConfig(width=6, epochs=1, batch_size=4)], dict(progress=False, log=lambda line: None)
+    (a,) = train([every], config, tmp_path / "every", **quiet)
+    (b,) = train([read], config, tmp_path / "read", **quiet)
+    assert a["train_loss"] == b["train_loss"] and a["test"] == b["test"]

@@ -63,7 +63,7 @@ def test_t5_cache_equals_unpadded_forward(tiny_t5, glue_dir, tmp_path, dtype):
 
 def test_t5_mean_attention_and_layer_subset(tiny_t5, glue_dir, tmp_path):
     config = CacheConfig(task="rte", model=str(tiny_t5), data_dir=glue_dir, out=tmp_path, limit=4,
-                         dtype="float32", layers=(0, 2), splits=("test",), **{**LOSSLESS, "attention": "mean"})
+                         dtype="float32", splits=("test",), **{**LOSSLESS, "attention": "mean", "layers": (0, 2)})
     run(config, progress=False)
     split = CacheReader(config.cache_dir).split("test")
     assert split.array_paths() == ["decoder/cross_attention/2", "decoder/hidden/0", "decoder/hidden/2",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-LOSSLESS = ["--attention", "heads", "--quantize", "none", "--project", "0"]  # version 1's storage
+LOSSLESS = ["--attention", "heads", "--quantize", "none", "--project", "0", "--layers", "all"]  # version 1's storage
 CHOICES = {  # each choice is given in full: cache-activations' defaults are one of them
     "bf16": LOSSLESS,
     "int8-hidden": [*LOSSLESS, "--quantize", "hidden"],
