@@ -25,6 +25,9 @@ store, one such group per task under one store manifest (drawn in store.py):
         encoder/hidden_scale/{k}      float32 [T]     --quantize hidden only: one scale per token
                                       float32 [T, G]  --quantize hidden4: hidden/{k} is uint8 [T, d/2], two
                                                       int4 a byte; one scale per G = d/64 channel groups
+        encoder/hidden_outliers/{k}   [T, K]          --outliers K: the K channels the manifest's
+                                                      outliers.channels names for hidden/{k}, in the
+                                                      storage dtype; the quantized hidden/{k} holds 0 there
         encoder/pooled_{p}/{N}        [n, d]          --project, encoder-only backbones: the final layer's
                                                       mean over real tokens (p = mean) and first token
                                                       (p = first), full width; with --quantize hidden
@@ -40,6 +43,7 @@ store, one such group per task under one store manifest (drawn in store.py):
                                                       (int16 when max_length > 256)
         decoder/hidden/{k}            [n, d]          T5 only: the single start position, k in 0..N_dec
         decoder/hidden_scale/{k}      float32 [n]     T5, --quantize hidden only
+        decoder/hidden_outliers/{k}   [n, K]          T5, --outliers K
         decoder/cross_attention/{k}   [A, T] | [T]    T5 only: start position over the encoder tokens
         ranks/{r}                     only while torchrun ranks write the split (attrs: the shards rank r
                                       wrote, with digests; cache_store/ranked.py); gone once complete
@@ -62,6 +66,9 @@ uint16, array attr `logical_dtype: bfloat16`), float16 or float32. Version 2 add
   - top-k attention (manifest `attention_topk`: {k, residual: renormalised}): each query row's K
     largest entries per head, divided by their sum, in key order; the row's dense map has entry
     attention[a, p] at key attention_keys[a, p] and 0 elsewhere.
+  - kept outlier channels (manifest `outliers`: {k, channels: {hidden array path: K channel indices},
+    sample}): a quantized hidden array's value at channel channels[i] is hidden_outliers[..., i] instead;
+    every other channel is quantized as above, with 0 at the kept ones;
   - projected hidden states (manifest `projection`: {k, method: pca, sample, explained_variance per
     layer, digest of the basis arrays}): hidden state ~ projection/mean/{k} + stored @ projection/basis/{k}
     (after the int8 scale, if quantized); what lies outside the basis's span is not stored.
@@ -78,7 +85,7 @@ Manifest (attrs["read_cache"]): format_version, package_version, created_at, com
 (name, family, revision, config_hash, init, init_seed, sizes), tokenizer (name, vocab_size, hash),
 task (name, version, template, label_words, metric), split_protocol (name, seed, sources), max_length,
 storage_dtype, quantize (v2), attention (heads | mean | none), attention_topk (v2), attention_layout (v2:
-pairs | triangle | topk; absent: pairs, or topk with attention_topk), projection (v2),
+pairs | triangle | topk; absent: pairs, or topk with attention_topk), projection (v2), outliers (v2),
 layers (encoder, decoder), splits
 (per-split counts), storage (compressor, shard and chunk sizes), checksums.
 

@@ -84,6 +84,7 @@ def _describe(cache, reader: CacheReader) -> None:
                + (f" top-{stored_topk(m)} per row ({m['attention_topk']['residual']})" if stored_topk(m) else "")
                + (f", encoder hidden states projected to {stored_projection(m)} PCA dimensions"
                   if stored_projection(m) else "")
+               + (f", {m['outliers']['k']} outlier channels per layer kept" if m.get("outliers") else "")
                + f", layers enc {m['layers']['encoder']} "
                f"dec {m['layers']['decoder']}, {m['storage']['compressor']['cname']} shards "
                f"{m['storage']['shard_bytes'] / 2**20:g} MiB")

@@ -167,6 +167,23 @@ def scale_path(path: str) -> str:
     return f"{stack}/{kind}_scale/{layer}"
 
 
+def outliers_path(path: str) -> str:
+    """--outliers K: where a quantized hidden array's kept channels live: encoder/hidden/3 ->
+    encoder/hidden_outliers/3 ([T, K] or [n, K], the storage dtype)."""
+    stack, kind, layer = path.split("/")
+    return f"{stack}/{kind}_outliers/{layer}"
+
+
+def stored_outliers(manifest: Mapping[str, Any]) -> dict[str, list[int]]:
+    """A cache's kept channels per hidden array (--outliers K), or {}."""
+    return dict((manifest.get("outliers") or {}).get("channels", {}))
+
+
+def split_outliers(x: torch.Tensor, channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., d] -> (x with 0 at `channels`, for the quantizer; x's values there [..., K], kept as they are)."""
+    return x.index_fill(-1, channels, 0), x.index_select(-1, channels)
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., d] floats -> (int8 [..., d], float32 scale [...]) with x ~ values * scale, scale = the row's
     largest magnitude / 127; rounding to nearest puts every value within scale / 2 of x."""
@@ -205,9 +222,12 @@ def dequantize_groups(packed: torch.Tensor, scale: torch.Tensor, group: int = HI
     return values * scale.repeat_interleave(group, -1)[..., :d]
 
 
-def dequantize_hidden(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Stored quantized hidden states -> float32: int8 rows (quantize_rows) or packed int4 (quantize_groups)."""
-    return dequantize_rows(values, scale) if values.dtype == torch.int8 else dequantize_groups(values, scale)
+def dequantize_hidden(values: torch.Tensor, scale: torch.Tensor, outliers: torch.Tensor | None = None,
+                      channels: torch.Tensor | None = None) -> torch.Tensor:
+    """Stored quantized hidden states -> float32: int8 rows (quantize_rows) or packed int4 (quantize_groups),
+    with --outliers' kept channels put back at `channels` (where the quantized values hold 0)."""
+    wide = dequantize_rows(values, scale) if values.dtype == torch.int8 else dequantize_groups(values, scale)
+    return wide if outliers is None else wide.index_copy_(-1, channels, outliers.to(wide.dtype))
 
 
 def quantize_hidden(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:

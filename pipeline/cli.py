@@ -76,6 +76,7 @@ def _task_list(value: str, data: tuple[str, ...] = ()) -> list[str]:
 @field_option(CacheConfig, "dtype", type=click.Choice(list(STORAGE_DTYPES)))
 @field_option(CacheConfig, "attention", metavar="heads|mean|none|topk:K")
 @field_option(CacheConfig, "quantize", default="attention,hidden")
+@field_option(CacheConfig, "outliers", type=int)
 @field_option(CacheConfig, "project", type=int)
 @field_option(CacheConfig, "project_from", type=LOCATION)
 @field_option(CacheConfig, "layers", metavar="read|all|K[,K...]")
@@ -89,7 +90,7 @@ def _task_list(value: str, data: tuple[str, ...] = ()) -> list[str]:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def main(ctx, tasks, task_file, store, model, name, init, seed, data_dir, data, text_fields, label_field, metric, labels, out, splits, batch_size, max_length, dtype, attention, quantize,
-         project, project_from, layers, limit, device, codec, shard_mb, resume, add, overwrite, quiet):
+         outliers, project, project_from, layers, limit, device, codec, shard_mb, resume, add, overwrite, quiet):
     """Run a frozen backbone once over every split of one or more GLUE tasks, or of your own labelled
     rows (--data), and cache its activations (several tasks: one store, with one subgroup per task)."""
     from .job import run, run_store  # heavy imports (torch, transformers) only once the arguments are fine
@@ -120,7 +121,7 @@ def main(ctx, tasks, task_file, store, model, name, init, seed, data_dir, data, 
             task=task, store=store, model=model, name=name, init=init, seed=seed, data_dir=data_dir, data=tuple(data),
             text_fields=_names(text_fields), label_field=label_field, metric=metric, labels=_names(labels), out=out,
             splits=tuple(s for s in splits.split(",") if s), batch_size=batch_size, max_length=max_length,
-            dtype=dtype, attention=attention, quantize=tuple(sorted({k for k in quantize.split(",") if k and k != "none"})), project=project, project_from=project_from,
+            dtype=dtype, attention=attention, quantize=tuple(sorted({k for k in quantize.split(",") if k and k != "none"})), outliers=outliers, project=project, project_from=project_from,
             layers=_layer_list(layers, "--layers"), limit=limit, device=device,
             mode="resume" if resume else "add" if add else "overwrite" if overwrite else "new", shard_mb=shard_mb,
             codec=codec,

@@ -60,6 +60,9 @@ class CacheConfig:
                                            "(none: no kind): hidden (int8, one absmax scale per token), "
                                            "hidden4 (int4, two a byte, one absmax scale per 64 channels of a "
                                            "token) and attention (uint8 units of 1/255, each row's sum kept).")
+    outliers: int = documented(0, "With --quantize hidden or hidden4: keep each stored layer's K channels of "
+                                  "largest magnitude (chosen on up to 1024 train examples) in the storage dtype "
+                                  "beside the quantized rest; 0: none.")
     project: int = documented(0, "Store each encoder layer's hidden states as K coordinates in a PCA basis "
                                   "fitted on up to 1024 train examples (kept in the cache), and the final layer's "
                                   "pooled states at full width; 0: full width.")
@@ -101,6 +104,11 @@ class CacheConfig:
              f"--quantize hidden4 packs two values a byte: --project needs an even K, got {self.project}"),
             ("attention" not in self.quantize or self.attention != "none",
              "--quantize attention needs attention maps (--attention heads or mean)"),
+            (self.outliers >= 0, f"--outliers must be a number of channels (0: none), got {self.outliers}"),
+            (not self.outliers or bool({"hidden", "hidden4"} & set(self.quantize)),
+             "--outliers keeps channels beside quantized hidden states: add --quantize hidden or hidden4"),
+            (not (self.outliers and self.project), "--outliers and --project exclude each other (a projection's "
+                                                   "coordinates are not the backbone's channels)"),
             (self.project >= 0, f"--project must be a positive number of dimensions (0: none), got {self.project}"),
             (self.project_from is None or self.project > 0, "--project-from needs --project K"),
             (bool(self.splits) and set(self.splits) <= set(SPLITS), f"--splits must be drawn from {', '.join(SPLITS)}"),

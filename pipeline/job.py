@@ -17,8 +17,8 @@ from cache_store import (
 )
 from cache_store.format import (
     ARRAY_DTYPES, EXAMPLES, HIDDEN4_GROUP, PAIRS, STORED_POOLINGS, QUANTIZED, STORAGE_DTYPES, TOKENS, TOPK, TRIANGLE,
-    attention_keys_path, extent, pool, pooled_path, quantize_probabilities, quantize_hidden, scale_path, stored_projection,
-    hidden_quantization, to_storage, triangle_indices,
+    attention_keys_path, extent, outliers_path, pool, pooled_path, quantize_probabilities, quantize_hidden, scale_path,
+    split_outliers, stored_projection, hidden_quantization, to_storage, triangle_indices,
 )
 from cache_store.location import Location
 from cache_store.lock import write_lock
@@ -32,6 +32,7 @@ from .config import CacheConfig
 from .errors import InputError
 from .glue_data import load_source_splits
 from .padding import pad_batch
+from .outliers import Outliers, choose
 from .projection import Projection, fit
 from .splits import Split, make_splits
 from .tasks import TaskSpec, get_task
@@ -56,13 +57,14 @@ def stored_layers(backbone: Backbone, layers: tuple[int, ...] | str) -> dict[str
 
 
 def array_specs(backbone: Backbone, attention: str, layers: dict[str, list[int]],
-                quantize: tuple[str, ...] = (), topk: int = 0, max_length: int = 128, project: int = 0) -> list[ArraySpec]:
+                quantize: tuple[str, ...] = (), topk: int = 0, max_length: int = 128, project: int = 0,
+                outliers: int = 0) -> list[ArraySpec]:
     """Every backbone array a split stores; quantized kinds in their QUANTIZED dtype (None: the storage
     dtype), int8 hidden states with a float32 scale array beside each (int4 ones: two channels a byte,
     one scale per group of channels), top-k attention entries with an
     array of their key positions (uint8 while positions fit, int16 beyond), causal maps as their lower
     triangles, encoder hidden states K wide with --project K (and an encoder-only backbone's pooled final
-    states, full width)."""
+    states, full width), and with --outliers K each quantized hidden array's K kept channels beside it."""
     d, heads = backbone.d_model, backbone.n_heads
     att_row, att_axis = ((heads,), 1) if attention == "heads" else ((), 0)
     hidden = hidden_quantization(quantize)
@@ -75,7 +77,8 @@ def array_specs(backbone: Backbone, attention: str, layers: dict[str, list[int]]
 
     def with_scales(out, width):
         scales = rows(width)[1]
-        return out + ([ArraySpec(scale_path(s.path), s.grows_along, scales, 0, "float32") for s in out] if hidden else [])
+        kept = [ArraySpec(outliers_path(s.path), s.grows_along, (outliers,), 0) for s in out] if outliers else []
+        return out + ([ArraySpec(scale_path(s.path), s.grows_along, scales, 0, "float32") for s in out] if hidden else []) + kept
 
     width = project or d
     specs = with_scales([ArraySpec(hidden_path("encoder", k), TOKENS, rows(width)[0], 0, hidden)
@@ -110,7 +113,8 @@ def plan_split(backbone: Backbone, task: TaskSpec, split: Split, max_length: int
 
 def build_manifest(config: CacheConfig, backbone: Backbone, task: TaskSpec, protocol: str,
                    plans: dict[str, SplitPlan], layers: dict[str, list[int]],
-                   label_ids: list[int] | None, projection: Projection | None = None) -> dict:
+                   label_ids: list[int] | None, projection: Projection | None = None,
+                   outliers: Outliers | None = None) -> dict:
     return {
         "package_version": package_version(),
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -129,6 +133,7 @@ def build_manifest(config: CacheConfig, backbone: Backbone, task: TaskSpec, prot
         "attention_topk": {"k": config.topk, "residual": "renormalised"} if config.topk else None,
         "attention_layout": map_layout(backbone, config.attention_mode, config.topk),
         "projection": projection.describe() if projection else None,
+        "outliers": outliers.describe() if outliers else None,
         "layers": layers,
         "splits": {name: {"n_examples": plan.n_examples, "n_tokens": int(plan.lengths.sum()),
                           "n_attention_pairs": int((plan.lengths**2).sum())} for name, plan in plans.items()},
@@ -206,18 +211,21 @@ def map_reduction(specs: list[ArraySpec]):
 
 @torch.inference_mode()
 def run_batch(backbone: Backbone, ids: torch.Tensor, mask: torch.Tensor, lengths: list[int], specs: list[ArraySpec],
-              dtype: str, projection=None) -> dict[str, np.ndarray]:
+              dtype: str, projection=None, outliers=None) -> dict[str, np.ndarray]:
     """One padded batch through the backbone, as the arrays of `specs` (extract). Each layer's maps are
     reduced as the layer runs, so a long batch never holds every layer's dense maps at once."""
-    return extract(backbone.forward(ids, mask, reduce=map_reduction(specs)), lengths, specs, dtype, projection)
+    return extract(backbone.forward(ids, mask, reduce=map_reduction(specs)), lengths, specs, dtype, projection,
+                   outliers)
 
 
 @torch.inference_mode()
 def extract(out: BackboneOutput, lengths: list[int], specs: list[ArraySpec], dtype: str,
-            projection: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, np.ndarray]:
+            projection: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+            outliers: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
     """Drop padding and convert to each array's stored dtype (`dtype`, the storage dtype, unless the spec
     says int8 or uint8), on the backbone's device, before the copy out. Quantization and projection (layer
-    -> mean [d], basis [K, d], on the device) see the unrounded float32 values; attention rows are
+    -> mean [d], basis [K, d], on the device) see the unrounded float32 values, and --outliers' channels
+    (hidden path -> int64 [K], on the device) are taken out before quantizing; attention rows are
     quantized before the padding goes, as whole rows. Self-attention maps are reduced (reduce_maps) here
     unless the backbone did it as it ran (out.reduced)."""
     logical = STORAGE_DTYPES[dtype][1]
@@ -225,7 +233,7 @@ def extract(out: BackboneOutput, lengths: list[int], specs: list[ArraySpec], dty
     arrays = {}
     for spec in specs:
         stack, kind, layer = spec.path.split("/")  # e.g. encoder/attention/3
-        if kind.endswith(("_scale", "_keys")):
+        if kind.endswith(("_scale", "_keys", "_outliers")):
             continue  # written with their hidden or attention array
         layer = int(layer)
         stored = spec.dtype or dtype
@@ -242,6 +250,9 @@ def extract(out: BackboneOutput, lengths: list[int], specs: list[ArraySpec], dty
             else:
                 value = out.decoder_hidden[layer].to(wide)  # [B, d]
             if spec.dtype:
+                if outliers:  # kept in the storage dtype; the quantizer sees 0 there
+                    value, kept = split_outliers(value, outliers[spec.path])
+                    arrays[outliers_path(spec.path)] = to_storage(kept, dtype)
                 value, scale = quantize_hidden(value, spec.dtype)
                 arrays[scale_path(spec.path)] = to_storage(scale, "float32")
         else:
@@ -303,7 +314,8 @@ class Prepared:
     manifest: dict
     label_head: np.ndarray | None  # [C, d]
     projection: Projection | None = None  # --project K
-    sample_plan: SplitPlan | None = None  # --project K: the train rows a basis is fitted on
+    outliers: Outliers | None = None  # --outliers K
+    sample_plan: SplitPlan | None = None  # --project K, --outliers K: the train rows they are fitted on
 
 
 def load_task(config: CacheConfig) -> tuple[TaskSpec, dict]:
@@ -321,9 +333,12 @@ def open_backbone(config: CacheConfig, progress: bool = True) -> Backbone:
 
 
 def prepare(config: CacheConfig, progress: bool = True, fit_projection: bool = True, backbone: Backbone | None = None,
-            projection: Projection | None = None) -> Prepared:
+            projection: Projection | None = None, choose_outliers: bool = True) -> Prepared:
     """Read and tokenize the task's splits, load the backbone (unless given) and, for --project, fit the
-    basis (unless given, or kept by the cache being resumed, or --project-from)."""
+    basis (unless given, or kept by the cache being resumed, or --project-from); for --outliers, choose the
+    channels (unless kept by the cache being resumed). With `fit_projection` or `choose_outliers` false that
+    is left to the caller (a store fits one basis for all its tasks; torchrun's other ranks read rank 0's
+    from the cache)."""
     task, source = load_task(config)
     protocol, splits = make_splits(task.name, source, config.seed)
     backbone = backbone or open_backbone(config, progress)
@@ -336,15 +351,20 @@ def prepare(config: CacheConfig, progress: bool = True, fit_projection: bool = T
         return plan_split(backbone, task, split, config.max_length)
 
     plans = {name: plan(name) for name in config.splits}
-    sample = (plans["train"] if "train" in plans else plan("train")) if config.project else None
+    sample = (plans["train"] if "train" in plans else plan("train")) if config.project or config.outliers else None
     if config.project and fit_projection and projection is None:  # fitted before anything is written; a resumed cache keeps its basis
         projection = resumed_projection(config) or shared_projection(config, backbone) or fit(
             backbone, sample, layers["encoder"], config.project, config.batch_size, config.seed, progress, task.name)
+    outliers = None
+    if config.outliers and choose_outliers:  # a resumed cache keeps its channels
+        outliers = resumed(config, Outliers.of_cache) or choose(
+            backbone, sample, layers, config.outliers, config.batch_size, config.seed, progress, task.name)
     head = backbone.label_head(task)
-    manifest = build_manifest(config, backbone, task, protocol, plans, layers, head[0] if head else None, projection)
+    manifest = build_manifest(config, backbone, task, protocol, plans, layers, head[0] if head else None, projection,
+                              outliers)
     specs = array_specs(backbone, config.attention_mode, layers, config.quantize, config.topk, config.max_length,
-                        config.project)
-    return Prepared(task, backbone, plans, specs, manifest, head[1] if head else None, projection, sample)
+                        config.project, config.outliers)
+    return Prepared(task, backbone, plans, specs, manifest, head[1] if head else None, projection, outliers, sample)
 
 
 def shared_projection(config: CacheConfig, backbone: Backbone) -> Projection | None:
@@ -366,10 +386,16 @@ def shared_projection(config: CacheConfig, backbone: Backbone) -> Projection | N
 
 def resumed_projection(config: CacheConfig) -> Projection | None:
     """The basis of the cache a --resume continues, when it was made with the same --project K."""
+    projection = resumed(config, Projection.of_cache)
+    return projection if projection is not None and projection.k == config.project else None
+
+
+def resumed(config: CacheConfig, read):
+    """read(CacheReader) of the cache a --resume (or a store's --add) continues, or None when there is none:
+    what it was fitted with stays (a differing setting is refused when the manifests are compared)."""
     if config.mode not in ("resume", "add") or not Location(config.cache_dir).exists("zarr.json"):
         return None
-    projection = Projection.of_cache(CacheReader(config.cache_dir))
-    return projection if projection is not None and projection.k == config.project else None
+    return read(CacheReader(config.cache_dir))
 
 
 @contextlib.contextmanager
@@ -418,8 +444,8 @@ def run_store(configs: list[CacheConfig], progress: bool = True, log=None) -> li
     fitted on every task's train rows, serves every task (a multi-task READ network needs one basis)."""
     first, world = configs[0], current_world()
     backbone = open_backbone(first, progress and world.leader)
-    prepared = [prepare(config, progress and world.leader, fit_projection=False, backbone=backbone)
-                for config in configs]
+    prepared = [prepare(config, progress and world.leader, fit_projection=False, backbone=backbone,
+                        choose_outliers=world.leader) for config in configs]
     if first.project and world.leader:  # a resumed store keeps its basis
         kept = next((p for p in map(resumed_projection, configs) if p is not None), None)  # a task already cached
         projection = kept or shared_projection(first, backbone) or fit(
@@ -455,7 +481,7 @@ def _run_ranked(config: CacheConfig, world: World, progress: bool, log, ready: P
     """Rank 0 opens the cache (lock, manifest, split groups) while the others wait; every rank writes its
     shards of every split; rank 0 checks and completes each split once all are done."""
     leader = world.leader
-    ready = ready or prepare(config, progress and leader, fit_projection=leader)
+    ready = ready or prepare(config, progress and leader, fit_projection=leader, choose_outliers=leader)
     with _locked(config.cache_dir, log) if leader and not locked else contextlib.nullcontext():
         if leader:
             writer = CacheWriter(config.cache_dir, ready.manifest, config.mode, shard_bytes=config.shard_bytes,
@@ -468,6 +494,8 @@ def _run_ranked(config: CacheConfig, world: World, progress: bool, log, ready: P
             writer = CacheWriter.join(config.cache_dir)
             if config.project:  # rank 0 fitted the basis (or kept the resumed cache's); every rank uses it
                 ready.projection = Projection.of_cache(CacheReader(config.cache_dir))
+            if config.outliers:  # and chose the channels
+                ready.outliers = Outliers.of_cache(CacheReader(config.cache_dir))
         projection = ready.projection.on(ready.backbone.device) if ready.projection else None
         splits = {name: writer.split(name, plan, ready.specs) for name, plan in ready.plans.items()}
         parts = {name: RankedSplit(split, world, config.batch_size) for name, split in splits.items()
@@ -499,6 +527,7 @@ def _cache_split(sink, starts: list[int], ready: Prepared, config: CacheConfig, 
     """Run the backbone over the batches starting at `starts` and hand each batch's arrays to `sink` (a
     SplitWriter, or this rank's RankedSplit) on a background thread."""
     backbone, plan, specs, name = ready.backbone, sink.plan, ready.specs, sink.name
+    outliers = ready.outliers.on(backbone.device) if ready.outliers else None
     pad_id = backbone.tokenizer.pad_token_id or 0
     attentions = config.attention_mode != "none"
     began = time.perf_counter()
@@ -514,7 +543,7 @@ def _cache_split(sink, starts: list[int], ready: Prepared, config: CacheConfig, 
                 ids, mask = pad_batch(plan, start, stop, pad_id)
                 ids, mask = ids.to(backbone.device), mask.to(backbone.device)
                 lengths = plan.lengths[start:stop].tolist()
-                arrays = run_batch(backbone, ids, mask, lengths, specs, config.dtype, projection)
+                arrays = run_batch(backbone, ids, mask, lengths, specs, config.dtype, projection, outliers)
                 background.put(arrays)
                 written += sum(a.nbytes for a in arrays.values())
                 computed += stop - start

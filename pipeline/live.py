@@ -20,6 +20,7 @@ from .backbones import Backbone, load_backbone
 from .config import LOSSLESS, CacheConfig
 from .errors import InputError
 from .job import Prepared, array_specs, plan_split, prepare, run_batch
+from .outliers import Outliers
 from .padding import pad_examples
 from .projection import Projection
 from .splits import Split
@@ -27,13 +28,14 @@ from .tasks import TaskSpec
 
 
 @torch.inference_mode()
-def compute(backbone: Backbone, plan: SplitPlan, index, specs, dtype: str, projection=None) -> dict[str, torch.Tensor]:
+def compute(backbone: Backbone, plan: SplitPlan, index, specs, dtype: str, projection=None,
+            outliers=None) -> dict[str, torch.Tensor]:
     """Every array for examples `index` of a plan, from one backbone pass, concatenated in that order
-    along the ragged axis, rounded to `dtype` (and projected) as a cache stores it."""
+    along the ragged axis, rounded to `dtype` (and projected, its outlier channels kept) as a cache stores it."""
     index = np.asarray(index)
     ids, mask = pad_examples(plan, index, backbone.tokenizer.pad_token_id or 0)
     arrays = run_batch(backbone, ids.to(backbone.device), mask.to(backbone.device), plan.lengths[index].tolist(),
-                       specs, dtype, projection)
+                       specs, dtype, projection, outliers)
     stored = {spec.path: spec.dtype or dtype for spec in specs}
     return {path: from_storage(value, stored[path]) for path, value in arrays.items()}
 
@@ -97,9 +99,11 @@ class Predictor:
             raise InputError(f"--model {model} is not the backbone this READ model was trained on ("
                              + "; ".join(d.replace("cache has", "--model has").replace("asked for", "training had")
                                          for d in found[:3]) + "); give the model folder that made its cache")
+        outliers = Outliers.of_manifest(manifest)  # the channels the cache kept beside its quantized states
         self.specs = array_specs(self.backbone, manifest["attention"], manifest["layers"],
                                  tuple(manifest.get("quantize", ())), stored_topk(manifest), manifest["max_length"],
-                                 stored_projection(manifest))
+                                 stored_projection(manifest), outliers.k if outliers else 0)
+        self.outliers = outliers.on(self.backbone.device) if outliers else None
         self.projection = None
         if stored_projection(manifest):  # the cache's basis, which training's checkpoint carries
             if projection is None:
@@ -131,7 +135,7 @@ class Predictor:
         for start in range(0, len(index), self.batch_size):
             chunk = index[start:start + self.batch_size]
             parts.append(compute(self.backbone, plan, chunk, self.specs, self.manifest["storage_dtype"],
-                                 self.projection))
+                                 self.projection, self.outliers))
             self.forward_passes += 1
             self.examples_forwarded += len(chunk)
         return {spec.path: torch.cat([p[spec.path] for p in parts], dim=spec.axis) for spec in self.specs}

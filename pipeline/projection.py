@@ -13,16 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from cache_store.format import block_digest, projection_paths
 from cache_store.writer import SplitPlan
 
 from .backbones import Backbone
 from .errors import InputError
-from .padding import pad_examples
-
-SAMPLE_EXAMPLES = 1024  # train examples the basis is fitted on (all of them when fewer)
+from .sample import draw, forward
 
 
 @dataclass
@@ -77,26 +74,17 @@ class Projection:
 @torch.inference_mode()
 def fit(backbone: Backbone, plans: SplitPlan | dict[str, SplitPlan], layers: list[int], k: int, batch_size: int,
         seed: int, progress: bool = True, plan_task: str | None = None) -> Projection:
-    """PCA of each layer's hidden states over the real tokens of up to SAMPLE_EXAMPLES train examples, drawn
-    with `seed`: of one plan (of task `plan_task`), or shared evenly between several tasks' plans ({task:
-    plan}: one basis for a store's tasks, which a multi-task READ network reads); moments in float64."""
+    """PCA of each layer's hidden states over the real tokens of the seeded train sample (pipeline.sample):
+    of one plan (of task `plan_task`), or shared evenly between several tasks' plans ({task: plan}: one basis
+    for a store's tasks, which a multi-task READ network reads); moments in float64."""
     d = backbone.d_model
     if not 0 < k <= d:
         raise InputError(f"--project K must lie in 1..{d} (the backbone's width), got {k}")
-    plans = plans if isinstance(plans, dict) else {plan_task: plans}
-    rng = np.random.default_rng(seed)
-    share = SAMPLE_EXAMPLES // len(plans)
-    sample = {task: np.sort(rng.choice(plan.n_examples, min(plan.n_examples, share), replace=False))
-              for task, plan in plans.items()}
+    sample = draw(plans, seed, plan_task)
     sums = {layer: torch.zeros(d, dtype=torch.float64) for layer in layers}
     grams = {layer: torch.zeros(d, d, dtype=torch.float64) for layer in layers}
     tokens = 0
-    batches = [(task, index[start:start + batch_size]) for task, index in sample.items()
-               for start in range(0, len(index), batch_size)]
-    for task, chunk in tqdm(batches, desc="fit --project", unit="batch", disable=not progress):
-        ids, mask = pad_examples(plans[task], chunk, backbone.tokenizer.pad_token_id or 0)
-        out = backbone.forward(ids.to(backbone.device), mask.to(backbone.device), False)
-        real = mask.bool().to(backbone.device)
+    for out, real in forward(backbone, sample, batch_size, progress, "fit --project"):
         tokens += int(real.sum())
         for layer in layers:
             x = out.encoder_hidden[layer][real].double().cpu()  # [t, d]
@@ -111,7 +99,4 @@ def fit(backbone: Backbone, plans: SplitPlan | dict[str, SplitPlan], layers: lis
         top *= torch.sign(top.gather(1, top.abs().argmax(1, keepdim=True)))
         mean[layer], basis[layer] = mu.float().numpy(), top.float().contiguous().numpy()
         explained[layer] = float(variances[-k:].sum() / variances.clamp_min(0).sum())
-    names = [t for t in plans if t is not None]
-    return Projection(mean, basis, explained, {"task": "+".join(names) or None, "split": "train",
-                                               "examples": sum(len(i) for i in sample.values()),
-                                               "tokens": tokens, "seed": seed})
+    return Projection(mean, basis, explained, sample.describe(tokens))

@@ -10,8 +10,9 @@ import torch
 
 from cache_store import CacheError, CacheReader, SplitReader, attention_path, cross_attention_path, hidden_path
 from cache_store.format import (
-    PAIRS, STORED_POOLINGS, TOPK, TRIANGLE, attention_keys_path, dequantize_probabilities, extent, pooled_path, scale_path,
-    hidden_quantization, stored_layout, stored_projection, stored_topk, triangle_indices,
+    PAIRS, STORED_POOLINGS, TOPK, TRIANGLE, attention_keys_path, dequantize_probabilities, extent, outliers_path,
+    pooled_path, scale_path, hidden_quantization, stored_layout, stored_outliers, stored_projection, stored_topk,
+    triangle_indices,
 )
 
 from .read_model import Packing, ReadInputs, ReadSpec
@@ -38,15 +39,16 @@ def read_spec(cache: CacheReader, width: int, cell: str, **choices) -> ReadSpec:
 
 
 def array_paths(spec: ReadSpec, manifest: dict) -> list[str]:
-    """The stored arrays READ reads: every layer's hidden states (and their scales when quantized), the
-    pooled final state its heads read when they are projected (encoder-only), and its attention maps
-    unless the cache has none."""
+    """The stored arrays READ reads: every layer's hidden states (and their scales when quantized, and kept
+    channels with --outliers), the pooled final state its heads read when they are projected (encoder-only),
+    and its attention maps unless the cache has none."""
     attention = manifest["attention"] != "none"
     hidden = [hidden_path("encoder", k) for k in range(1, spec.n_layers + 1)]
     hidden += [hidden_path("decoder", k) for k in range(1, spec.n_decoder_layers + 1)]
     # both pooled states: a sweep's runs may pool differently, and they are small (one row per example)
     hidden += [pooled_path(p, spec.n_layers) for p in STORED_POOLINGS] if spec.projection and not spec.n_decoder_layers else []
     paths = hidden + ([scale_path(p) for p in hidden] if hidden_quantization(manifest.get("quantize", ())) else [])
+    paths += [outliers_path(p) for p in hidden] if stored_outliers(manifest) else []
     paths += [attention_path(k) for k in range(1, spec.n_layers + 1)] if attention else []
     paths += [attention_keys_path(k) for k in range(1, spec.n_layers + 1)] if stored_topk(manifest) else []
     paths += [cross_attention_path(k) for k in range(1, spec.n_decoder_layers + 1)] if attention else []
@@ -57,10 +59,13 @@ def array_paths(spec: ReadSpec, manifest: dict) -> list[str]:
 class QuantizedRows:
     """Hidden states as a cache made with --quantize hidden (or hidden4) stores them: int8 values [..., d]
     and one float32 scale per row [...] (int4: uint8 [..., d / 2], two channels a byte, and scales
-    [..., G], one per group of channels). They stay so until they reach the device (to_device)."""
+    [..., G], one per group of channels); with --outliers, the kept channels' values [..., K] in the storage
+    dtype and their positions int64 [K]. They stay so until they reach the device (to_device)."""
 
     values: torch.Tensor
     scale: torch.Tensor
+    outliers: torch.Tensor | None = None
+    channels: torch.Tensor | None = None
 
 
 @dataclass
@@ -77,7 +82,8 @@ def split_bytes(reader: SplitReader, spec: ReadSpec) -> int:
 
 
 def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: torch.Tensor, index: torch.Tensor,
-             spec: ReadSpec, attention: bool, per_head: bool, layout: str = PAIRS, topk: int = 0) -> ReadInputs:
+             spec: ReadSpec, attention: bool, per_head: bool, layout: str = PAIRS, topk: int = 0,
+             channels: dict[str, torch.Tensor] | None = None) -> ReadInputs:
     """READ inputs for examples `index` of ragged arrays laid out as in the cache (`lengths` of every
     example, in order; offsets: int64 [n], where each one's tokens start; `layout`: how the maps are
     stored, format.MAP_LAYOUTS). Hidden states are packed, the examples' tokens one after another, as
@@ -85,7 +91,8 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
     bytes, widened there (devices.inputs_to, ReadInputs.widened); attention maps, the largest inputs by far, are
     padded to the batch's longest example and stay in the stored dtype (bfloat16, or uint8 units),
     widened layer by layer (read_model.mix). Top-k entries go back to their key positions in dense maps,
-    the rest of each row 0; a causal map's triangle fills the map's lower part."""
+    the rest of each row 0; a causal map's triangle fills the map's lower part. `channels`: the kept channels
+    of each hidden array of a cache made with --outliers (outlier_channels)."""
     map_starts = torch.from_numpy(extent(layout, lengths.numpy(), topk))[:-1][index].tolist()  # where each example's maps start
     lengths = lengths[index]
     packing = Packing.of(lengths)
@@ -99,16 +106,17 @@ def assemble(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, offsets: to
     def runs(stored):  # the examples' contiguous runs of rows, one after another (faster than a row gather)
         return torch.cat([stored[start:start + m] for start, m in zip(firsts, sizes)])
 
+    def quantized(path, take):  # QuantizedRows of the rows `take` picks from each of path's arrays
+        kept = outliers_path(path) in arrays
+        return QuantizedRows(take(arrays[path]), take(arrays[scale_path(path)]),
+                             take(arrays[outliers_path(path)]) if kept else None, channels[path] if kept else None)
+
     def tokens_of(path):  # [T_all, d] -> [T, d], as stored: devices.inputs_to widens them on the device
-        if scale_path(path) in arrays:
-            return QuantizedRows(runs(arrays[path]), runs(arrays[scale_path(path)]))
-        return runs(arrays[path])
+        return quantized(path, runs) if scale_path(path) in arrays else runs(arrays[path])
 
     def rows_of(path):  # [n, d] -> [B, d], as stored
-        values = arrays[path].index_select(0, index)
-        if scale_path(path) in arrays:
-            return QuantizedRows(values, arrays[scale_path(path)].index_select(0, index))
-        return values
+        take = lambda stored: stored.index_select(0, index)  # noqa: E731
+        return quantized(path, take) if scale_path(path) in arrays else take(arrays[path])
 
     def topk_of(path, key_path):  # [A, P] values and keys -> [B, A, L, L]
         stored, stored_keys = arrays[path], arrays[key_path]  # each example's m x k entries: one run per head
@@ -191,7 +199,7 @@ class InMemorySplit(BatchOrder):
         self.name, self.spec, self.start = reader.name, spec, start
         self.attention = manifest["attention"] != "none"
         self.per_head = manifest["attention"] == "heads"
-        self.layout, self.topk = stored_layout(manifest), stored_topk(manifest)
+        self.layout, self.topk, self.channels = stored_layout(manifest), stored_topk(manifest), outlier_channels(manifest)
         self.arrays = reader.load_many(array_paths(spec, manifest), start, stop)
         self.lengths = torch.from_numpy(reader.lengths[start:stop].copy())
         self.offsets = torch.from_numpy(reader.offsets[start:stop] - reader.offsets[start])
@@ -202,7 +210,7 @@ class InMemorySplit(BatchOrder):
     def batch(self, index: torch.Tensor) -> TrainBatch:
         """Padded float32 inputs for examples `index` (any order; padding only up to this batch's longest)."""
         inputs = assemble(self.arrays, self.lengths, self.offsets, index, self.spec, self.attention, self.per_head,
-                          self.layout, self.topk)
+                          self.layout, self.topk, self.channels)
         return TrainBatch(index, self.labels[index], inputs)
 
 
@@ -280,7 +288,7 @@ class OnlineSplit(BatchOrder):
         self.source, self.spec, self.name = source, spec, source.name
         self.attention = manifest["attention"] != "none"
         self.per_head = manifest["attention"] == "heads"
-        self.layout, self.topk = stored_layout(manifest), stored_topk(manifest)
+        self.layout, self.topk, self.channels = stored_layout(manifest), stored_topk(manifest), outlier_channels(manifest)
         self.lengths = torch.as_tensor(source.lengths)
         self.labels = torch.as_tensor(source.labels)
         self.example_index = source.example_index
@@ -288,14 +296,21 @@ class OnlineSplit(BatchOrder):
 
     def batch(self, index: torch.Tensor) -> TrainBatch:
         inputs = assemble_computed(self.source.compute(index.numpy()), self.lengths[index], self.spec,
-                                   self.attention, self.per_head, layout=self.layout, topk=self.topk)
+                                   self.attention, self.per_head, layout=self.layout, topk=self.topk,
+                                   channels=self.channels)
         return TrainBatch(index, self.labels[index], inputs)
 
 
 def assemble_computed(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, spec: ReadSpec, attention: bool,
-                      per_head: bool, index: torch.Tensor | None = None, layout: str = PAIRS, topk: int = 0) -> ReadInputs:
+                      per_head: bool, index: torch.Tensor | None = None, layout: str = PAIRS, topk: int = 0,
+                      channels: dict[str, torch.Tensor] | None = None) -> ReadInputs:
     """READ inputs from arrays a live backbone computed for examples of `lengths` (int64 [B]), in order:
     all of them, or those at positions `index`."""
     offsets = torch.cumsum(lengths, 0) - lengths
     index = torch.arange(len(lengths)) if index is None else index
-    return assemble(arrays, lengths, offsets, index, spec, attention, per_head, layout, topk)
+    return assemble(arrays, lengths, offsets, index, spec, attention, per_head, layout, topk, channels)
+
+
+def outlier_channels(manifest: dict) -> dict[str, torch.Tensor]:
+    """Each hidden array's kept channels (--outliers K) as int64 tensors, or {}."""
+    return {path: torch.tensor(c, dtype=torch.int64) for path, c in stored_outliers(manifest).items()}

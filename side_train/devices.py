@@ -53,8 +53,9 @@ def inputs_to(inputs: ReadInputs, device: torch.device) -> ReadInputs:
     device is the stored bytes (bfloat16 ones READ widens as it reads them, ReadInputs.widened);
     attention maps stay as stored until READ multiplies by them."""
     move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
-    hidden = lambda xs: [dequantize_hidden(move(x.values), move(x.scale)) if isinstance(x, QuantizedRows)  # noqa: E731
-                         else move(x) for x in xs]
+    hidden = lambda xs: [dequantize_hidden(move(x.values), move(x.scale), maybe(x.outliers), maybe(x.channels))  # noqa: E731
+                         if isinstance(x, QuantizedRows) else move(x) for x in xs]
+    maybe = lambda x: None if x is None else move(x)  # noqa: E731
     maps = lambda xs: None if xs is None else [move(x) for x in xs]  # noqa: E731
     pooled = None if inputs.pooled is None else {p: hidden([x])[0] for p, x in inputs.pooled.items()}
     return ReadInputs(inputs.packing.to(device), hidden(inputs.encoder_hidden), maps(inputs.encoder_attention),
@@ -69,7 +70,8 @@ def pinned(batch: TrainBatch, pin=lambda x: x.pin_memory()) -> TrainBatch:
     """The batch in page-locked host memory, from which a copy to a GPU runs asynchronously (`pin`: what
     is done to each tensor)."""
     pin = (lambda x, to=pin: None if x is None else to(x))  # noqa: E731
-    rows = lambda x: QuantizedRows(pin(x.values), pin(x.scale)) if isinstance(x, QuantizedRows) else pin(x)  # noqa: E731
+    rows = lambda x: (QuantizedRows(pin(x.values), pin(x.scale), pin(x.outliers), pin(x.channels))  # noqa: E731
+                      if isinstance(x, QuantizedRows) else pin(x))
     many = lambda xs: None if xs is None else [rows(x) for x in xs]  # noqa: E731
     i = batch.inputs
     inputs = ReadInputs(Packing(pin(i.packing.mask), pin(i.packing.real)), many(i.encoder_hidden),

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from cache_store import UserError
 from cache_store.format import stored_layout, stored_topk
 
-from .data import assemble_computed
+from .data import assemble_computed, outlier_channels
 from .devices import inputs_to, precision_scope
 from .read_model import ReadModel, ReadSpec
 
@@ -121,6 +121,7 @@ def predict(checkpoint: Checkpoint, predictor, rows: list[dict], batch_size: int
     model = model.to(device)
     read_batch = batch_size or checkpoint.batch_size
     attention, per_head = manifest["attention"] != "none", manifest["attention"] == "heads"
+    channels = outlier_channels(manifest)
     chosen = [task_of(row, checkpoint.tasks, n) for n, row in enumerate(rows, 1)]
     records: list[dict | None] = [None] * len(rows)
     bar = tqdm(total=len(rows), unit="input", desc="predict-side", disable=not progress)
@@ -139,7 +140,7 @@ def predict(checkpoint: Checkpoint, predictor, rows: list[dict], batch_size: int
             lengths = torch.from_numpy(plan.lengths[index])
             for part in torch.arange(len(index)).split(read_batch):
                 inputs = inputs_to(assemble_computed(arrays, lengths, model.spec, attention, per_head, part,
-                                                     stored_layout(manifest), stored_topk(manifest)), device)
+                                                     stored_layout(manifest), stored_topk(manifest), channels), device)
                 with torch.no_grad(), precision_scope(precision, device):
                     features = model.features(inputs)  # [1, B, d]: the checkpoint is a model of one member
                     outputs = {t["name"]: model.heads[t["name"]](features)[0].float().cpu() for t in checkpoint.tasks}

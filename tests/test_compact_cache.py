@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from cache_store import CacheError, CacheReader
 from cache_store.cli import main as inspect_main
 from cache_store.format import (
-    MANIFEST_KEY, dequantize_groups, dequantize_probabilities, dequantize_rows, quantize_groups, quantize_probabilities,
-    quantize_rows,
+    MANIFEST_KEY, dequantize_groups, dequantize_hidden, dequantize_probabilities, dequantize_rows, quantize_groups,
+    quantize_probabilities, quantize_rows, split_outliers,
 )
 from pipeline.config import CacheConfig
 from pipeline.errors import InputError
@@ -80,6 +80,55 @@ def test_an_int4_cache_stores_what_its_bound_promises(caches):
     assert shown.exit_code == 0 and "hidden4 int4x2" in shown.output, shown.output
 
 
+def test_kept_outlier_channels_come_back_as_they_were_and_leave_the_rest_finer_steps():
+    torch.manual_seed(0)
+    x = torch.randn(400, 128)
+    x[:, [5, 70]] *= 40  # two outlier channels, one in each group of 64
+    channels = torch.tensor([5, 70])
+    rest, kept = split_outliers(x, channels)
+    assert not rest[:, channels].any() and torch.equal(kept, x[:, channels])
+    for quantize in (quantize_rows, quantize_groups):
+        values, scale = quantize(rest)
+        restored = dequantize_hidden(values, scale, kept, channels)
+        assert torch.equal(restored[:, channels], x[:, channels])  # exact: kept in the storage dtype (float32 here)
+        step = scale[:, None] if quantize is quantize_rows else scale.repeat_interleave(64, -1)
+        assert ((restored - x).abs() <= step / 2 * (1 + 1e-6)).all()
+        plain = dequantize_hidden(*quantize(x))  # the outliers set every scale: the others' error is far larger
+        others = torch.ones(128, dtype=torch.bool).index_fill(0, channels, False)
+        assert (restored - x)[:, others].abs().mean() < (plain - x)[:, others].abs().mean() / 4
+
+
+def test_an_outliers_cache_keeps_each_layers_largest_channels(caches):
+    exact, packed = caches["float32"], caches["int4-outliers"]
+    outliers = packed.manifest["outliers"]
+    assert outliers["k"] == 3 and outliers["sample"]["examples"] == LIMIT  # every train example: the sample
+    a, b = exact.split("train"), packed.split("train")
+    for path in ("encoder/hidden/1", "encoder/hidden/2", "decoder/hidden/1"):
+        full = a.load(path)
+        channels = torch.tensor(outliers["channels"][path])
+        assert torch.equal(channels, full.abs().amax(0).topk(3).indices.sort().values)  # largest on the sample
+        stack, _, layer = path.split("/")
+        values, scale = b.load(path), b.load(f"{stack}/hidden_scale/{layer}")
+        kept = b.load(f"{stack}/hidden_outliers/{layer}")
+        assert kept.shape == (full.shape[0], 3)
+        restored = dequantize_hidden(values, scale, kept, channels)
+        assert torch.equal(restored[:, channels], full[:, channels])
+        step = scale.repeat_interleave(64, -1)[:, :32]
+        assert ((restored - full).abs() <= step / 2 * (1 + 1e-6) + 1e-7).all()
+    shown = CliRunner().invoke(inspect_main, [str(packed.path), "--verify"])
+    assert shown.exit_code == 0 and "3 outlier channels per layer kept" in shown.output, shown.output
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"outliers": 2, "quantize": ("attention",)}, "add --quantize hidden or hidden4"),
+    ({"outliers": 2, "quantize": ("hidden4",), "project": 8}, "exclude each other"),
+    ({"outliers": -1, "quantize": ("hidden4",)}, "--outliers must be"),
+])
+def test_outliers_refuse_what_they_cannot_keep(options, message):
+    with pytest.raises(InputError, match=message):
+        CacheConfig(task="rte", **options)
+
+
 def test_uint8_attention_keeps_every_row_sum_and_each_entry_within_one_unit():
     torch.manual_seed(0)
     p = torch.softmax(torch.randn(3, 4, 40, 40) * 3, -1)
@@ -96,7 +145,8 @@ def test_uint8_attention_keeps_every_row_sum_and_each_entry_within_one_unit():
 STORAGE = {"float32": {}, "quantized": {"quantize": ("attention", "hidden")}, "topk": {"attention": "topk:3"},
            "topk-quantized": {"attention": "topk:3", "quantize": ("attention", "hidden")},
            "projected": {"project": 6, "attention": "topk:3", "quantize": ("attention", "hidden")},
-           "int4": {"attention": "topk:3", "quantize": ("attention", "hidden4")}}
+           "int4": {"attention": "topk:3", "quantize": ("attention", "hidden4")},
+           "int4-outliers": {"attention": "topk:3", "quantize": ("attention", "hidden4"), "outliers": 3}}
 
 
 @pytest.fixture(scope="module")
