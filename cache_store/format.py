@@ -32,13 +32,17 @@ STORAGE_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
 }
 
 # Quantized arrays (format v2, `cache-activations --quantize`): the choices, and the dtype each stores its
-# array kind in. hidden: int8, one scale per row (quantize_rows); hidden4: int4, two per byte, one scale per
-# group of HIDDEN4_GROUP channels of a row (quantize_groups); attention: uint8 units (quantize_probabilities).
-QUANTIZED = {"hidden": "int8", "hidden4": "int4x2", "attention": "uint8"}
-HIDDEN_CHOICES = ("hidden", "hidden4")  # how hidden states are quantized: one of them at most
+# array kind in. hidden: int8, one scale per row (quantize_rows); hidden6 and hidden5: the same int8 bytes
+# holding integers of 6 or 5 bits (|q| <= 31 or 15), whose top bits the codec's bit shuffle turns into
+# runs it compresses away; hidden4: int4, two per byte, one scale per group of HIDDEN4_GROUP channels of a
+# row (quantize_groups); attention: uint8 units (quantize_probabilities).
+QUANTIZED = {"hidden": "int8", "hidden6": "int6", "hidden5": "int5", "hidden4": "int4x2", "attention": "uint8"}
+HIDDEN_CHOICES = ("hidden", "hidden6", "hidden5", "hidden4")  # how hidden states are quantized: one at most
+ROW_LEVELS = {"int8": 127, "int6": 31, "int5": 15}  # a row's largest magnitude becomes this integer
 HIDDEN4_GROUP = 64  # channels per scale: 4 scale bytes per 32 value bytes
 ARRAY_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
     **STORAGE_DTYPES, "int8": (np.dtype(np.int8), torch.int8), "uint8": (np.dtype(np.uint8), torch.uint8),
+    "int6": (np.dtype(np.int8), torch.int8), "int5": (np.dtype(np.int8), torch.int8),  # int8 bytes, fewer levels
     "int16": (np.dtype(np.int16), torch.int16),  # int16: top-k key positions past 255
     "int4x2": (np.dtype(np.uint8), torch.uint8)}  # two int4 values per byte (quantize_groups)
 
@@ -184,12 +188,13 @@ def split_outliers(x: torch.Tensor, channels: torch.Tensor) -> tuple[torch.Tenso
     return x.index_fill(-1, channels, 0), x.index_select(-1, channels)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., d] floats -> (int8 [..., d], float32 scale [...]) with x ~ values * scale, scale = the row's
-    largest magnitude / 127; rounding to nearest puts every value within scale / 2 of x."""
+    largest magnitude / levels (127 for int8, ROW_LEVELS); rounding to nearest puts every value within
+    scale / 2 of x."""
     x = x.float()
-    scale = x.abs().amax(-1) / 127
-    values = torch.round(x / torch.where(scale > 0, scale, 1)[..., None]).clamp_(-127, 127)
+    scale = x.abs().amax(-1) / levels
+    values = torch.round(x / torch.where(scale > 0, scale, 1)[..., None]).clamp_(-levels, levels)
     return values.to(torch.int8), scale
 
 
@@ -231,8 +236,8 @@ def dequantize_hidden(values: torch.Tensor, scale: torch.Tensor, outliers: torch
 
 
 def quantize_hidden(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_rows for int8, quantize_groups for int4x2 (QUANTIZED's hidden dtypes)."""
-    return quantize_rows(x) if dtype == "int8" else quantize_groups(x)
+    """quantize_rows for int8, int6 and int5, quantize_groups for int4x2 (QUANTIZED's hidden dtypes)."""
+    return quantize_rows(x, ROW_LEVELS[dtype]) if dtype in ROW_LEVELS else quantize_groups(x)
 
 
 def nn_pad(x: torch.Tensor, extra: int) -> torch.Tensor:

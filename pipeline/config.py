@@ -8,7 +8,7 @@ from cache_store import ATTENTION_MODES, SPLITS, STORAGE_DTYPES
 from cache_store.commands import documented
 from cache_store.location import is_remote
 from cache_store import CacheError
-from cache_store.format import DEFAULT_SHARD_BYTES, QUANTIZED, parse_attention, parse_codec
+from cache_store.format import DEFAULT_SHARD_BYTES, HIDDEN_CHOICES, QUANTIZED, parse_attention, parse_codec
 
 from .backbones import INITS, backbone_name
 from .errors import InputError
@@ -58,9 +58,11 @@ class CacheConfig:
                                           "renormalised to sum to 1, with their key positions.")
     quantize: tuple[str, ...] = documented(("attention", "hidden"), "Array kinds to store quantized, comma-separated "
                                            "(none: no kind): hidden (int8, one absmax scale per token), "
-                                           "hidden4 (int4, two a byte, one absmax scale per 64 channels of a "
-                                           "token) and attention (uint8 units of 1/255, each row's sum kept).")
-    outliers: int = documented(0, "With --quantize hidden or hidden4: keep each stored layer's K channels of "
+                                           "hidden6 and hidden5 (int8 bytes holding 6- or 5-bit integers, which "
+                                           "the codec compresses), hidden4 (int4, two a byte, one absmax scale per "
+                                           "64 channels of a token) and attention (uint8 units of 1/255, each row's "
+                                           "sum kept).")
+    outliers: int = documented(0, "With quantized hidden states: keep each stored layer's K channels of "
                                   "largest magnitude (chosen on up to 1024 train examples) in the storage dtype "
                                   "beside the quantized rest; 0: none.")
     project: int = documented(0, "Store each encoder layer's hidden states as K coordinates in a PCA basis "
@@ -99,14 +101,15 @@ class CacheConfig:
              f"--attention must be one of {', '.join(ATTENTION_MODES)} or topk:K"),
             (set(self.quantize) <= set(QUANTIZED),
              f"--quantize takes {', '.join(QUANTIZED)}, got {','.join(self.quantize)}"),
-            (not {"hidden", "hidden4"} <= set(self.quantize), "--quantize hidden (int8) and hidden4 (int4) exclude each other"),
+            (len(set(HIDDEN_CHOICES) & set(self.quantize)) <= 1,
+             f"--quantize takes one of {', '.join(HIDDEN_CHOICES)} (they quantize hidden states each its own way)"),
             ("hidden4" not in self.quantize or self.project % 2 == 0,
              f"--quantize hidden4 packs two values a byte: --project needs an even K, got {self.project}"),
             ("attention" not in self.quantize or self.attention != "none",
              "--quantize attention needs attention maps (--attention heads or mean)"),
             (self.outliers >= 0, f"--outliers must be a number of channels (0: none), got {self.outliers}"),
-            (not self.outliers or bool({"hidden", "hidden4"} & set(self.quantize)),
-             "--outliers keeps channels beside quantized hidden states: add --quantize hidden or hidden4"),
+            (not self.outliers or bool(set(HIDDEN_CHOICES) & set(self.quantize)),
+             "--outliers keeps channels beside quantized hidden states: add --quantize hidden (or hidden6, 5, 4)"),
             (not (self.outliers and self.project), "--outliers and --project exclude each other (a projection's "
                                                    "coordinates are not the backbone's channels)"),
             (self.project >= 0, f"--project must be a positive number of dimensions (0: none), got {self.project}"),

@@ -61,7 +61,7 @@ def test_existing_cache_is_refused_untouched(tiny_t5, glue_dir, tmp_path):
     (["--attention", "sparse"], "--attention must be one of"),
     (["--quantize", "weights"], "--quantize takes"),
     (["--attention", "none", "--quantize", "attention"], "needs attention maps"),
-    (["--quantize", "hidden,hidden4"], "hidden (int8) and hidden4 (int4) exclude each other"),
+    (["--quantize", "hidden,hidden4"], "--quantize takes one of hidden, hidden6"),
     (["--quantize", "hidden4", "--project", "7"], "--project needs an even K, got 7"),
     (["--codec", "brotli"], "--codec must be lz4 or zstd, optionally :LEVEL (1-9), got 'brotli'"),
     (["--codec", "zstd:12"], "--codec must be lz4 or zstd"),

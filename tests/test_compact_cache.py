@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numcodecs
 import numpy as np
 import pytest
 import torch
@@ -47,6 +48,19 @@ def test_each_row_is_within_half_a_step_of_its_int8_value():
     assert not dequantize_rows(values, scale)[7].any()
 
 
+@pytest.mark.parametrize("levels", [31, 15])
+def test_fewer_levels_keep_each_value_within_half_a_step_and_compress_to_their_bits(levels):
+    """hidden6 and hidden5: int8 bytes holding |q| <= levels; the codec's bit shuffle compresses the bits they
+    do not use."""
+    torch.manual_seed(0)
+    x = torch.randn(4000, 64) * torch.logspace(-3, 3, 4000)[:, None]
+    values, scale = quantize_rows(x, levels)
+    assert values.dtype == torch.int8 and int(values.abs().max()) == levels
+    assert ((dequantize_rows(values, scale) - x).abs() <= scale[:, None] / 2 * (1 + 1e-6)).all()
+    packed = len(numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE).encode(values.numpy()))
+    assert packed < values.numel() * ({31: 6, 15: 5}[levels] + 0.5) / 8  # as the cache's codec stores them
+
+
 def test_each_int4_value_is_within_half_its_groups_step():
     torch.manual_seed(0)
     x = torch.randn(300, 200) * torch.logspace(-3, 3, 300)[:, None] * torch.rand(200)  # 200: a short last group
@@ -62,6 +76,17 @@ def test_each_int4_value_is_within_half_its_groups_step():
     assert int(values.min()) == -7 and int(values.max()) == 7  # each group's largest magnitude is +-7 exactly
     with pytest.raises(ValueError, match="even"):
         quantize_groups(torch.randn(2, 5))
+
+
+def test_an_int6_cache_stores_six_bit_integers_within_half_a_step(caches):
+    exact, six = caches["float32"], caches["int6"]
+    a, b = exact.split("train"), six.split("train")
+    for path in ("encoder/hidden/1", "decoder/hidden/1"):
+        stack, _, layer = path.split("/")
+        values, scale = b.load(path), b.load(f"{stack}/hidden_scale/{layer}")
+        assert values.dtype == torch.int8 and int(values.abs().max()) == 31
+        assert ((dequantize_rows(values, scale) - a.load(path)).abs() <= scale[..., None] / 2 * (1 + 1e-6) + 1e-7).all()
+    assert zarr.open_array(str(six.path / "train" / "encoder" / "hidden" / "1")).attrs["logical_dtype"] == "int6"
 
 
 def test_an_int4_cache_stores_what_its_bound_promises(caches):
@@ -145,6 +170,7 @@ def test_uint8_attention_keeps_every_row_sum_and_each_entry_within_one_unit():
 STORAGE = {"float32": {}, "quantized": {"quantize": ("attention", "hidden")}, "topk": {"attention": "topk:3"},
            "topk-quantized": {"attention": "topk:3", "quantize": ("attention", "hidden")},
            "projected": {"project": 6, "attention": "topk:3", "quantize": ("attention", "hidden")},
+           "int6": {"attention": "topk:3", "quantize": ("attention", "hidden6")},
            "int4": {"attention": "topk:3", "quantize": ("attention", "hidden4")},
            "int4-outliers": {"attention": "topk:3", "quantize": ("attention", "hidden4"), "outliers": 3}}
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 LOSSLESS = ["--attention", "heads", "--quantize", "none", "--project", "0", "--layers", "all"]  # version 1's storage
+READ = ["--project", "0", "--layers", "read"]
 CHOICES = {  # each choice is given in full: cache-activations' defaults are one of them
     "bf16": LOSSLESS,
     "int8-hidden": [*LOSSLESS, "--quantize", "hidden"],
@@ -42,10 +43,22 @@ CHOICES = {  # each choice is given in full: cache-activations' defaults are one
     "p128+top8+int8+uint8": ["--project", "128", "--attention", "topk:8", "--quantize", "attention,hidden"],
     "top8+int4+uint8+zstd": [*LOSSLESS, "--attention", "topk:8", "--quantize", "attention,hidden4", "--codec", "zstd"],
     "top8+int8+uint8+zstd": [*LOSSLESS, "--attention", "topk:8", "--quantize", "attention,hidden", "--codec", "zstd"],
+    # From here on the hidden states READ reads, layers 1..N (`--layers read`, cache-activations' default): layer
+    # 0 is never read, so leaving it out changes no metric (tests/test_compact_cache.py), only the bytes.
+    "top8+int4o8+uint8": [*READ, "--attention", "topk:8", "--quantize", "attention,hidden4", "--outliers", "8"],
+    "top8+int6+uint8": [*READ, "--attention", "topk:8", "--quantize", "attention,hidden6"],
+    "top4+int6+uint8": [*READ, "--attention", "topk:4", "--quantize", "attention,hidden6"],
+    "top4+int6+uint8+zstd": [*READ, "--attention", "topk:4", "--quantize", "attention,hidden6", "--codec", "zstd"],
+    "top4+int5+uint8": [*READ, "--attention", "topk:4", "--quantize", "attention,hidden5"],
+    "top4+int5+uint8+zstd": [*READ, "--attention", "topk:4", "--quantize", "attention,hidden5", "--codec", "zstd"],
+    "top4+int8+uint8+zstd": [*READ, "--attention", "topk:4", "--quantize", "attention,hidden", "--codec", "zstd"],
+    "top8+int8+uint8+read": [*READ, "--attention", "topk:8", "--quantize", "attention,hidden"],
 }
-# A codec changes the bytes on disk and nothing read (tests/test_compact_cache.py): such a choice is cached
-# for its size, and its metrics are those of the choice that stores the same values.
-SAME_VALUES = {"top8+int4+uint8+zstd": "top8+int4+uint8", "top8+int8+uint8+zstd": "top8+int8+uint8"}
+# A codec or layer 0 changes the bytes on disk and nothing READ reads (tests/test_compact_cache.py): such a
+# choice is cached for its size, and its metrics are those of the choice that stores the same values.
+SAME_VALUES = {"top8+int4+uint8+zstd": "top8+int4+uint8", "top8+int8+uint8+zstd": "top8+int8+uint8",
+               "top4+int6+uint8+zstd": "top4+int6+uint8", "top4+int5+uint8+zstd": "top4+int5+uint8",
+               "top4+int8+uint8+zstd": "top4+int8+uint8", "top8+int8+uint8+read": "top8+int8+uint8"}
 
 
 def parse(argv=None) -> argparse.Namespace:
