@@ -132,13 +132,16 @@ def test_two_ranks_share_a_sweep_with_the_single_process_results(tiny_bert, sing
 
 def test_two_ranks_write_the_single_process_store(tiny_bert, glue_dir, tmp_path):
     """A store of two tasks (cache_store/store.py) written by two ranks, task after task, equals the one a
-    single process writes, array by array."""
+    single process writes, array by array; with --outliers, rank 0 chooses each task's channels and the
+    other rank reads them from the cache."""
     made = {}
     for nproc in (0, 2):
         out = tmp_path / f"nproc{nproc}"
-        done = torchrun(tiny_bert, glue_dir, out, "--task", "sst2,cola", nproc=nproc)
+        done = torchrun(tiny_bert, glue_dir, out, "--task", "sst2,cola", "--quantize", "attention,hidden4",
+                        "--outliers", "3", nproc=nproc)
         assert done.returncode == 0, failure(done)
         made[nproc] = arrays_of(out / tiny_bert.name / "sst2+cola")
     assert made[0].keys() == made[2].keys() and any(k.startswith("cola/") for k in made[0])
+    assert any("hidden_outliers" in k for k in made[0])
     for path, value in made[0].items():
         np.testing.assert_array_equal(made[2][path], value, err_msg=path)

@@ -1,21 +1,23 @@
-"""What a compact cache (format v2) buys at training time, against the version 1 layout of the same task,
-measured side by side in one run. For each cache:
+"""What a compact cache (format v2) buys at training time, against another storage of the same task (the
+version 1 layout, or another default), measured side by side in one run. For each cache:
 
 - memory: bytes per token READ's arrays take in memory and on disk, and how many tokens of them fit in
   --budget-gb;
 - cold read: the train split's READ arrays read from disk with the page cache dropped for the cache's
   files first (posix_fadvise DONTNEED: no root needed), in tokens per second; with --model, beside the
   backbone's own forward over the same examples (what reading the cache has to beat);
-- streaming epoch: one READ epoch with a memory budget below both caches' sizes, so that the train split
+- streaming epoch: one READ epoch with a memory budget below every cache's size, so that the train split
   streams in windows from a cold page cache;
-- budget epoch: one epoch under a budget that holds the compact cache (1.2x its size) and not v1, so the
-  compact cache trains from memory while v1 streams from disk.
+- budget epoch: one epoch under a budget that holds the last cache named (1.2x its size), so that it (and
+  any smaller cache) trains from memory while a larger one (v1) streams from disk;
+- in-memory epoch: one epoch under a budget that holds every cache, read from a warm page cache: what
+  the storage costs READ's own step (dequantizing, assembling batches).
 
 Epoch times are train-side's `sweep_epoch_seconds` (training batches, their reading and assembly, and
-the validation pass). Caches and rounds alternate to spread machine noise.
+the validation pass). Caches and rounds alternate to spread machine noise; ratios are against the first.
 
-    python scripts/bench/compact_epoch.py --v1 caches/compact/bf16/all-MiniLM-L6-v2/rte \\
-        --compact caches/compact/p32+top8+int8+uint8/all-MiniLM-L6-v2/rte --model models/all-MiniLM-L6-v2
+    python scripts/bench/compact_epoch.py --cache v1=caches/compact/bf16/all-MiniLM-L6-v2/rte \\
+        --cache p32=caches/compact/p32+top8+int8+uint8/all-MiniLM-L6-v2/rte --model models/all-MiniLM-L6-v2
 """
 from __future__ import annotations
 
@@ -88,10 +90,11 @@ def backbone_forward(model: str, cache: CacheReader) -> float:
     return time.perf_counter() - began
 
 
-def epoch(cache: CacheReader, config: RunConfig, budget: int, out: Path) -> tuple[float, str]:
-    """One READ epoch's seconds under a memory budget, the page cache dropped first; and how the splits
-    were opened."""
-    drop_page_cache(cache.path)
+def epoch(cache: CacheReader, config: RunConfig, budget: int, out: Path, cold: bool = True) -> tuple[float, str]:
+    """One READ epoch's seconds under a memory budget, the page cache dropped first (`cold`); and how the
+    splits were opened."""
+    if cold:
+        drop_page_cache(cache.path)
     lines = []
     (result,) = train([cache.path], [config], out, progress=False, log=lines.append, memory_bytes=budget)
     shutil.rmtree(out, ignore_errors=True)
@@ -102,17 +105,19 @@ def epoch(cache: CacheReader, config: RunConfig, budget: int, out: Path) -> tupl
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--v1", type=Path, required=True, help="the bfloat16 version 1 layout cache")
-    p.add_argument("--compact", type=Path, required=True, help="the same task cached with compact storage")
+    p.add_argument("--cache", action="append", required=True, metavar="NAME=PATH",
+                   help="a cache to measure, named for the tables (two or more; the first is the reference)")
     p.add_argument("--model", default=None, help="the backbone's folder: also time its forward pass")
     p.add_argument("--width", type=int, default=144)
     p.add_argument("--budget-gb", type=float, default=1.0, help="memory budget for the tokens-that-fit figure")
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--names", default="v1,compact", help="what to call the two caches in the tables")
     args = p.parse_args()
     keep_freed_memory()
-    first, second = args.names.split(",")
-    caches = {first: CacheReader(args.v1), second: CacheReader(args.compact)}
+    named = [item.split("=", 1) for item in args.cache]
+    if len(named) < 2 or any(len(n) != 2 for n in named):
+        p.error("give two or more --cache NAME=PATH")
+    caches = {name: CacheReader(Path(path)) for name, path in named}
+    first, last = named[0][0], named[-1][0]
     sizes = {name: memory_bytes(c, args.width) for name, c in caches.items()}
     print("| cache | in memory B/token | on disk B/token | tokens in "
           f"{args.budget_gb:g} GiB (millions) |\n| --- | --- | --- | --- |")
@@ -121,36 +126,37 @@ def main() -> None:
         print(f"| {name} ({cache.path}) | {held / tokens:,.0f} | {disk_bytes(cache) / tokens:,.0f} | "
               f"{args.budget_gb * 2**30 / (held / tokens) / 1e6:.2f} |")
     config = RunConfig(width=args.width, lr=1e-3, epochs=1, patience=1, recurrence=True)
-    small = sizes[second][0] // 2  # below both: the train splits stream
-    fits = int(sizes[second][0] * 1.2)  # holds the compact cache, not v1
-    if fits >= sizes[first][0]:
-        print(f"note: 1.2x the compact cache ({fits / 2**20:.0f} MiB) holds v1 too; the budget epoch compares "
-              "two in-memory epochs")
-    results: dict[str, dict[str, list]] = {name: {"read": [], "stream": [], "budget": []} for name in caches}
+    small = min(size for size, _ in sizes.values()) // 2  # below every cache: the train splits stream
+    fits = int(sizes[last][0] * 1.2)  # holds the last cache (and any smaller one)
+    every = int(max(size for size, _ in sizes.values()) * 1.2)  # holds them all
+    results: dict[str, dict[str, list]] = {name: {"read": [], "stream": [], "budget": [], "memory": []}
+                                           for name in caches}
     work = Path(tempfile.mkdtemp(prefix="bench-compact-"))
     for r in range(args.rounds):
-        for name in (list(caches) if r % 2 == 0 else list(caches)[::-1]):
+        for name in (list(caches) if r % 2 == 0 else list(caches)[::-1]):  # alternate to spread machine noise
             cache = caches[name]
             results[name]["read"].append(cold_read(cache, args.width))
             results[name]["stream"].append(epoch(cache, config, small, work / f"{name}-stream"))
             results[name]["budget"].append(epoch(cache, config, fits, work / f"{name}-budget"))
+            results[name]["memory"].append(epoch(cache, config, every, work / f"{name}-memory", cold=False))
     shutil.rmtree(work, ignore_errors=True)
     forward = backbone_forward(args.model, caches[first]) if args.model else None
     print("\n| cache | cold read of train, tok/s | streaming epoch (s) | epoch under "
-          f"{fits / 2**20:.0f} MiB (s) |\n| --- | --- | --- | --- |")
+          f"{fits / 2**20:.0f} MiB (s) | epoch in memory (s) |\n| --- | --- | --- | --- | --- |")
+    median = lambda name, key: np.median([s for s, _ in results[name][key]])  # noqa: E731
+    reads = {name: np.median([t / s for s, t in results[name]["read"]]) for name in caches}
     for name in caches:
         res = results[name]
-        read = np.median([tokens / seconds for seconds, tokens in res["read"]])
-        print(f"| {name} | {read:,.0f} | {np.median([s for s, _ in res['stream']]):.1f} ({res['stream'][0][1]}) | "
-              f"{np.median([s for s, _ in res['budget']]):.1f} ({res['budget'][0][1]}) |")
+        print(f"| {name} | {reads[name]:,.0f} | {median(name, 'stream'):.1f} ({res['stream'][0][1]}) | "
+              f"{median(name, 'budget'):.1f} ({res['budget'][0][1]}) | {median(name, 'memory'):.1f} |")
     if forward:
         tokens = int(caches[first].split("train").lengths.sum())
         print(f"\nbackbone forward over the same train examples: {tokens / forward:,.0f} tok/s ({forward:.1f} s)")
-    ratio = lambda key: np.median([s for s, _ in results[first][key]]) / np.median(  # noqa: E731
-        [s for s, _ in results[second][key]])
-    reads = [np.median([t / s for s, t in results[n]["read"]]) for n in (first, second)]
-    print(f"RATIO {first} / {second} epoch time: streaming {ratio('stream'):.2f}x, under the budget "
-          f"{ratio('budget'):.2f}x; cold read {second} / {first} tok/s {reads[1] / reads[0]:.2f}x")
+    for name in list(caches)[1:]:
+        print(f"RATIO {first} / {name} epoch time: streaming {median(first, 'stream') / median(name, 'stream'):.2f}x, "
+              f"under the budget {median(first, 'budget') / median(name, 'budget'):.2f}x, in memory "
+              f"{median(first, 'memory') / median(name, 'memory'):.2f}x; cold read {name} / {first} "
+              f"tok/s {reads[name] / reads[first]:.2f}x")
 
 
 if __name__ == "__main__":
