@@ -7,8 +7,10 @@ the compressed, sharded cache on its background thread. Rounds alternate to spre
     python scripts/bench/cache_throughput.py --model ../shared/data/t5/t5-small --init random \
         --data-dir ../shared/data/glue --task rte --split validation --limit 128
 
-Compact storage choices take cache-activations' options (--quantize, --attention topk:K, --project K);
-the basis of --project is fitted before the rounds, untimed, as cache-activations fits it before writing.
+Storage choices take cache-activations' options (--quantize, --attention topk:K, --project K, --outliers
+K, --layers, --codec); a fitted basis or channels are chosen before the rounds, untimed, as
+cache-activations chooses them before writing. Each round writes a whole cache of the split (lock,
+manifest, shards, checksums).
 """
 from __future__ import annotations
 
@@ -16,21 +18,20 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
 import numpy as np
 import torch
 
-from cache_store import CacheWriter, SplitPlan
-from pipeline.backbones import load_backbone
+from cache_store import SplitPlan
+from cache_store.runtime import keep_freed_memory
 from pipeline.config import CacheConfig
 from pipeline.glue_data import load_source_splits
-from cache_store.runtime import keep_freed_memory
-from pipeline.job import _cache_split, array_specs, build_manifest, pad_batch, plan_split, stored_layers
-from pipeline.projection import fit
-from pipeline.splits import Split, make_splits
-from pipeline.tasks import get_task
+from pipeline.job import prepare, run
+from pipeline.padding import pad_batch
+from pipeline.splits import make_splits
 
 
 def bare_forward(backbone, plan, batch_size, attentions, order=None) -> float:
@@ -58,52 +59,49 @@ def bare_forward(backbone, plan, batch_size, attentions, order=None) -> float:
 @click.option("--dtype", default="bfloat16")
 @click.option("--quantize", default="", help="cache-activations --quantize, e.g. attention,hidden")
 @click.option("--project", type=int, default=0, help="cache-activations --project K")
+@click.option("--outliers", type=int, default=0, help="cache-activations --outliers K")
+@click.option("--layers", default="all", help="cache-activations --layers read|all")
+@click.option("--codec", default="lz4", help="cache-activations --codec")
 @click.option("--rounds", type=int, default=5)
 @click.option("--shard-mb", type=float, default=64.0)
 @click.option("--device", default="auto")
 @click.option("--default-malloc", is_flag=True, help="Leave glibc's allocator as it is (see pipeline.runtime).")
-def main(model, init, data_dir, task, split, limit, batch_size, attention, dtype, quantize, project, rounds, shard_mb,
-         device, default_malloc):
+def main(model, init, data_dir, task, split, limit, batch_size, attention, dtype, quantize, project, outliers, layers,
+         codec, rounds, shard_mb, device, default_malloc):
     if not default_malloc:
         keep_freed_memory()
     out = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     config = CacheConfig(task=task, model=model, init=init, data_dir=data_dir, out=out, splits=(split,),
                          batch_size=batch_size, dtype=dtype, attention=attention, limit=limit, device=device,
-                         shard_mb=shard_mb, quantize=tuple(sorted(k for k in quantize.split(",") if k)), project=project)
-    spec = get_task(task)
-    protocol, splits = make_splits(task, load_source_splits(spec, data_dir), 0)
-    chosen = splits[split]
-    chosen = Split(chosen.name, chosen.source, chosen.rows[:limit], chosen.example_index[:limit])
+                         shard_mb=shard_mb, quantize=tuple(sorted(k for k in quantize.split(",") if k)), project=project,
+                         outliers=outliers, layers=layers, codec=codec)
+    # Rows, tokens, the backbone and any fitted basis or channels, once and untimed, as cache-activations
+    # prepares them before writing.
+    ready = prepare(config, progress=False)
+    backbone, plan, spec = ready.backbone, ready.plans[split], ready.task
     attentions = config.attention_mode != "none"
-    backbone = load_backbone(model, init, 0, device, attentions=attentions)
-    plan = plan_split(backbone, spec, chosen, config.max_length)
-    layers = stored_layers(backbone, None)
-    specs = array_specs(backbone, config.attention_mode, layers, config.quantize, config.topk, config.max_length, project)
-    projection = fit(backbone, plan, layers["encoder"], project, batch_size, 0, False) if project else None
-    on_device = projection.on(backbone.device) if projection else None
     print(f"{backbone.name}: {backbone.n_layers}+{backbone.n_decoder_layers} layers, d={backbone.d_model}, "
           f"{sum(p.numel() for p in backbone.model.parameters()) / 1e6:.1f}M params, device {backbone.device}, "
           f"torch threads {torch.get_num_threads()}")
     print(f"{plan.n_examples} {task}/{split} examples, {int(plan.lengths.sum())} tokens, batch {batch_size}, "
-          f"attention {attention}, dtype {dtype}, quantize {quantize or 'none'}, project {project or 'none'}")
+          f"attention {attention}, dtype {dtype}, quantize {quantize or 'none'}, project {project or 'none'}, "
+          f"outliers {outliers or 'none'}, layers {layers}, codec {codec}")
     bare_forward(backbone, plan, batch_size, attentions)  # warm-up
     bare, cached, disk = [], [], 0
     for r in range(rounds):
         bare.append(bare_forward(backbone, plan, batch_size, attentions))
-        round_config = CacheConfig(**{**config.__dict__, "out": out / f"round{r}"})
-        manifest = build_manifest(round_config, backbone, spec, protocol, {split: plan}, layers, None, projection)
-        writer = CacheWriter(round_config.cache_dir, manifest, "new", shard_bytes=config.shard_bytes)
         began = time.perf_counter()
-        report = _cache_split(writer, backbone, split, plan, specs, round_config, progress=False, projection=on_device)
+        (report,) = run(replace(config, out=out / f"round{r}"), progress=False, ready=ready)
         cached.append(time.perf_counter() - began)
-        disk = report.disk_bytes
-        logical = report.logical_bytes
-        shutil.rmtree(round_config.out)
+        disk, logical = report.disk_bytes, report.logical_bytes
+        shutil.rmtree(out / f"round{r}")
     # The same examples in source order (no length bucketing), for the bucketing gain.
-    tokens_in_order = backbone.tokenize(spec, chosen.rows, config.max_length)
-    unsorted_plan = SplitPlan(chosen.source, np.array([len(t) for t in tokens_in_order]),
+    _, splits = make_splits(task, load_source_splits(spec, data_dir), 0)
+    rows = splits[split].rows[:limit]
+    tokens_in_order = backbone.tokenize(spec, rows, config.max_length)
+    unsorted_plan = SplitPlan(split, np.array([len(t) for t in tokens_in_order]),
                               np.concatenate([np.asarray(t, dtype=np.int32) for t in tokens_in_order]),
-                              plan.labels, chosen.example_index)
+                              plan.labels, plan.example_index)
     unbucketed_time = bare_forward(backbone, unsorted_plan, batch_size, attentions)
     shutil.rmtree(out, ignore_errors=True)
     b, c = statistics.median(bare), statistics.median(cached)
