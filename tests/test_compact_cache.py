@@ -14,8 +14,11 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from cache_store import CacheError, CacheReader
+from cache_store import CacheError, CacheReader, faults
+from cache_store.faults import DISK_FULL_AFTER_ENV
 from cache_store.cli import main as inspect_main
+from conftest import arrays_of, cache_args
+from pipeline.cli import main as cache_main
 from cache_store.format import (
     MANIFEST_KEY, dequantize_groups, dequantize_hidden, dequantize_probabilities, dequantize_rows, quantize_groups,
     quantize_probabilities, quantize_rows, split_outliers,
@@ -398,3 +401,22 @@ def test_the_default_cache_leaves_out_the_embeddings_which_read_never_reads(tiny
     (a,) = train([every], config, tmp_path / "every", **quiet)
     (b,) = train([read], config, tmp_path / "read", **quiet)
     assert a["train_loss"] == b["train_loss"] and a["test"] == b["test"]
+
+
+def test_a_resumed_outliers_cache_keeps_its_channels_and_ends_as_an_uninterrupted_one(tiny_bert, glue_dir, tmp_path,
+                                                                                      monkeypatch):
+    options = ["--quantize", "attention,hidden4", "--outliers", "3", "--shard-mb", "0.005"]
+    whole = CliRunner().invoke(cache_main, cache_args(tiny_bert, glue_dir, tmp_path / "whole", *options))
+    assert whole.exit_code == 0, whole.output
+    monkeypatch.setenv(DISK_FULL_AFTER_ENV, "20")
+    monkeypatch.setattr(faults, "_shards_written", 0)
+    cut = CliRunner().invoke(cache_main, cache_args(tiny_bert, glue_dir, tmp_path / "cut", *options))
+    assert cut.exit_code == 1 and "--resume" in cut.output
+    monkeypatch.delenv(DISK_FULL_AFTER_ENV)
+    resumed = CliRunner().invoke(cache_main, cache_args(tiny_bert, glue_dir, tmp_path / "cut", *options, "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    expected, got = (arrays_of(p / tiny_bert.name / "rte") for p in (tmp_path / "whole", tmp_path / "cut"))
+    assert expected.keys() == got.keys() and any("hidden_outliers" in k for k in expected)
+    assert all(np.array_equal(expected[k], got[k]) for k in expected)
+    manifests = [CacheReader(p / tiny_bert.name / "rte").manifest for p in (tmp_path / "whole", tmp_path / "cut")]
+    assert manifests[0]["outliers"] == manifests[1]["outliers"]
