@@ -55,13 +55,17 @@ CHOICES = {  # each choice is given in full: cache-activations' defaults are one
     "top8+int8+uint8+read": [*READ, "--attention", "topk:8", "--quantize", "attention,hidden"],
     "top4+int6+uint8+zstd1": [*READ, "--attention", "topk:4", "--quantize", "attention,hidden6", "--codec", "zstd:1"],
     "top4+int5+uint8+zstd1": [*READ, "--attention", "topk:4", "--quantize", "attention,hidden5", "--codec", "zstd:1"],
+    "top4+int6o8+uint8": [*READ, "--attention", "topk:4", "--quantize", "attention,hidden6", "--outliers", "8"],
+    "top4+int6o8+uint8+zstd1": [*READ, "--attention", "topk:4", "--quantize", "attention,hidden6", "--outliers", "8",
+                                "--codec", "zstd:1"],
 }
 # A codec or layer 0 changes the bytes on disk and nothing READ reads (tests/test_compact_cache.py): such a
 # choice is cached for its size, and its metrics are those of the choice that stores the same values.
 SAME_VALUES = {"top8+int4+uint8+zstd": "top8+int4+uint8", "top8+int8+uint8+zstd": "top8+int8+uint8",
                "top4+int6+uint8+zstd": "top4+int6+uint8", "top4+int5+uint8+zstd": "top4+int5+uint8",
                "top4+int8+uint8+zstd": "top4+int8+uint8", "top8+int8+uint8+read": "top8+int8+uint8",
-               "top4+int6+uint8+zstd1": "top4+int6+uint8", "top4+int5+uint8+zstd1": "top4+int5+uint8"}
+               "top4+int6+uint8+zstd1": "top4+int6+uint8", "top4+int5+uint8+zstd1": "top4+int5+uint8",
+               "top4+int6o8+uint8+zstd1": "top4+int6o8+uint8"}
 
 
 def parse(argv=None) -> argparse.Namespace:
