@@ -49,14 +49,14 @@ class CacheConfig:
     batch_size: int = documented(32, "Examples per backbone batch.")
     max_length: int = documented(128, "Truncate inputs to this many tokens.")
     dtype: str = documented("bfloat16", "Storage dtype of every float array.")
-    # The storage defaults (topk:8, int8 hidden and uint8 attention) are the smallest choice that kept READ's
-    # mean test metric within 0.3 points of full bfloat16 storage on all-MiniLM-L6-v2 over five GLUE tasks;
-    # --project 32 or 64 is smaller but cost 4.3 to 5.5 points of the four-task mean (docs/storage.md).
-    # LOSSLESS undoes them.
-    attention: str = documented("topk:8", "Store attention maps per head (heads), as the head mean, or not at "
+    # The storage defaults (topk:4, 6-bit hidden states, uint8 attention, zstd:1, layers 1..N) are the
+    # smallest choice that kept READ's five-task mean test metric within 0.3 points of full bfloat16 storage
+    # on all-MiniLM-L6-v2 without a per-task loss seen on every seed: 0.24 of version 1's bytes. 5-bit and
+    # 4-bit hidden states or --project are smaller and cost READ points (docs/storage.md). LOSSLESS undoes them.
+    attention: str = documented("topk:4", "Store attention maps per head (heads), as the head mean, or not at "
                                           "all; topk:K keeps each query row's K largest entries per head, "
                                           "renormalised to sum to 1, with their key positions.")
-    quantize: tuple[str, ...] = documented(("attention", "hidden"), "Array kinds to store quantized, comma-separated "
+    quantize: tuple[str, ...] = documented(("attention", "hidden6"), "Array kinds to store quantized, comma-separated "
                                            "(none: no kind): hidden (int8, one absmax scale per token), "
                                            "hidden6 and hidden5 (int8 bytes holding 6- or 5-bit integers, which "
                                            "the codec compresses), hidden4 (int4, two a byte, one absmax scale per "
@@ -80,8 +80,9 @@ class CacheConfig:
     device: str = documented("auto", "auto | cpu | cuda[:i]")
     mode: str = "new"  # new (refuse an existing cache) | resume | overwrite | add (a store's): the flags
     store: str | None = None  # a store's name: the cache goes to OUT/<model>/<store>/<task> (cache_store.store)
-    codec: str = documented("lz4", "How every chunk is compressed (blosc, bit shuffle): lz4 (fast) or zstd "
-                                   "(smaller, slower to write), optionally with a level, e.g. zstd:5.")
+    codec: str = documented("zstd:1", "How every chunk is compressed (blosc, bit shuffle): zstd (smallest; level 1 "
+                                      "compresses integer arrays as well as 3 and writes faster) or lz4, "
+                                      "optionally with a level (1-9), e.g. zstd:5.")
     shard_mb: float = documented(DEFAULT_SHARD_BYTES / 2**20, "Shard size in MiB; one shard per array is buffered "
                                                              "in memory while writing.")
 

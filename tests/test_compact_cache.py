@@ -351,7 +351,8 @@ def test_multi_task_needs_one_basis_for_every_task(tiny_bert, make_cache, tmp_pa
 
 
 def test_the_codec_changes_the_bytes_on_disk_and_nothing_read(tiny_bert, make_cache):
-    lz4 = CacheReader(make_cache(tiny_bert, task="rte", limit=LIMIT, splits=("train",), quantize=("attention", "hidden4")))
+    lz4 = CacheReader(make_cache(tiny_bert, task="rte", limit=LIMIT, splits=("train",), quantize=("attention", "hidden4"),
+                                 codec="lz4"))
     zstd = CacheReader(make_cache(tiny_bert, task="rte", limit=LIMIT, splits=("train",), quantize=("attention", "hidden4"),
                                   codec="zstd:5"))
     assert zstd.manifest["storage"]["compressor"] == {"codec": "blosc", "cname": "zstd", "clevel": 5, "shuffle": "bitshuffle"}
@@ -362,19 +363,38 @@ def test_the_codec_changes_the_bytes_on_disk_and_nothing_read(tiny_bert, make_ca
     assert zarr.open_array(str(zstd.path / "train" / "encoder" / "hidden" / "1")).compressors[0].cname.value == "zstd"
 
 
-def test_a_default_cache_written_before_the_layout_and_codec_fields_reads_and_trains_unchanged(tiny_bert, make_cache,
-                                                                                               tmp_path):
-    """Caches of the default storage written before `attention_layout` existed (and with lz4, the only codec
-    then): the same batches, the same training."""
-    made = make_cache(tiny_bert, task="rte", limit=LIMIT, attention="topk:8", quantize=("attention", "hidden"))
+def test_cache_activations_writes_the_default_storage_the_study_chose(tiny_bert, glue_dir, tmp_path):
+    """No storage option: top-4 uint8 attention, 6-bit hidden states of layers 1..N, zstd at level 1."""
+    args = ["--task", "rte", "--model", str(tiny_bert), "--data-dir", str(glue_dir), "--out", str(tmp_path),
+            "--limit", "12", "--splits", "train", "--quiet"]
+    result = CliRunner().invoke(cache_main, args)
+    assert result.exit_code == 0, result.output
+    m = CacheReader(tmp_path / tiny_bert.name / "rte").manifest
+    assert (m["attention_topk"]["k"], m["quantize"], m["projection"], m["outliers"]) == (4, ["attention", "hidden6"],
+                                                                                          None, None)
+    assert m["storage"]["compressor"] == {"codec": "blosc", "cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"}
+    assert m["layers"]["encoder"] == list(range(1, m["backbone"]["n_layers"] + 1))
+
+
+# The default storage before top-4 attention, 6-bit hidden states and zstd:1: what users' caches hold.
+PREVIOUS_DEFAULT = dict(attention="topk:8", quantize=("attention", "hidden"), codec="lz4", layers="all")
+
+
+def test_a_cache_of_the_previous_default_storage_reads_and_trains_unchanged(tiny_bert, make_cache, tmp_path):
+    """Caches of the previous default storage, written before `attention_layout` and `outliers` existed (and
+    with lz4, the only codec then): the same batches, the same training, as the same cache with today's
+    manifest."""
+    made = make_cache(tiny_bert, task="rte", limit=LIMIT, **PREVIOUS_DEFAULT)
     old = tmp_path / "old"
     shutil.copytree(made, old)
     group = zarr.open_group(str(old), mode="r+")
     manifest = dict(group.attrs[MANIFEST_KEY])
-    assert manifest["attention_layout"] == "topk"
-    del manifest["attention_layout"]
+    assert manifest["attention_layout"] == "topk" and manifest["outliers"] is None
+    assert manifest["storage"]["compressor"]["cname"] == "lz4"
+    del manifest["attention_layout"], manifest["outliers"]
     group.attrs[MANIFEST_KEY] = manifest
     new, before = CacheReader(made), CacheReader(old)
+    assert "encoder/hidden/0" in before.split("train").array_paths()
     spec = read_spec(new, 6, "gru")
     index = torch.arange(new.split("train").n_examples)
     a = inputs_to(InMemorySplit(new.split("train"), spec).batch(index).inputs, torch.device("cpu"))
@@ -392,7 +412,7 @@ def test_the_default_cache_leaves_out_the_embeddings_which_read_never_reads(tiny
     phi_1..phi_N, so it trains exactly as on a cache with layer 0."""
     assert CacheConfig(task="rte").layers == "read"
     options = dict(task="rte", limit=LIMIT, attention="topk:8", quantize=("attention", "hidden"))
-    every, read = make_cache(tiny_bert, **options), make_cache(tiny_bert, layers="read", **options)
+    every, read = make_cache(tiny_bert, layers="all", **options), make_cache(tiny_bert, layers="read", **options)
     manifest = CacheReader(read).manifest
     assert manifest["layers"]["encoder"] == list(range(1, manifest["backbone"]["n_layers"] + 1))
     assert "encoder/hidden/0" not in CacheReader(read).split("train").array_paths()

@@ -40,7 +40,9 @@ def test_sst2_uses_a_train_holdout(tiny_bert, glue_dir, tmp_path):
     assert reader.split("test").cache.manifest["split_protocol"]["sources"]["test"] == "validation"
     assert not set(train.example_index) & set(validation.example_index)
     m = reader.manifest  # cache-activations' default storage: the compact choice docs/storage.md measures
-    assert (m["attention_topk"]["k"], m["quantize"], m["projection"]) == (8, ["attention", "hidden"], None)
+    assert (m["attention_topk"]["k"], m["quantize"], m["projection"]) == (4, ["attention", "hidden6"], None)
+    assert (m["storage"]["compressor"]["cname"], m["storage"]["compressor"]["clevel"]) == ("zstd", 1)
+    assert m["layers"]["encoder"] == list(range(1, m["backbone"]["n_layers"] + 1))
 
 
 def test_read_learns_sst2_from_a_random_weight_t5(small_t5, glue_dir, tmp_path):

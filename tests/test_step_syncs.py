@@ -52,7 +52,8 @@ def _count(monkeypatch) -> collections.Counter:
 
 @pytest.mark.parametrize("storage", ["lossless", "default"])
 def test_a_training_step_makes_no_host_read(storage, tiny_bert, make_cache, counting):
-    options = {} if storage == "lossless" else {"attention": "topk:8", "quantize": ("attention", "hidden"), "project": 0}
+    options = {} if storage == "lossless" else {"attention": "topk:4", "quantize": ("attention", "hidden6"), "project": 0,
+                                                "layers": "read", "codec": "zstd:1"}
     cache = CacheReader(make_cache(tiny_bert, task="rte", limit=24, **options))
     info = TaskInfo.from_cache(cache)
     # r = 10 over 4 heads: uneven head slices, the path that used to gather with a fresh index and a mask

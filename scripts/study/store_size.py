@@ -12,7 +12,7 @@ against the same formula on its own rows: the ratio the codec achieves on that b
 column applies to every backbone's logical bytes (an estimate: the ratio depends on the values).
 
     python scripts/study/store_size.py --minilm models/all-MiniLM-L6-v2 --t5 ../shared/data/t5/t5-small \\
-        --glue ../shared/data/glue --subsets ../shared/data/glue_subsets [--hidden int6 --topk 4] [--measured STORE]
+        --glue ../shared/data/glue --subsets ../shared/data/glue_subsets [--hidden int8 --topk 8 --layers all] [--measured STORE]
 """
 from __future__ import annotations
 
@@ -72,10 +72,11 @@ def main() -> None:
     p.add_argument("--glue", type=Path, required=True)
     p.add_argument("--subsets", type=Path, required=True)
     p.add_argument("--measured", type=Path, help="a store made with the same storage")
-    p.add_argument("--hidden", choices=("int8", "int6", "int4"), default="int8",
+    # defaults: cache-activations' default storage
+    p.add_argument("--hidden", choices=("int8", "int6", "int4"), default="int6",
                    help="--quantize hidden (int8), hidden6 (int8 bytes) or hidden4 (int4)")
-    p.add_argument("--topk", type=int, default=8, help="--attention topk:K")
-    p.add_argument("--layers", choices=("read", "all"), default="all", help="--layers read (1..N) or all (0..N)")
+    p.add_argument("--topk", type=int, default=4, help="--attention topk:K")
+    p.add_argument("--layers", choices=("read", "all"), default="read", help="--layers read (1..N) or all (0..N)")
     args = p.parse_args()
     shape = dict(hidden=args.hidden, topk=args.topk, first_layer=1 if args.layers == "read" else 0)
     from pipeline.backbones import load_backbone
