@@ -74,8 +74,8 @@ uint16, array attr `logical_dtype: bfloat16`), float16 or float32. Version 2 add
     (after the int8 scale, if quantized); what lies outside the basis's span is not stored.
 Each array grows along one ragged axis (attr `grows_along`: tokens | pairs | triangle | topk |
 examples, at attr `axis`)
-and is sharded along it into inner chunks of about 1 MiB, each compressed (blosc lz4 with bit shuffle, or
-zstd with `--codec`: the manifest's `storage.compressor`) and carrying a crc32c
+and is sharded along it into inner chunks of about 1 MiB, each compressed (blosc with bit shuffle: zstd at
+level 1 by default, another level or lz4 with `--codec`; the manifest's `storage.compressor`) and carrying a crc32c
 that zarr checks on every read. Shards of the largest array hold about `storage.shard_bytes`
 (format.DEFAULT_SHARD_BYTES, 64 MiB); every array's shards span about as many examples, so `committed`
 advances once per shard. The split's
