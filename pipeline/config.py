@@ -51,8 +51,8 @@ class CacheConfig:
     dtype: str = documented("bfloat16", "Storage dtype of every float array.")
     # The storage defaults (topk:4, 6-bit hidden states, uint8 attention, zstd:1, layers 1..N) are the
     # smallest choice that kept READ's five-task mean test metric within 0.3 points of full bfloat16 storage
-    # on all-MiniLM-L6-v2 without a per-task loss seen on every seed: 0.24 of version 1's bytes. 5-bit and
-    # 4-bit hidden states or --project are smaller and cost READ points (docs/storage.md). LOSSLESS undoes them.
+    # on all-MiniLM-L6-v2: 0.23 of version 1's bytes on disk. 5-bit and 4-bit hidden states, or --project,
+    # are smaller and cost READ points (docs/storage.md). LOSSLESS undoes them.
     attention: str = documented("topk:4", "Store attention maps per head (heads), as the head mean, or not at "
                                           "all; topk:K keeps each query row's K largest entries per head, "
                                           "renormalised to sum to 1, with their key positions.")
