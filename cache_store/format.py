@@ -52,9 +52,10 @@ def hidden_quantization(quantize) -> str | None:
     return next((QUANTIZED[k] for k in HIDDEN_CHOICES if k in quantize), None)
 PROBABILITY_UNITS = 255  # a uint8 attention entry q stands for q / 255
 
-# Chosen by scripts/bench/compression.py on real-row T5 activations: bit shuffle groups the sign and
-# exponent bits, which is what compresses in float activations; lz4 keeps within ~6% of zstd's ratio
-# at 3-4x its speed, so the writer keeps up with the backbone on two cores.
+# The writer's own default, chosen by scripts/bench/compression.py on real-row bfloat16 T5 activations: bit
+# shuffle groups the sign and exponent bits, which is what compresses in float activations; lz4 keeps
+# within ~6% of zstd's ratio at 3-4x its speed. cache-activations passes its --codec, zstd:1 by default:
+# on quantized integer arrays it stores 0.88 of lz4's bytes (docs/storage.md).
 COMPRESSOR = {"codec": "blosc", "cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}
 CODECS = {"lz4": 5, "zstd": 3}  # --codec NAME[:LEVEL]: blosc's compressor and its default level (1-9)
 DEFAULT_SHARD_BYTES = 64 * 2**20  # whole shards are buffered in memory per array while writing

@@ -80,8 +80,8 @@ class CacheConfig:
     device: str = documented("auto", "auto | cpu | cuda[:i]")
     mode: str = "new"  # new (refuse an existing cache) | resume | overwrite | add (a store's): the flags
     store: str | None = None  # a store's name: the cache goes to OUT/<model>/<store>/<task> (cache_store.store)
-    codec: str = documented("zstd:1", "How every chunk is compressed (blosc, bit shuffle): zstd (smallest; level 1 "
-                                      "compresses integer arrays as well as 3 and writes faster) or lz4, "
+    codec: str = documented("zstd:1", "How every chunk is compressed (blosc, bit shuffle): zstd (level 1 stored "
+                                      "quantized caches smaller than level 3 or lz4) or lz4, "
                                       "optionally with a level (1-9), e.g. zstd:5.")
     shard_mb: float = documented(DEFAULT_SHARD_BYTES / 2**20, "Shard size in MiB; one shard per array is buffered "
                                                              "in memory while writing.")
