@@ -14,10 +14,13 @@ def documented(default, help: str):
 
 
 def field_option(config: type, name: str, *declarations: str, grid: bool = False, **options):
-    """A click option for field `name` of dataclass `config`, its default and help taken from the field.
-    grid=True: a comma-separated list of values (a sweep), the default written as text."""
+    """A click option for field `name` of dataclass `config`, its default and help taken from the field (a
+    tuple's written as comma-separated text, as it is given). grid=True: a comma-separated list of values
+    (a sweep), the default written as text."""
     found = {f.name: f for f in fields(config)}[name]
     default = found.default if found.default is not MISSING else None
+    if isinstance(default, tuple):
+        default = ",".join(map(str, default))
     if grid:
         default, options["type"] = f"{default:g}" if isinstance(default, float) else str(default), str
     help_text = found.metadata.get("help", "") + (" Comma-separated for a sweep." if grid else "")

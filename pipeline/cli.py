@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from cache_store import SPLITS, STORAGE_DTYPES, UserError
+from cache_store import STORAGE_DTYPES, UserError
 from cache_store.commands import LOCATION, OneLineCommand, field_option
 from cache_store.format import METRIC_NAMES
 from cache_store.store import GLUE_TASKS
@@ -70,12 +70,12 @@ def _task_list(value: str, data: tuple[str, ...] = ()) -> list[str]:
 @field_option(CacheConfig, "metric", type=click.Choice(METRIC_NAMES))
 @field_option(CacheConfig, "labels", default=None, metavar="LABEL,LABEL[,...]")
 @field_option(CacheConfig, "out", type=LOCATION)
-@field_option(CacheConfig, "splits", default=",".join(SPLITS))
+@field_option(CacheConfig, "splits")
 @field_option(CacheConfig, "batch_size", type=int)
 @field_option(CacheConfig, "max_length", type=int)
 @field_option(CacheConfig, "dtype", type=click.Choice(list(STORAGE_DTYPES)))
 @field_option(CacheConfig, "attention", metavar="heads|mean|none|topk:K")
-@field_option(CacheConfig, "quantize", default="attention,hidden6")
+@field_option(CacheConfig, "quantize")
 @field_option(CacheConfig, "outliers", type=int)
 @field_option(CacheConfig, "project", type=int)
 @field_option(CacheConfig, "project_from", type=LOCATION)

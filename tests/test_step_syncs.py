@@ -15,6 +15,7 @@ from side_train.devices import Prefetched, to_device
 from side_train.stacks import make_stacks, train_step
 from side_train.tasks import TaskInfo
 from cache_store import CacheReader
+from pipeline.config import LOSSLESS, CacheConfig
 
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "nonzero", "cpu")
 
@@ -52,8 +53,9 @@ def _count(monkeypatch) -> collections.Counter:
 
 @pytest.mark.parametrize("storage", ["lossless", "default"])
 def test_a_training_step_makes_no_host_read(storage, tiny_bert, make_cache, counting):
-    options = {} if storage == "lossless" else {"attention": "topk:4", "quantize": ("attention", "hidden6"), "project": 0,
-                                                "layers": "read", "codec": "zstd:1"}
+    # make_cache stores losslessly unless told: "default" gives it cache-activations' default storage options
+    default = CacheConfig(task="rte")
+    options = {} if storage == "lossless" else {name: getattr(default, name) for name in LOSSLESS}
     cache = CacheReader(make_cache(tiny_bert, task="rte", limit=24, **options))
     info = TaskInfo.from_cache(cache)
     # r = 10 over 4 heads: uneven head slices, the path that used to gather with a fresh index and a mask

@@ -160,26 +160,24 @@ def report(rows: list[dict], choices: list[str]) -> str:
         have = [t for t in tasks if (choice, t) in by and t in reference and set(by[(choice, t)]) & set(reference[t])]
         if not have:
             continue
-        first = {t: next(iter(by[(choice, t)].values())) for t in have}
-        hidden = np.mean([first[t]["bytes_per_token"]["hidden"] for t in have])
-        attention = np.mean([first[t]["bytes_per_token"]["attention"] for t in have])
+        sizes = [next(iter(by[(choice, t)].values()))["bytes_per_token"] for t in have]  # the same for every seed
+        hidden, attention = np.mean([s["hidden"] for s in sizes]), np.mean([s["attention"] for s in sizes])
         base = np.mean([sum(next(iter(reference[t].values()))["bytes_per_token"].values()) for t in have])
-        test, differences = [], []
+        test, differences, parts = [], [], []
         for t in have:
             seeds = sorted(set(by[(choice, t)]) & set(reference[t]))
             ours = np.array([by[(choice, t)][s]["test"] for s in seeds])
-            differences.append((t, ours - np.array([reference[t][s]["test"] for s in seeds])))
+            d = ours - np.array([reference[t][s]["test"] for s in seeds])
             test.append(ours.mean())
-        spread = ", ".join(f"{t} {d.mean():+.2f}" + (f" ± {d.std():.2f}" if len(d) > 1 else "") + f" ({len(d)})"
-                           for t, d in differences)
-        if choice == "bf16":  # the reference's own metrics instead of its zero differences
-            spread = ", ".join(f"{t} {np.mean([r['test'] for r in reference[t].values()]):.2f}"
-                               f" ± {np.std([r['test'] for r in reference[t].values()]):.2f} ({len(reference[t])})"
-                               for t in have)
+            differences.append(d.mean())
+            if choice == "bf16":  # the reference's own metrics instead of its zero differences
+                parts.append(f"{t} {ours.mean():.2f} ± {ours.std():.2f} ({len(ours)})")
+            else:
+                parts.append(f"{t} {d.mean():+.2f}" + (f" ± {d.std():.2f}" if len(d) > 1 else "") + f" ({len(d)})")
         name = choice if len(have) == len(reference) else f"{choice} ({len(have)} of {len(reference)} tasks)"
         lines.append(f"| {name} | {hidden:,.0f} | {attention:,.0f} | {hidden + attention:,.0f} | "
                      f"{(hidden + attention) / base:.2f} | {np.mean(test):.2f} | "
-                     f"{np.mean([d.mean() for _, d in differences]):+.2f} | {spread} |")
+                     f"{np.mean(differences):+.2f} | {', '.join(parts)} |")
     return "\n".join(lines)
 
 
